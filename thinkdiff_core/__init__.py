@@ -1,0 +1,16 @@
+"""ThinkDiff (arXiv 2502.10458) as a framework-free library: torch + transformers + diffusers.
+
+Steps, one module each: `prompt` (the paper's chat), `reason` (Qwen2-VL generation and the
+states of its generated tokens), `aligner` (the trained mlp2x_gelu_t5_norm into T5 space),
+`condition` (FLUX's text slot and pooled vector), `render` (diffusers FLUX). transformers and
+diffusers are imported only when a model is loaded.
+"""
+
+from .aligner import Aligner, CheckpointError, convert_to_safetensors, load_aligner
+from .prompt import PAPER_INSTRUCTION, SYSTEM_PROMPT, build_messages
+from .reason import Reasoner, Reasoning
+
+__all__ = [
+    "Aligner", "CheckpointError", "PAPER_INSTRUCTION", "Reasoner", "Reasoning", "SYSTEM_PROMPT",
+    "build_messages", "convert_to_safetensors", "load_aligner",
+]

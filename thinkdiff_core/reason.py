@@ -1,0 +1,225 @@
+"""ThinkDiff-LVLM reasoning with Qwen2-VL: the paper's generation and the states it keeps.
+
+For each generated token the kept vector is the final-norm hidden state at the position that
+produced it: vector 0 is the state at the last prompt position, vector t >= 1 the state computed
+when token t-1 was fed in; the last token is never fed back. A forward hook on the language
+model's final norm that keeps the last position of every forward call gives exactly this, since
+generation makes one forward call per new token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .prompt import Item, build_messages
+
+QWEN2_VL_MODEL_TYPE = "qwen2_vl"
+FP16_REFUSAL = (
+    "float16 is refused for Qwen2-VL: it overflows to NaN/inf in Qwen2-VL's activations "
+    "(transformers#33294), and ThinkDiff's aligner was trained on bfloat16 states. Use bfloat16 "
+    "(default on GPU) or float32."
+)
+
+
+@dataclass
+class Reasoning:
+    """What one reasoning call produced."""
+
+    hidden_states: torch.Tensor  # [max_new_tokens, hidden] float32 on CPU
+    token_ids: torch.Tensor  # [max_new_tokens] int64 on CPU
+    text: str  # the decoded answer
+    prompt: str  # the exact chat text given to the processor
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, str):
+        names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+                 "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+        if dtype.lower() not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; expected bfloat16 or float32")
+        dtype = names[dtype.lower()]
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == torch.float16:
+        raise ValueError(FP16_REFUSAL)
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtype {dtype} for Qwen2-VL; expected bfloat16 or float32")
+    return dtype
+
+
+def check_vlm_folder(folder: Path) -> None:
+    """Raise a clear error unless `folder` looks like a local Qwen2-VL Hugging Face folder."""
+    if not folder.exists():
+        raise FileNotFoundError(f"VLM folder not found: {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"VLM path is not a folder: {folder} (expected a Qwen2-VL model folder)")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a Hugging Face model folder: config.json is missing. Expected a local copy "
+            f"of Qwen/Qwen2-VL-7B-Instruct (config.json, *.safetensors, tokenizer and preprocessor files)"
+        )
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{config_path} is not a readable model config ({e})") from e
+    if model_type != QWEN2_VL_MODEL_TYPE:
+        raise ValueError(
+            f"{folder} holds a {model_type!r} model; ThinkDiff-LVLM needs Qwen2-VL "
+            f"(model_type 'qwen2_vl', e.g. Qwen/Qwen2-VL-7B-Instruct)"
+        )
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise FileNotFoundError(f"{folder} has config.json but no weight files (*.safetensors)")
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is missing {name}; the Qwen2-VL processor needs it")
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The language model's final RMSNorm (its module path moved across transformers versions)."""
+    return model.get_decoder().norm
+
+
+@contextmanager
+def capture_last_positions(module: torch.nn.Module, on_state: Callable[[int], None] | None = None):
+    """Collect the output at the last position of every forward call of `module`."""
+    states: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        states.append(output[:, -1].detach())
+        if on_state is not None:
+            on_state(len(states))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield states
+    finally:
+        handle.remove()
+
+
+class Reasoner:
+    """A Qwen2-VL model with its processor, producing ThinkDiff's reasoning states."""
+
+    def __init__(self, model, processor):
+        from transformers import GenerationConfig
+
+        self.model = model.eval()
+        self.processor = processor
+        # The released generation_config.json asks for top_k=1, top_p=0.001 and a repetition
+        # penalty; transformers fills unset sampling options from it. The paper's sampler (vLLM)
+        # never read it, so only the special token ids are kept.
+        source = model.generation_config
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=source.bos_token_id, eos_token_id=source.eos_token_id, pad_token_id=source.pad_token_id
+        )
+        tokenizer_eos = processor.tokenizer.eos_token_id
+        configured = source.eos_token_id if isinstance(source.eos_token_id, list) else [source.eos_token_id]
+        self.eos_token_ids = sorted({i for i in [*configured, tokenizer_eos] if i is not None})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> "Reasoner":
+        """Load Qwen2-VL from a local folder, never the network; bf16 on GPU, float32 on CPU, sdpa."""
+        folder = Path(folder)
+        check_vlm_folder(folder)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = resolve_dtype(dtype, device)
+        import transformers
+        from transformers import AutoImageProcessor, AutoProcessor, Qwen2VLForConditionalGeneration
+
+        version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+        # The PIL image processor is the one the authors' pipeline ran (the torchvision one
+        # resamples slightly differently); transformers 5 selects it by backend name.
+        pil_option = {"backend": "pil"} if version >= (5, 0) else {"use_fast": False}
+        image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, **pil_option)
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True, image_processor=image_processor)
+        dtype_option = "dtype" if version >= (4, 56) else "torch_dtype"
+        model = Qwen2VLForConditionalGeneration.from_pretrained(
+            folder, local_files_only=True, attn_implementation="sdpa", **{dtype_option: dtype}
+        )
+        return cls(model.to(device), processor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return final_norm(self.model).weight.shape[0]
+
+    def render_prompt(self, items: Sequence[Item], instruction: str | None = None):
+        """The exact chat text and the images, in order, for `items`."""
+        messages, images = build_messages(items, instruction)
+        prompt = self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, add_vision_id=True
+        )
+        return prompt, images
+
+    def prepare_inputs(self, prompt: str, images: list) -> dict:
+        inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt")
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+    def reason(
+        self,
+        items: Sequence[Item],
+        instruction: str | None = None,
+        seed: int = 0,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_new_tokens: int = 128,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> Reasoning:
+        """Generate exactly `max_new_tokens` tokens (EOS masked) and keep their producing states.
+
+        `on_token(done, total)` is called as each token's state is computed; an exception it
+        raises (e.g. a user's cancel) stops generation and propagates.
+        """
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (the paper samples at 0.6), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (the paper uses 0.9), got {top_p}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (the paper uses 128), got {max_new_tokens}")
+        from transformers import GenerationConfig
+
+        prompt, images = self.render_prompt(items, instruction)
+        inputs = self.prepare_inputs(prompt, images)
+        generation = GenerationConfig(
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            repetition_penalty=1.0,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,  # masks EOS: the paper's min_tokens = max_tokens, ignore_eos
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.model.generation_config.pad_token_id or self.eos_token_ids[0],
+        )
+        device = self.device
+        on_state = (lambda done: on_token(done, max_new_tokens)) if on_token else None
+        rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        with capture_last_positions(final_norm(self.model), on_state) as states, \
+                torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
+            torch.manual_seed(seed)
+            sequences = self.model.generate(**inputs, generation_config=generation)
+        token_ids = sequences[0, inputs["input_ids"].shape[1]:].cpu()
+        if len(states) != max_new_tokens or len(token_ids) != max_new_tokens:
+            raise RuntimeError(
+                f"expected {max_new_tokens} generated tokens and states, got {len(token_ids)} tokens and "
+                f"{len(states)} states; this transformers version generates differently than expected"
+            )
+        hidden_states = torch.cat(states).float().cpu()
+        text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return Reasoning(hidden_states=hidden_states, token_ids=token_ids, text=text, prompt=prompt)

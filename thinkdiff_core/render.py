@@ -1,0 +1,47 @@
+"""Drawing with FLUX.1 through diffusers (the CLI and demo path; ComfyUI uses its own sampler)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .condition import flux_inputs
+
+# The paper's FLUX settings for CoBSAT.
+GUIDANCE = 3.5
+STEPS = 28
+SIZE = 512
+
+
+def load_flux(folder: str | os.PathLike, device: str | torch.device | None = None,
+              dtype: torch.dtype | None = None):
+    """A FluxPipeline from a local diffusers folder; on a GPU its parts move there only while used."""
+    from diffusers import FluxPipeline
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a diffusers FLUX folder (model_index.json missing); expected a local "
+            f"copy of black-forest-labs/FLUX.1-dev in diffusers layout"
+        )
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    if device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(pipe, aligned: torch.Tensor, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
+           height: int = SIZE, width: int = SIZE) -> Image.Image:
+    """Draw one image from aligned ThinkDiff tokens [N, d]."""
+    prompt_embeds, pooled = flux_inputs(pipe, aligned)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, height=height, width=width,
+                num_inference_steps=steps, guidance_scale=guidance, generator=generator).images[0]
