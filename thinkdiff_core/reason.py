@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from .prompt import Item, build_messages
+from .versions import release
 
 QWEN2_VL_MODEL_TYPE = "qwen2_vl"
 FP16_REFUSAL = (
@@ -138,7 +139,7 @@ class Reasoner:
         import transformers
         from transformers import AutoImageProcessor, AutoProcessor, Qwen2VLForConditionalGeneration
 
-        version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+        version = release(transformers)
         # The PIL image processor is the one the authors' pipeline ran (the torchvision one
         # resamples slightly differently); transformers 5 selects it by backend name.
         pil_option = {"backend": "pil"} if version >= (5, 0) else {"use_fast": False}

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from .condition import flux_inputs
+from .versions import release
 
 # The paper's FLUX settings for CoBSAT.
 GUIDANCE = 3.5
@@ -19,6 +20,7 @@ SIZE = 512
 def load_flux(folder: str | os.PathLike, device: str | torch.device | None = None,
               dtype: torch.dtype | None = None):
     """A FluxPipeline from a local diffusers folder; on a GPU its parts move there only while used."""
+    import diffusers
     from diffusers import FluxPipeline
 
     folder = Path(folder)
@@ -29,7 +31,8 @@ def load_flux(folder: str | os.PathLike, device: str | torch.device | None = Non
         )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    dtype_option = "dtype" if release(diffusers) >= (0, 40) else "torch_dtype"  # renamed in diffusers 0.40
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True, **{dtype_option: dtype})
     if device.type == "cuda":
         pipe.enable_model_cpu_offload(device=device)
     else:

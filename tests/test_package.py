@@ -1,0 +1,51 @@
+import ast
+import subprocess
+import sys
+
+from conftest import REPO
+
+HEAVY = ("transformers", "diffusers", "accelerate")
+
+
+def test_importing_the_core_loads_no_model_library():
+    code = f"import sys, thinkdiff_core; print([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_pack_imports_as_comfyui_imports_it_and_stays_cheap():
+    # ComfyUI: spec_from_file_location(<path with '.' as '_x_'>, <pack>/__init__.py), pack not on sys.path.
+    code = (
+        "import importlib.util, sys\n"
+        f"path = {str(REPO / '__init__.py')!r}\n"
+        "name = path.rsplit('/', 1)[0].replace('.', '_x_')\n"
+        "spec = importlib.util.spec_from_file_location(name, path)\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules[name] = module; spec.loader.exec_module(module)\n"
+        "assert isinstance(module.NODE_CLASS_MAPPINGS, dict) and isinstance(module.NODE_DISPLAY_NAME_MAPPINGS, dict)\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_core_never_imports_comfyui():
+    comfy = {"comfy", "folder_paths", "nodes", "server", "comfy_extras", "node_helpers"}
+    for path in (REPO / "thinkdiff_core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            assert not {n.split(".")[0] for n in names} & comfy, f"{path} imports {names}"
+
+
+def test_requirements_never_touch_the_users_torch():
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        for line in (REPO / name).read_text().splitlines():
+            requirement = line.split("#")[0].strip().lower()
+            assert not requirement.startswith(("torch", "torchvision", "torchaudio")), f"{name}: {line}"
+
+
+def test_the_readme_shows_the_two_commands_the_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "python -m thinkdiff_core demo" in readme
+    assert "python -m pytest tests" in readme and "python -m pytest tests" in ci
