@@ -162,8 +162,11 @@ class Reasoner:
     def render_prompt(self, items: Sequence[Item], instruction: str | None = None):
         """The exact chat text and the images, in order, for `items`."""
         messages, images = build_messages(items, instruction)
-        prompt = self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, add_vision_id=True
+        # The tokenizer's renderer passes add_vision_id ("Picture i:") to the template in every
+        # transformers version; some processors' apply_chat_template drop it.
+        prompt = self.processor.tokenizer.apply_chat_template(
+            messages, chat_template=getattr(self.processor, "chat_template", None), tokenize=False,
+            add_generation_prompt=True, add_vision_id=True,
         )
         return prompt, images
 
