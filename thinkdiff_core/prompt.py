@@ -37,6 +37,28 @@ def check_items(items: Sequence[Item]) -> None:
             raise TypeError(f"item {index} is a {type(item).__name__}; expected a str (a word) or a PIL image")
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the authors' loader (qwen-vl-utils) makes it: RGBA is composited over white."""
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def interleave(words: Sequence[str], images: Sequence[Image.Image]) -> list[Item]:
+    """The CoBSAT-style sequence word 1, image 1, ..., word k, image k, query word."""
+    if len(words) != len(images) + 1:
+        raise ValueError(
+            f"{len(images)} image(s) need {len(images) + 1} words: one per image, in order, then the "
+            f"query word; got {len(words)} word(s)"
+        )
+    items: list[Item] = []
+    for word, image in zip(words, images):
+        items += [word, image]
+    return items + [words[-1]]
+
+
 def build_messages(items: Sequence[Item], instruction: str | None = None) -> tuple[list[dict], list[Image.Image]]:
     """The chat messages (for the processor's chat template) and the images in prompt order.
 
@@ -55,7 +77,7 @@ def build_messages(items: Sequence[Item], instruction: str | None = None) -> tup
             separator = "" if position == 0 else "\n\n"
             content.append({"type": "text", "text": f"{separator}Word {words}: {item.strip()}, "})
         else:
-            images.append(item.convert("RGB") if item.mode != "RGB" else item)
+            images.append(to_rgb(item))
             content.append({"type": "image"})
     messages = [
         {"role": "system", "content": SYSTEM_PROMPT},

