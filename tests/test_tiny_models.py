@@ -22,7 +22,7 @@ def test_cli_output_is_deterministic_for_a_seed(tmp_path, tiny_models):
     assert f"vlm: {out / 'vlm'}" in result.stdout
     fresh, first = digest(out), digest(tiny_models["vlm"].parent)
     safetensors = [name for name in first if name.endswith(".safetensors")]
-    assert len(safetensors) == 6  # 2 VLM shards, CLIP, T5, transformer, VAE
+    assert len(safetensors) == 9  # 2 VLM shards, 3 BLIP-2 shards, CLIP, T5, transformer, VAE
     for name in safetensors + ["vlm/tokenizer.json", "vlm/vocab.json", "vlm/merges.txt"]:
         assert fresh[name] == first[name], name
     other = tmp_path / "other-seed"
@@ -77,6 +77,25 @@ def test_aligner_checkpoint_is_the_official_layout_matching_the_tiny_models(tiny
     flux = json.loads((tiny_models["flux"] / "transformer" / "config.json").read_text())
     assert aligner.in_features == vlm["hidden_size"]
     assert aligner.out_features == t5["d_model"] == flux["joint_attention_dim"]
+    clip_aligner = load_aligner(tiny_models["aligner_clip"])
+    blip2 = json.loads((tiny_models["blip2"] / "config.json").read_text())
+    assert clip_aligner.in_features == blip2["vision_config"]["hidden_size"] != aligner.in_features
+    assert clip_aligner.out_features == aligner.out_features
+
+
+def test_blip2_folder_is_in_the_hub_layout_and_loads_with_plain_transformers(tiny_models):
+    from transformers import Blip2ForConditionalGeneration, BlipImageProcessor
+
+    folder = tiny_models["blip2"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "blip-2" and config["vision_config"]["image_size"] == 224
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = {index["weight_map"][k] for k in index["weight_map"] if k.startswith("language_model.")}
+    assert shards == {"model-00003-of-00003.safetensors"}  # the T5 lives apart from the vision tower
+    model, info = Blip2ForConditionalGeneration.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    processor = BlipImageProcessor.from_pretrained(folder, local_files_only=True)
+    assert processor.size == {"height": 224, "width": 224} and processor.image_mean[0] == 0.48145466
 
 
 def test_flux_folder_loads_with_plain_diffusers(tiny_models):

@@ -2,15 +2,17 @@
 
 Steps, one module each: `prompt` (the paper's chat), `reason` (Qwen2-VL generation and the
 states of its generated tokens), `aligner` (the trained mlp2x_gelu_t5_norm into T5 space),
-`condition` (FLUX's text slot and pooled vector), `render` (diffusers FLUX). transformers and
-diffusers are imported only when a model is loaded.
+`condition` (FLUX's text slot and pooled vector), `vision` + `compose` (the CLIP variant: BLIP-2
+vision tokens composed with text), `render` (diffusers FLUX). transformers and diffusers are imported
+only when a model is loaded.
 """
 
 from .aligner import Aligner, CheckpointError, convert_to_safetensors, load_aligner
 from .prompt import PAPER_INSTRUCTION, SYSTEM_PROMPT, build_messages
 from .reason import Reasoner, Reasoning
+from .vision import VisionEncoder, extract_vision
 
 __all__ = [
     "Aligner", "CheckpointError", "PAPER_INSTRUCTION", "Reasoner", "Reasoning", "SYSTEM_PROMPT",
-    "build_messages", "convert_to_safetensors", "load_aligner",
+    "VisionEncoder", "build_messages", "convert_to_safetensors", "extract_vision", "load_aligner",
 ]

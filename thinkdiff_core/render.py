@@ -8,13 +8,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .condition import flux_inputs
 from .versions import release
 
-# The paper's FLUX settings for CoBSAT.
+# The paper's FLUX settings: CoBSAT reasoning at 512x512, composition at 1024x1024.
 GUIDANCE = 3.5
 STEPS = 28
-SIZE = 512
+SIZE = {"lvlm": 512, "clip": 1024}
 
 
 def load_flux(folder: str | os.PathLike, device: str | torch.device | None = None,
@@ -41,10 +40,9 @@ def load_flux(folder: str | os.PathLike, device: str | torch.device | None = Non
     return pipe
 
 
-def render(pipe, aligned: torch.Tensor, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
-           height: int = SIZE, width: int = SIZE) -> Image.Image:
-    """Draw one image from aligned ThinkDiff tokens [N, d]."""
-    prompt_embeds, pooled = flux_inputs(pipe, aligned)
+def render(pipe, prompt_embeds: torch.Tensor, pooled: torch.Tensor, seed: int = 0, steps: int = STEPS,
+           guidance: float = GUIDANCE, height: int = SIZE["lvlm"], width: int = SIZE["lvlm"]) -> Image.Image:
+    """Draw one image from FLUX inputs (see condition.flux_inputs and compose.flux_inputs)."""
     generator = torch.Generator("cpu").manual_seed(seed)
     return pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, height=height, width=width,
                 num_inference_steps=steps, guidance_scale=guidance, generator=generator).images[0]

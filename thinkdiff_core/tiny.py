@@ -6,6 +6,9 @@
   and the released generation_config.json sampling defaults).
 - `aligner_lvlm.pth`: the official training checkpoint layout ({"model", "optimizer", "config",
   "scaler", "epoch"}) with d_in = the tiny VLM's hidden size and d_out = the tiny T5 width.
+- `blip2/`: a BLIP-2 folder laid out like Salesforce/blip2-flan-t5-xxl (config.json with vision,
+  Q-Former and T5 configs, sharded safetensors with vision_model.*, qformer.*, language_model.* ...,
+  preprocessor_config.json), and `aligner_clip.pth`: the CLIP-variant aligner (d_in = its vision width).
 - `flux/`: a diffusers FLUX pipeline folder (transformer, VAE, CLIP-L text encoder + tokenizer,
   T5 encoder + tokenizer, scheduler) with FLUX.1-dev's scheduler and VAE constants.
 
@@ -45,6 +48,7 @@ CORPUS = [
 ]
 
 VLM_HIDDEN = 64
+VISION_HIDDEN = 48  # differs from VLM_HIDDEN so that swapped aligners are caught
 T5_WIDTH = 32
 CLIP_WIDTH = 32
 
@@ -288,20 +292,64 @@ def make_tiny_flux(folder: Path, seed: int = 0) -> dict:
     return {"t5_width": T5_WIDTH, "clip_width": CLIP_WIDTH}
 
 
+def make_tiny_blip2(folder: Path, seed: int = 0) -> dict:
+    """A tiny random BLIP-2 folder (224 px, patch 14: the real 16x16 patch grid); returns its config."""
+    from safetensors.torch import save_file
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    from .vision import BLIP2_IMAGE_PROCESSOR
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["Blip2ForConditionalGeneration"], "model_type": "blip-2", "num_query_tokens": 4,
+        "initializer_factor": 1.0, "initializer_range": 0.02, "transformers_version": "4.27.0.dev0",
+        "vision_config": {"hidden_size": VISION_HIDDEN, "intermediate_size": 96, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "image_size": 224, "patch_size": 14, "layer_norm_eps": 1e-6,
+                          "qkv_bias": True, "model_type": "blip_2_vision_model"},
+        "qformer_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                           "intermediate_size": 64, "encoder_hidden_size": VISION_HIDDEN,
+                           "model_type": "blip_2_qformer"},
+        "text_config": {"model_type": "t5", "d_model": T5_WIDTH, "d_ff": 64, "d_kv": 8, "num_layers": 1,
+                        "num_decoder_layers": 1, "num_heads": 4, "vocab_size": 128,
+                        "feed_forward_proj": "gated-gelu", "architectures": ["T5ForConditionalGeneration"]},
+    }
+    _write_json(folder / "config.json", config)
+    _write_json(folder / "preprocessor_config.json", {**BLIP2_IMAGE_PROCESSOR, "processor_class": "Blip2Processor"})
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(Blip2Config(**{k: v for k, v in config.items()
+                                                         if k not in ("architectures", "transformers_version")}))
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}  # untie T5's shared embeddings
+    # As released: the vision tower first, the (here tiny, there 11B) T5 in its own shards.
+    groups = [lambda k: k.startswith("vision_model."), lambda k: not k.startswith(("vision_model.", "language_model.")),
+              lambda k: k.startswith("language_model.")]
+    weight_map = {}
+    for number, belongs in enumerate(groups, start=1):
+        shard = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        keys = sorted(k for k in state if belongs(k))
+        save_file({k: state[k] for k in keys}, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in keys})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return config
+
+
 def make_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write vlm/, flux/ and aligner_lvlm.pth under `folder`; returns their paths."""
+    """Write vlm/, blip2/, flux/, aligner_lvlm.pth and aligner_clip.pth under `folder`; returns their paths."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"vlm": folder / "vlm", "flux": folder / "flux", "aligner": folder / "aligner_lvlm.pth"}
-    for name in ("vlm", "flux"):
+    paths = {"vlm": folder / "vlm", "blip2": folder / "blip2", "flux": folder / "flux",
+             "aligner": folder / "aligner_lvlm.pth", "aligner_clip": folder / "aligner_clip.pth"}
+    for name in ("vlm", "blip2", "flux"):
         if paths[name].exists():
             shutil.rmtree(paths[name])
-    config = make_tiny_vlm(paths["vlm"], seed)
+    vlm = make_tiny_vlm(paths["vlm"], seed)
+    blip2 = make_tiny_blip2(paths["blip2"], seed)
     widths = make_tiny_flux(paths["flux"], seed)
     t5 = load_file(str(paths["flux"] / "text_encoder_2" / "model.safetensors"))
-    norm = t5["encoder.final_layer_norm.weight"] + 0.1 * torch.randn(widths["t5_width"],
-                                                                    generator=torch.Generator().manual_seed(seed))
-    make_tiny_aligner(paths["aligner"], config["hidden_size"], widths["t5_width"], norm, seed)
+    generator = torch.Generator().manual_seed(seed)
+    for name, d_in in (("aligner", vlm["hidden_size"]), ("aligner_clip", blip2["vision_config"]["hidden_size"])):
+        norm = t5["encoder.final_layer_norm.weight"] + 0.1 * torch.randn(widths["t5_width"], generator=generator)
+        make_tiny_aligner(paths[name], d_in, widths["t5_width"], norm, seed)
     return paths
