@@ -1,17 +1,23 @@
 """Thin ComfyUI adapters over thinkdiff_core: inputs in, core call, ComfyUI types out."""
 
 from . import folders
-from .lvlm import ThinkDiffLoadAligner, ThinkDiffLoadVLM, ThinkDiffReason
+from .compose import ThinkDiffCompose
+from .loaders import ThinkDiffLoadAligner, ThinkDiffLoadVisionEncoder, ThinkDiffLoadVLM
+from .reason import ThinkDiffReason
 
 folders.register()
 
 NODE_CLASS_MAPPINGS = {
     "ThinkDiffLoadVLM": ThinkDiffLoadVLM,
+    "ThinkDiffLoadVisionEncoder": ThinkDiffLoadVisionEncoder,
     "ThinkDiffLoadAligner": ThinkDiffLoadAligner,
     "ThinkDiffReason": ThinkDiffReason,
+    "ThinkDiffCompose": ThinkDiffCompose,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ThinkDiffLoadVLM": "Load ThinkDiff VLM (Qwen2-VL)",
+    "ThinkDiffLoadVisionEncoder": "Load ThinkDiff Vision Encoder (BLIP-2)",
     "ThinkDiffLoadAligner": "Load ThinkDiff Aligner",
     "ThinkDiffReason": "ThinkDiff Reason (FLUX conditioning)",
+    "ThinkDiffCompose": "ThinkDiff Compose (images + text -> FLUX conditioning)",
 }

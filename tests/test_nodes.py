@@ -10,7 +10,8 @@ from thinkdiff_core import Reasoner, load_aligner
 from thinkdiff_core.prompt import to_rgb
 from thinkdiff_core.reason import FP16_REFUSAL, final_norm
 
-NODE_IDS = ["ThinkDiffLoadAligner", "ThinkDiffLoadVLM", "ThinkDiffReason"]
+NODE_IDS = ["ThinkDiffCompose", "ThinkDiffLoadAligner", "ThinkDiffLoadVLM", "ThinkDiffLoadVisionEncoder",
+            "ThinkDiffReason"]
 
 
 def image_tensor(*images):
@@ -52,9 +53,11 @@ def test_the_pack_loads_from_a_custom_nodes_folder_of_any_name(host):
 
 def test_loaders_list_models_in_comfyui_folders_and_extra_paths(host):
     vlm_names = host.runtime.get_node_info("ThinkDiffLoadVLM")["input_types"]["required"]["model"][0]
-    assert vlm_names == ["Qwen-VL/Qwen2-VL-tiny"]  # the folder holding config.json, nothing inside it
+    assert vlm_names == ["Qwen-VL/Qwen2-VL-tiny"]  # the Qwen2-VL folder, not BLIP-2's, nothing inside it
     aligner_names = host.runtime.get_node_info("ThinkDiffLoadAligner")["input_types"]["required"]["aligner_name"][0]
-    assert aligner_names == ["thinkdiff_lvlm.pth", "thinkdiff_lvlm.safetensors"]  # models/ and the extra path
+    # models/thinkdiff and the extra path; BLIP-2's shards and vision file are not aligners
+    assert {"thinkdiff_clip.pth", "thinkdiff_lvlm.pth", "thinkdiff_lvlm.safetensors"} <= set(aligner_names)
+    assert not [name for name in aligner_names if "blip2" in name or name.startswith("model-")]
     precision = host.runtime.get_node_info("ThinkDiffLoadVLM")["input_types"]["required"]["precision"]
     assert precision == (["bf16", "fp32"], precision[1]) and precision[1]["default"] == "bf16"
 
@@ -75,7 +78,6 @@ def test_vlm_loader_hands_the_model_to_comfyuis_memory_manager(host, loaded):
 
 
 def test_reasoning_node_returns_flux_conditioning_and_the_answer(host, loaded, cars, car_images):
-    host.clip.encoded.clear()
     output = reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=7)
     conditioning, answer = output["result"]
     assert output["ui"] == {"text": [answer]}
@@ -213,8 +215,9 @@ def test_mismatched_aligners_are_clear_errors(host, loaded, cars):
     loader = node(host, "ThinkDiffLoadAligner")
     vlm, good = loaded
     images = dict(image_1=cars[0], image_2=cars[1])
-    with pytest.raises(ValueError, match=r"aligner 'clip_variant.safetensors' takes 1408-d states but the VLM "
-                                         r"'Qwen-VL/Qwen2-VL-tiny' has hidden size 64"):
+    with pytest.raises(ValueError, match=r"aligner 'clip_variant.safetensors' takes 1408-d features \(the "
+                                         r"ThinkDiff-CLIP \(BLIP-2 ViT-g features\) aligner\) but the VLM "
+                                         r"'Qwen-VL/Qwen2-VL-tiny' \(hidden size 64\) gives 64-d"):
         reason(host, (vlm, loader.load("clip_variant.safetensors")[0]), **images)
     with pytest.raises(ValueError, match=r"aligner 'wrong_width.safetensors' outputs 16-d tokens but this CLIP's "
                                          r"T5 encodes 32-d"):
@@ -225,9 +228,9 @@ def test_mismatched_aligners_are_clear_errors(host, loaded, cars):
 def test_missing_and_corrupt_model_files(host):
     vlm_loader, aligner_loader = node(host, "ThinkDiffLoadVLM"), node(host, "ThinkDiffLoadAligner")
     message = type(vlm_loader).VALIDATE_INPUTS(model="Qwen2-VL-7B-Instruct", precision="bf16")
-    assert message.startswith("VLM folder 'Qwen2-VL-7B-Instruct' not found; searched ")
+    assert message.startswith("Qwen2-VL folder 'Qwen2-VL-7B-Instruct' not found; searched ")
     assert str(host.models / "LLM") in message and str(host.models / "thinkdiff") in message
-    with pytest.raises(FileNotFoundError, match="VLM folder 'gone' not found"):
+    with pytest.raises(FileNotFoundError, match="Qwen2-VL folder 'gone' not found"):
         vlm_loader.load("gone", "bf16")
     assert type(aligner_loader).VALIDATE_INPUTS(aligner_name="nope.pth").startswith("aligner 'nope.pth' not found")
     assert type(aligner_loader).VALIDATE_INPUTS(aligner_name="thinkdiff_lvlm.pth") is True
@@ -236,11 +239,15 @@ def test_missing_and_corrupt_model_files(host):
     with pytest.raises(ValueError, match="broken.safetensors: not a readable .safetensors file"):
         aligner_loader.load("broken.safetensors")
 
-    broken_vlm = host.models / "LLM" / "broken-vlm"
-    broken_vlm.mkdir()
-    (broken_vlm / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ValueError, match="holds a 'llama' model; ThinkDiff-LVLM needs Qwen2-VL"):
-        vlm_loader.load("broken-vlm", "bf16")
+    other_pack = host.models / "LLM" / "Florence-2-base"
+    other_pack.mkdir()
+    (other_pack / "config.json").write_text('{"model_type": "florence2"}')
+    assert "Florence-2-base" not in type(vlm_loader).INPUT_TYPES()["required"]["model"][0]
+    weightless = host.models / "LLM" / "Qwen2-VL-half-downloaded"
+    weightless.mkdir()
+    (weightless / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    with pytest.raises(FileNotFoundError, match="Qwen2-VL-half-downloaded has config.json but no weight files"):
+        vlm_loader.load("Qwen2-VL-half-downloaded", "bf16")
 
 
 def test_fp16_is_refused_with_the_reason(host):

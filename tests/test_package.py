@@ -34,7 +34,8 @@ def test_the_pack_imports_as_comfyui_imports_it_and_stays_cheap(tmp_path):
         f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert out.stdout.splitlines() == ["['ThinkDiffLoadAligner', 'ThinkDiffLoadVLM', 'ThinkDiffReason'] ./web",
+    assert out.stdout.splitlines() == ["['ThinkDiffCompose', 'ThinkDiffLoadAligner', 'ThinkDiffLoadVLM', "
+                                       "'ThinkDiffLoadVisionEncoder', 'ThinkDiffReason'] ./web",
                                        "[]", "[]"]
     assert (pack / "web" / "thinkdiff.js").is_file()
 

@@ -32,7 +32,6 @@ BUILTINS = {
     "PreviewAny": ([("source", "*")], [], ["STRING"]),
 }
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # virtual nodes: never sent to the server
-SOCKET_TYPES = {"THINKDIFF_VLM", "THINKDIFF_ALIGNER", "CLIP", "IMAGE", "CONDITIONING", "MODEL", "LATENT", "VAE"}
 
 
 def our_signature(node_class):
@@ -53,9 +52,15 @@ def our_signature(node_class):
     return sockets, widgets, list(node_class.RETURN_TYPES)
 
 
+REQUIRED_SOCKETS = {}  # our nodes' required sockets, filled from INPUT_TYPES by the signatures fixture
+
+
 @pytest.fixture(scope="module")
 def signatures(host):
     ours = {node_id: our_signature(host.runtime.get_node_class(node_id)) for node_id in host.node_ids}
+    for node_id in host.node_ids:
+        required = host.runtime.get_node_class(node_id).INPUT_TYPES()["required"]
+        REQUIRED_SOCKETS[node_id] = {name for name, _ in ours[node_id][0] if name in required}
     return {**BUILTINS, **ours}
 
 
@@ -83,9 +88,9 @@ def check_value(kind, value, extra=None):
         assert extra == "image"
 
 
-def test_there_is_a_reasoning_workflow_with_an_api_twin():
-    names = {p.name for p in WORKFLOWS.glob("*.json")}
-    assert {"thinkdiff_lvlm_reasoning.json", "thinkdiff_lvlm_reasoning_api.json"} <= names
+def test_the_shipped_workflows_have_api_twins():
+    names = {p.stem for p in UI_WORKFLOWS}
+    assert names == {"thinkdiff_lvlm_reasoning", "thinkdiff_clip_two_images", "thinkdiff_clip_image_text"}
     for path in UI_WORKFLOWS:
         assert (WORKFLOWS / f"{path.stem}_api.json").is_file()
 
@@ -122,15 +127,13 @@ def test_every_node_resolves_and_every_link_and_widget_is_consistent(path, signa
             assert all(link in linked for link in output["links"] or [])
 
     # Every required socket is connected, so the prompt validates.
-    required = defaultdict(set)
-    for node_id in signatures:
-        if node_id.startswith("ThinkDiff"):
-            required[node_id] = {name for name, kind in signatures[node_id][0] if not name.startswith("image_")}
-    for node_type, (sockets, _, _) in BUILTINS.items():
-        required[node_type] = {name for name, _ in sockets}
     for node in nodes.values():
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        node_class = REQUIRED_SOCKETS.get(node["type"])
+        required = node_class if node_class is not None else {name for name, _ in signatures[node["type"]][0]}
         for socket in node["inputs"]:
-            if socket["name"] in required[node["type"]]:
+            if socket["name"] in required:
                 assert socket["link"] is not None, f"{node['type']}.{socket['name']} is not connected"
 
 
@@ -222,40 +225,57 @@ def test_api_twin_is_the_same_graph(path, signatures):
     assert all(isinstance(v.get("_meta", {}).get("title"), str) for v in api.values())
 
 
-def test_api_workflow_runs_the_thinkdiff_part_on_the_tiny_models(host, tmp_path):
-    """Execute the API prompt's ThinkDiff nodes in dependency order with the host, as ComfyUI would."""
+@pytest.mark.parametrize("name, expected_tokens", [("thinkdiff_clip_two_images", 2 * 65 + 256),
+                                                    ("thinkdiff_clip_image_text", 65 + 256)])
+def test_composition_workflows_are_the_papers_settings(name, expected_tokens, host):
+    workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    by_type = defaultdict(list)
+    for node in workflow["nodes"]:
+        by_type[node["type"]].append(node)
+    images = [n["widgets_values"][0] for n in by_type["LoadImage"]]
+    assert all((WORKFLOWS / image).is_file() for image in images) and len(images) == (2 if "two" in name else 1)
+    text = by_type["ThinkDiffCompose"][0]["widgets_values"][0]
+    assert (text == "") == ("two" in name)
+    assert by_type["EmptySD3LatentImage"][0]["widgets_values"] == [1024, 1024, 1]
+    assert by_type["FluxGuidance"][0]["widgets_values"] == [3.5]
+    assert by_type["KSampler"][0]["widgets_values"][2:] == [28, 1, "euler", "simple", 1]
+    assert by_type["ThinkDiffLoadAligner"][0]["widgets_values"] == ["thinkdiff_clip.pth"]
+    conditioning = run_thinkdiff_part(host, f"{name}_api.json", "ThinkDiffCompose")[0]
+    assert conditioning[0][0].shape == (1, expected_tokens, 32)
+
+
+def run_thinkdiff_part(host, api_name, output_class):
+    """Execute an API prompt's ThinkDiff nodes in dependency order with the host, as ComfyUI would, on the tiny
+    models (loaders pointed at them; DualCLIPLoader stands in as the tiny FLUX CLIP)."""
+    import numpy as np
     import torch
     from PIL import Image
 
-    api = json.loads((WORKFLOWS / "thinkdiff_lvlm_reasoning_api.json").read_text())
+    api = json.loads((WORKFLOWS / api_name).read_text())
+    tiny_names = {"ThinkDiffLoadVLM": {"model": "Qwen-VL/Qwen2-VL-tiny", "precision": "fp32"},
+                  "ThinkDiffLoadVisionEncoder": {"vision_name": "blip2_vision.safetensors", "precision": "fp32"},
+                  "ThinkDiffReason": {"max_new_tokens": 8}}
     outputs = {}
 
-    def load_image(name):
-        import numpy as np
-
-        pixels = np.asarray(Image.open(WORKFLOWS / name).convert("RGB")).astype(np.float32) / 255.0
-        return torch.from_numpy(pixels)[None]
-
     def run(node_id):
-        if node_id in outputs:
-            return outputs[node_id]
-        node = api[node_id]
-        inputs = {name: run(value[0])[value[1]] if isinstance(value, list) else value
-                  for name, value in node["inputs"].items()}
-        if node["class_type"] == "LoadImage":
-            result = (load_image(inputs["image"]), None)
-        elif node["class_type"] == "DualCLIPLoader":
-            result = (host.clip,)
-        elif node["class_type"] == "ThinkDiffLoadVLM":
-            result = host.runtime.execute_node(node["class_type"], **{**inputs, "model": "Qwen-VL/Qwen2-VL-tiny",
-                                                                     "precision": "fp32"})
-        else:
-            result = host.runtime.execute_node(node["class_type"], **{**inputs, "max_new_tokens": 8}
-                                               if node["class_type"] == "ThinkDiffReason" else inputs)
-        outputs[node_id] = result
-        return result
+        if node_id not in outputs:
+            node = api[node_id]
+            inputs = {name: run(value[0])[value[1]] if isinstance(value, list) else value
+                      for name, value in node["inputs"].items()}
+            if node["class_type"] == "LoadImage":
+                pixels = np.asarray(Image.open(WORKFLOWS / inputs["image"]).convert("RGB")).astype(np.float32) / 255
+                outputs[node_id] = (torch.from_numpy(pixels)[None], None)
+            elif node["class_type"] == "DualCLIPLoader":
+                outputs[node_id] = (host.clip,)
+            else:
+                inputs.update(tiny_names.get(node["class_type"], {}))
+                outputs[node_id] = host.runtime.execute_node(node["class_type"], **inputs)
+        return outputs[node_id]
 
-    reason_id = next(k for k, v in api.items() if v["class_type"] == "ThinkDiffReason")
-    conditioning, answer = run(reason_id)
+    return run(next(k for k, v in api.items() if v["class_type"] == output_class))
+
+
+def test_api_reasoning_workflow_runs_the_thinkdiff_part_on_the_tiny_models(host):
+    conditioning, answer = run_thinkdiff_part(host, "thinkdiff_lvlm_reasoning_api.json", "ThinkDiffReason")
     assert conditioning[0][0].shape == (1, 8, 32) and "pooled_output" in conditioning[0][1]
     assert isinstance(answer, str)

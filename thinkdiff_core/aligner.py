@@ -18,6 +18,9 @@ from torch import nn
 PREFIX = "mm_projector."
 EXPECTED_KEYS = ("0.weight", "0.bias", "2.weight", "2.bias", "3.weight")
 T5_NORM_EPS = 1e-6
+# The released aligners, told apart by their input width.
+VARIANTS = {3584: "lvlm", 1408: "clip"}
+VARIANT_NAMES = {"lvlm": "ThinkDiff-LVLM (Qwen2-VL-7B states)", "clip": "ThinkDiff-CLIP (BLIP-2 ViT-g features)"}
 
 
 class CheckpointError(ValueError):
@@ -168,7 +171,7 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, varia
         raise ValueError(f"output must end in .safetensors, got {dst}")
     weights, _ = aligner_state_dict(src)
     d_out, d_in = weights["0.weight"].shape
-    variant = variant or {3584: "lvlm", 1408: "clip"}.get(d_in, "unknown")
+    variant = variant or VARIANTS.get(d_in, "unknown")
     metadata = {"format": "pt", "variant": variant, "d_in": str(d_in), "d_out": str(d_out),
                 "architecture": "mlp2x_gelu_t5_norm"}
     dst.parent.mkdir(parents=True, exist_ok=True)

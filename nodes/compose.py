@@ -1,0 +1,105 @@
+"""ThinkDiff-CLIP: images (+ text) composed into one FLUX conditioning."""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management as mm
+
+from ..thinkdiff_core.compose import PAPER_T5_LENGTH, image_tokens
+from . import managed
+from .images import collect, pictures
+from .loaders import CATEGORY
+
+MAX_IMAGE_INPUTS = 4
+T5_LENGTHS = ["comfyui", f"paper ({PAPER_T5_LENGTH})"]
+T5_EOS, T5_PAD = 1, 0
+
+
+def paper_t5_tokens(batches: list[list[tuple]], length: int = PAPER_T5_LENGTH) -> list[list[tuple]]:
+    """ComfyUI's T5 tokens (padded to at least 256) as the authors fed T5: the text cut to length - 1
+    tokens, its end token, then padding to exactly `length` (diffusers' max_sequence_length)."""
+    def entry(token, like):
+        return (token, 1.0, *([0] * (len(like) - 2)))
+
+    result = []
+    for batch in batches:
+        ids = [t[0] for t in batch]
+        end = ids.index(T5_EOS) if T5_EOS in ids else len(batch)
+        text = list(batch[:min(end, length - 1)])
+        closing = [entry(T5_EOS, batch[0])]
+        result.append(text + closing + [entry(T5_PAD, batch[0])] * (length - len(text) - 1))
+    return result
+
+
+class ThinkDiffCompose:
+    DESCRIPTION = ("ThinkDiff-CLIP: BLIP-2 reads each image (65 tokens), the CLIP-variant aligner maps them into T5 "
+                   "space, and they are joined in order with the text's own T5 tokens (pooled = CLIP-L of the text). "
+                   "With a conditioning input instead of text, the image tokens are appended to it.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("conditioning",)
+    FUNCTION = "compose"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        images = {f"image_{i}": ("IMAGE", {"tooltip": "composed in socket order; a batch counts as several images"})
+                  for i in range(1, MAX_IMAGE_INPUTS + 1)}
+        return {
+            "required": {
+                "vision": ("THINKDIFF_VISION",),
+                "aligner": ("THINKDIFF_ALIGNER",),
+                "clip": ("CLIP", {"tooltip": "FLUX's CLIP (DualCLIPLoader, type flux) for the text"}),
+                "text": ("STRING", {"multiline": True, "default": "", "tooltip":
+                         "What to do with the images, e.g. 'wearing the sunglasses on a beach'; may be empty"}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
+                             "Multiplies the image tokens (1.0 = the paper)"}),
+                "t5_length": (T5_LENGTHS, {"default": T5_LENGTHS[0], "tooltip":
+                              "comfyui: T5 padded to 256 tokens as ComfyUI's own prompts; "
+                              f"paper: cut and padded to {PAPER_T5_LENGTH} as the authors did"}),
+            },
+            "optional": {**images, "conditioning": ("CONDITIONING", {"tooltip":
+                         "Append the image tokens to this conditioning instead of encoding the text"})},
+        }
+
+    def compose(self, vision, aligner, clip, text, strength, t5_length, conditioning=None, **images):
+        batches = collect(images)
+        if aligner.in_features != vision.hidden_size:
+            raise ValueError(aligner.mismatch(vision.hidden_size, f"the vision encoder '{vision.name}'"))
+        if conditioning is not None and text.strip():
+            raise ValueError("give either text or a conditioning input, not both: with a conditioning the image "
+                             "tokens are appended to it and the text is not encoded")
+        if t5_length not in T5_LENGTHS:
+            raise ValueError(f"t5_length must be one of {', '.join(T5_LENGTHS)}, got '{t5_length}'")
+
+        appending = conditioning is not None
+        if not appending:
+            tokens = clip.tokenize(text)
+            if t5_length != T5_LENGTHS[0]:
+                if "t5xxl" not in tokens:
+                    raise ValueError("the paper's T5 length needs FLUX's CLIP (DualCLIPLoader, type flux)")
+                tokens = {**tokens, "t5xxl": paper_t5_tokens(tokens["t5xxl"])}
+            t5, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+            conditioning = [[t5, {"pooled_output": pooled}]]
+        for cond, extras in conditioning:
+            if cond.shape[-1] != aligner.out_features:
+                raise ValueError(f"aligner '{aligner.name}' outputs {aligner.out_features}-d tokens but the text "
+                                 f"conditioning is {cond.shape[-1]}-d; use FLUX's CLIP (DualCLIPLoader, type flux)")
+            if "attention_mask" in extras:
+                raise ValueError("the conditioning carries an attention mask (e.g. from Apply Style Model with "
+                                 "attn_bias); append ThinkDiff's image tokens before such nodes")
+
+        managed.load(vision.patcher, aligner.patcher)
+        composed = image_tokens(vision.encoder, aligner.module, pictures(batches)) * strength
+        device, dtype = mm.intermediate_device(), mm.intermediate_dtype()
+        composed = composed.unsqueeze(0).to(device=device, dtype=dtype)
+        result = []
+        for cond, extras in conditioning:
+            cond = cond.to(device=device, dtype=dtype)
+            images = composed.expand(cond.shape[0], -1, -1)
+            # The paper puts the images before the text; an existing conditioning gets them appended, as
+            # Apply Style Model does. FLUX gives all text-slot tokens the same position, so both read alike.
+            parts = [cond, images] if appending else [images, cond]
+            result.append([torch.cat(parts, dim=1), {**extras, "pooled_output": extras["pooled_output"].to(
+                device=device, dtype=dtype)} if "pooled_output" in extras else extras.copy()])
+        return (result,)

@@ -1,0 +1,167 @@
+"""Loaders: Qwen2-VL, BLIP-2's vision tower and the aligners, each handed to ComfyUI's memory manager."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+import comfy.model_management as mm
+
+from ..thinkdiff_core import Reasoner, VisionEncoder, load_aligner
+from ..thinkdiff_core.aligner import VARIANT_NAMES, VARIANTS
+from ..thinkdiff_core.reason import FP16_REFUSAL
+from . import folders, managed
+
+CATEGORY = "ThinkDiff"
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PRECISION_TOOLTIP = "bf16 as the paper (the aligners were trained on bf16 features); fp16 is refused"
+
+
+class ThinkDiffVLM:
+    """A loaded Qwen2-VL and its ModelPatcher (the THINKDIFF_VLM type)."""
+
+    def __init__(self, reasoner: Reasoner, name: str):
+        self.reasoner = reasoner
+        self.name = name
+        self.hidden_size = reasoner.hidden_size
+        self.patcher = managed.manage(reasoner.model)
+
+
+class ThinkDiffVision:
+    """A loaded BLIP-2 vision tower and its ModelPatcher (the THINKDIFF_VISION type)."""
+
+    def __init__(self, encoder: VisionEncoder, name: str):
+        self.encoder = encoder
+        self.name = name
+        self.hidden_size = encoder.hidden_size
+        self.patcher = managed.manage(encoder.model)
+
+
+class ThinkDiffAligner:
+    """A loaded aligner and its ModelPatcher (the THINKDIFF_ALIGNER type)."""
+
+    def __init__(self, module, name: str):
+        self.module = module
+        self.name = name
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self.patcher = managed.manage(module)
+
+    def mismatch(self, width: int, source: str) -> str:
+        """The error for feeding this aligner `width`-d features from `source`."""
+        variant = VARIANTS.get(self.in_features)
+        kind = f" (the {VARIANT_NAMES[variant]} aligner)" if variant else ""
+        return (f"aligner '{self.name}' takes {self.in_features}-d features{kind} but {source} gives {width}-d; "
+                f"use the aligner trained for it: ThinkDiff-LVLM's takes Qwen2-VL-7B's 3584-d states, "
+                f"ThinkDiff-CLIP's BLIP-2's 1408-d features")
+
+
+# One loaded copy per file and precision, however many loader nodes ask for it.
+_loaded: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
+
+
+def _check_precision(precision: str):
+    if precision.lower() in ("fp16", "float16", "half"):
+        return FP16_REFUSAL
+    if precision not in PRECISIONS:
+        return f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'"
+    return True
+
+
+def _load_once(key: tuple, build):
+    loaded = _loaded.get(key)
+    if loaded is None:
+        loaded = _loaded[key] = build()
+    return loaded
+
+
+class ThinkDiffLoadVLM:
+    DESCRIPTION = ("Loads Qwen2-VL (e.g. Qwen2-VL-7B-Instruct) from a folder under models/LLM or models/thinkdiff. "
+                   "ComfyUI's memory manager moves it to the GPU only while it reasons.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("THINKDIFF_VLM",)
+    RETURN_NAMES = ("vlm",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (list(folders.vlm_folders()), {"tooltip": "A Qwen2-VL Hugging Face folder"}),
+            "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": PRECISION_TOOLTIP}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model, precision):
+        if model not in folders.vlm_folders():
+            return folders.not_found("Qwen2-VL folder", model, folders.VLM_KEYS)
+        return _check_precision(precision)
+
+    def load(self, model, precision):
+        checked = _check_precision(precision)
+        if checked is not True:
+            raise ValueError(checked)
+        path = folders.vlm_folders().get(model)
+        if path is None:
+            raise FileNotFoundError(folders.not_found("Qwen2-VL folder", model, folders.VLM_KEYS))
+        return (_load_once(("vlm", path, precision), lambda: ThinkDiffVLM(
+            Reasoner.from_pretrained(path, device=mm.unet_offload_device(), dtype=PRECISIONS[precision]), model)),)
+
+
+class ThinkDiffLoadVisionEncoder:
+    DESCRIPTION = ("Loads BLIP-2's vision tower for ThinkDiff-CLIP: a file made by `python -m thinkdiff_core "
+                   "extract-vision` (models/thinkdiff or models/clip_vision) or a whole Salesforce/blip2-flan-t5-xxl "
+                   "folder (only its vision tensors are read).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("THINKDIFF_VISION",)
+    RETURN_NAMES = ("vision",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vision_name": (list(folders.vision_models()), {"tooltip": "blip2_vision.safetensors or a BLIP-2 folder"}),
+            "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": PRECISION_TOOLTIP}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, vision_name, precision):
+        if vision_name not in folders.vision_models():
+            return folders.not_found("BLIP-2 vision encoder", vision_name, folders.VISION_KEYS)
+        return _check_precision(precision)
+
+    def load(self, vision_name, precision):
+        checked = _check_precision(precision)
+        if checked is not True:
+            raise ValueError(checked)
+        path = folders.vision_models().get(vision_name)
+        if path is None:
+            raise FileNotFoundError(folders.not_found("BLIP-2 vision encoder", vision_name, folders.VISION_KEYS))
+        return (_load_once(("vision", path, precision), lambda: ThinkDiffVision(
+            VisionEncoder.from_pretrained(path, device=mm.unet_offload_device(), dtype=PRECISIONS[precision]),
+            vision_name)),)
+
+
+class ThinkDiffLoadAligner:
+    DESCRIPTION = ("Loads a ThinkDiff aligner (.safetensors or the official .pth) from models/thinkdiff: "
+                   "thinkdiff_lvlm for ThinkDiff Reason, thinkdiff_clip for ThinkDiff Compose.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("THINKDIFF_ALIGNER",)
+    RETURN_NAMES = ("aligner",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"aligner_name": (list(folders.aligner_files()),
+                                              {"tooltip": "thinkdiff_lvlm or thinkdiff_clip (.safetensors or .pth)"})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, aligner_name):
+        if aligner_name not in folders.aligner_files():
+            return folders.not_found("aligner", aligner_name, [folders.ALIGNER_KEY])
+        return True
+
+    def load(self, aligner_name):
+        path = folders.aligner_files().get(aligner_name)
+        if path is None:
+            raise FileNotFoundError(folders.not_found("aligner", aligner_name, [folders.ALIGNER_KEY]))
+        return (_load_once(("aligner", path), lambda: ThinkDiffAligner(load_aligner(path), aligner_name)),)

@@ -1,0 +1,107 @@
+"""ThinkDiff-LVLM: Qwen2-VL reasons over words and images; its generated-token states become FLUX conditioning."""
+
+from __future__ import annotations
+
+import hashlib
+import weakref
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..thinkdiff_core import PAPER_INSTRUCTION
+from ..thinkdiff_core.prompt import interleave
+from . import managed
+from .images import collect, pictures
+from .loaders import CATEGORY
+
+MAX_IMAGE_INPUTS = 8
+
+
+def parse_words(text: str) -> list[str]:
+    """One word (or phrase) per line; surrounding blank lines are ignored, inner ones are errors."""
+    lines = text.strip().splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise ValueError(f"word {number} is empty: write one word per line, without blank lines")
+    return [line.strip() for line in lines]
+
+
+def fingerprint(batches: list[tuple[str, torch.Tensor]]) -> tuple:
+    """What the image inputs hold, to tell a repeat from a change."""
+    digests = []
+    for name, batch in batches:
+        data = batch.detach().float().cpu().contiguous()
+        digests.append((name, tuple(data.shape), hashlib.sha256(data.numpy().tobytes()).hexdigest()))
+    return tuple(digests)
+
+
+class ThinkDiffReason:
+    DESCRIPTION = ("ThinkDiff-LVLM: Qwen2-VL reasons over the words and images in order (word 1, image 1, ..., "
+                   "query word), the aligner maps the states of its 128 generated tokens into T5 space, and the "
+                   "result is FLUX conditioning (the T5 slot; pooled = CLIP-L of the empty string).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING", "STRING")
+    RETURN_NAMES = ("conditioning", "answer")
+    OUTPUT_TOOLTIPS = ("FLUX conditioning: plug into FluxGuidance / KSampler positive",
+                       "Qwen2-VL's answer, a by-product of the reasoning")
+    FUNCTION = "reason"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        images = {f"image_{i}": ("IMAGE", {"tooltip": "the image after word " + str(i) + "; a batch counts as "
+                                           "several images in order"}) for i in range(1, MAX_IMAGE_INPUTS + 1)}
+        return {
+            "required": {
+                "vlm": ("THINKDIFF_VLM",),
+                "aligner": ("THINKDIFF_ALIGNER",),
+                "clip": ("CLIP", {"tooltip": "FLUX's CLIP (DualCLIPLoader, type flux): pooled CLIP-L of \"\""}),
+                "words": ("STRING", {"multiline": True, "default": "white\nblue\nred", "tooltip":
+                          "One word per line: one per image, in order, then the query word"}),
+                "instruction": ("STRING", {"multiline": True, "default": PAPER_INSTRUCTION}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "temperature": ("FLOAT", {"default": 0.6, "min": 0.01, "max": 2.0, "step": 0.05}),
+                "top_p": ("FLOAT", {"default": 0.9, "min": 0.01, "max": 1.0, "step": 0.05}),
+                "max_new_tokens": ("INT", {"default": 128, "min": 1, "max": 1024, "tooltip":
+                                   "The paper generates (and aligns) exactly 128 tokens"}),
+            },
+            "optional": images,
+        }
+
+    def __init__(self):
+        self._last = None  # (key, output): a repeat with identical inputs returns it without generating
+
+    def reason(self, vlm, aligner, clip, words, instruction, seed, temperature, top_p, max_new_tokens, **images):
+        batches = collect(images)
+        items = interleave(parse_words(words), pictures(batches))
+        if aligner.in_features != vlm.hidden_size:
+            raise ValueError(aligner.mismatch(vlm.hidden_size, f"the VLM '{vlm.name}' (hidden size {vlm.hidden_size})"))
+
+        key = (weakref.ref(vlm), weakref.ref(aligner), weakref.ref(clip), words, instruction, seed, temperature,
+               top_p, max_new_tokens, fingerprint(batches))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+
+        t5, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+        if aligner.out_features != t5.shape[-1]:
+            raise ValueError(f"aligner '{aligner.name}' outputs {aligner.out_features}-d tokens but this CLIP's T5 "
+                             f"encodes {t5.shape[-1]}-d; load FLUX's text encoders (DualCLIPLoader, type flux)")
+
+        progress = comfy.utils.ProgressBar(max_new_tokens)
+
+        def on_token(done, total):
+            mm.throw_exception_if_processing_interrupted()
+            progress.update_absolute(done, total)
+
+        managed.load(vlm.patcher, aligner.patcher)
+        result = vlm.reasoner.reason(items, instruction=instruction, seed=seed, temperature=temperature,
+                                     top_p=top_p, max_new_tokens=max_new_tokens, on_token=on_token)
+        with torch.inference_mode():
+            aligned = aligner.module(result.hidden_states)
+        device, dtype = mm.intermediate_device(), mm.intermediate_dtype()
+        conditioning = [[aligned.unsqueeze(0).to(device=device, dtype=dtype),
+                         {"pooled_output": pooled.to(device=device, dtype=dtype)}]]
+        output = {"ui": {"text": [result.text]}, "result": (conditioning, result.text)}
+        self._last = (key, output)
+        return output
