@@ -68,6 +68,24 @@ def _check_precision(precision: str):
     return True
 
 
+def _find(models: dict[str, str], name: str, what: str, keys, precision: str | None = None) -> str:
+    """The path of the chosen model; a missing one or a refused precision is a clear error."""
+    if precision is not None and (problem := _check_precision(precision)) is not True:
+        raise ValueError(problem)
+    if name not in models:
+        raise FileNotFoundError(folders.not_found(what, name, keys))
+    return models[name]
+
+
+def _validate(*find_args) -> bool | str:
+    """VALIDATE_INPUTS' answer: True, or the message ComfyUI shows before anything runs."""
+    try:
+        _find(*find_args)
+    except (ValueError, FileNotFoundError) as error:
+        return str(error)
+    return True
+
+
 def _load_once(key: tuple, build):
     loaded = _loaded.get(key)
     if loaded is None:
@@ -92,17 +110,10 @@ class ThinkDiffLoadVLM:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model, precision):
-        if model not in folders.vlm_folders():
-            return folders.not_found("Qwen2-VL folder", model, folders.VLM_KEYS)
-        return _check_precision(precision)
+        return _validate(folders.vlm_folders(), model, "Qwen2-VL folder", folders.VLM_KEYS, precision)
 
     def load(self, model, precision):
-        checked = _check_precision(precision)
-        if checked is not True:
-            raise ValueError(checked)
-        path = folders.vlm_folders().get(model)
-        if path is None:
-            raise FileNotFoundError(folders.not_found("Qwen2-VL folder", model, folders.VLM_KEYS))
+        path = _find(folders.vlm_folders(), model, "Qwen2-VL folder", folders.VLM_KEYS, precision)
         return (_load_once(("vlm", path, precision), lambda: ThinkDiffVLM(
             Reasoner.from_pretrained(path, device=mm.unet_offload_device(), dtype=PRECISIONS[precision]), model)),)
 
@@ -125,17 +136,10 @@ class ThinkDiffLoadVisionEncoder:
 
     @classmethod
     def VALIDATE_INPUTS(cls, vision_name, precision):
-        if vision_name not in folders.vision_models():
-            return folders.not_found("BLIP-2 vision encoder", vision_name, folders.VISION_KEYS)
-        return _check_precision(precision)
+        return _validate(folders.vision_models(), vision_name, "BLIP-2 vision encoder", folders.VISION_KEYS, precision)
 
     def load(self, vision_name, precision):
-        checked = _check_precision(precision)
-        if checked is not True:
-            raise ValueError(checked)
-        path = folders.vision_models().get(vision_name)
-        if path is None:
-            raise FileNotFoundError(folders.not_found("BLIP-2 vision encoder", vision_name, folders.VISION_KEYS))
+        path = _find(folders.vision_models(), vision_name, "BLIP-2 vision encoder", folders.VISION_KEYS, precision)
         return (_load_once(("vision", path, precision), lambda: ThinkDiffVision(
             VisionEncoder.from_pretrained(path, device=mm.unet_offload_device(), dtype=PRECISIONS[precision]),
             vision_name)),)
@@ -156,12 +160,8 @@ class ThinkDiffLoadAligner:
 
     @classmethod
     def VALIDATE_INPUTS(cls, aligner_name):
-        if aligner_name not in folders.aligner_files():
-            return folders.not_found("aligner", aligner_name, [folders.ALIGNER_KEY])
-        return True
+        return _validate(folders.aligner_files(), aligner_name, "aligner", [folders.ALIGNER_KEY])
 
     def load(self, aligner_name):
-        path = folders.aligner_files().get(aligner_name)
-        if path is None:
-            raise FileNotFoundError(folders.not_found("aligner", aligner_name, [folders.ALIGNER_KEY]))
+        path = _find(folders.aligner_files(), aligner_name, "aligner", [folders.ALIGNER_KEY])
         return (_load_once(("aligner", path), lambda: ThinkDiffAligner(load_aligner(path), aligner_name)),)
