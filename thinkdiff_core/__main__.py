@@ -1,4 +1,4 @@
-"""Command line: `python -m thinkdiff_core {demo,convert,extract-vision,make-tiny-models}`."""
+"""Command line: `python -m thinkdiff_core {demo,generate,cobsat,convert,extract-vision,make-tiny-models}`."""
 
 from __future__ import annotations
 
@@ -29,6 +29,42 @@ def main(argv: list[str] | None = None) -> int:
                       "1024 for clip)")
     demo.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
 
+    gen = commands.add_parser("generate", help="draw with ThinkDiff through diffusers (several seeds, reproducible)")
+    gen.add_argument("--config", help="a run.json of an earlier run: run it again (other options override it)")
+    gen.add_argument("--variant", choices=["lvlm", "clip"])
+    gen.add_argument("--vlm", help="lvlm: Qwen2-VL folder")
+    gen.add_argument("--aligner", help="the variant's aligner (.safetensors or .pth)")
+    gen.add_argument("--vision", help="clip: BLIP-2 vision file or folder")
+    gen.add_argument("--flux", help="FLUX.1 diffusers folder")
+    gen.add_argument("--items", nargs="+", help="lvlm: words and image paths in order, e.g. white a.jpg blue b.jpg red")
+    gen.add_argument("--images", nargs="+", help="clip: images to compose, in order")
+    gen.add_argument("--prompt", help="clip: text composed with the images")
+    gen.add_argument("--instruction", help="lvlm: replaces the paper's instruction")
+    gen.add_argument("--seeds", nargs="+", type=int, help="one image per seed (default: 0)")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance", type=float)
+    gen.add_argument("--size", type=int, help="default: 512 for lvlm, 1024 for clip")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", dest="top_p", type=float)
+    gen.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    gen.add_argument("--device")
+    gen.add_argument("--out", default="generate_output", help="output folder (default: %(default)s)")
+
+    bench = commands.add_parser("cobsat", help="evaluate ThinkDiff-LVLM on CoBSAT (resumable)")
+    bench.add_argument("--data", required=True, help="CoBSAT checkout (datasets/, load_datasets/)")
+    bench.add_argument("--shots", type=int, default=2)
+    bench.add_argument("--tasks", default="all", help="all, or e.g. 1,2 or Color-I,Style-II")
+    bench.add_argument("--limit", type=int, help="the first N prompts of each task (default: all 1000)")
+    bench.add_argument("--vlm", required=True, help="Qwen2-VL folder")
+    bench.add_argument("--aligner", required=True, help="ThinkDiff-LVLM aligner")
+    bench.add_argument("--flux", required=True, help="FLUX.1 diffusers folder")
+    bench.add_argument("--judge", help="judge VLM folder (default: --vlm)")
+    bench.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    bench.add_argument("--steps", type=int, default=render.STEPS)
+    bench.add_argument("--guidance", type=float, default=render.GUIDANCE)
+    bench.add_argument("--size", type=int, default=render.SIZE["lvlm"])
+    bench.add_argument("--out", default="cobsat_output", help="output folder (default: %(default)s)")
+
     convert = commands.add_parser("convert", help="keep only the aligner weights of a checkpoint, as .safetensors")
     convert.add_argument("src", help="official .pth (or .safetensors / bare state dict)")
     convert.add_argument("dst", help="output .safetensors")
@@ -49,6 +85,18 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.models_dir, args.out, variant=args.variant, prompt=args.prompt, seed=args.seed,
                      steps=args.steps, guidance=args.guidance, size=args.size, device=args.device)
+        elif args.command == "generate":
+            from .generate import generate
+
+            params = json.loads(open(args.config).read()) if args.config else {}
+            options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "out") and v is not None}
+            generate({**params, **options}, args.out)
+        elif args.command == "cobsat":
+            from .cobsat import run_cobsat
+
+            run_cobsat(args.data, args.out, args.vlm, args.aligner, args.flux, args.judge or args.vlm, shot=args.shots,
+                       tasks=args.tasks, limit=args.limit, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                       size=args.size)
         elif args.command == "convert":
             from .aligner import convert_to_safetensors
 

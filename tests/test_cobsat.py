@@ -1,0 +1,227 @@
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from thinkdiff_core import cobsat
+from thinkdiff_core.cobsat import ITEMS, Run, build_prompt, parse_option, questions, run_cobsat
+from thinkdiff_core.render import load_flux
+
+PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
+# Two hand-made permutations: prompt 0 and prompt 1 of every task.
+LISTS = [{"x_list": [3, 1, 4, 0, 2, 9, 8, 7, 6, 5], "theta_list": [9, 2, 6, 8, 0, 1, 3, 4, 5, 7]},
+         {"x_list": [8, 5, 0, 2, 9, 1, 3, 4, 6, 7], "theta_list": [4, 0, 7, 1, 2, 3, 5, 6, 8, 9]}]
+
+
+def make_dataset(root, lists=LISTS):
+    """A CoBSAT-format dataset of solid-colour squares for the color/object and style/object tasks."""
+    for detail_space in ("color", "style"):
+        for obj in ITEMS["object"]:
+            folder = root / "datasets" / f"{detail_space}_{obj}"
+            folder.mkdir(parents=True)
+            for n, detail in enumerate(ITEMS[detail_space]):
+                shade = (25 * n, 10 * len(obj), 200 - 15 * n)
+                Image.new("RGB", (32, 32), shade).save(folder / f"{detail}_{obj}.jpg")
+    (root / "load_datasets").mkdir()
+    (root / "load_datasets" / "prompts_list_default.json").write_text(json.dumps(lists))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("cobsat"))
+
+
+class ScriptedJudge:
+    """Gives planned answers in the order asked (the harness asks detail, then object, prompt by prompt)."""
+
+    def __init__(self, answers, fail_after=None):
+        self.answers, self.asked, self.fail_after = list(answers), [], fail_after
+
+    def ask(self, image, question):
+        if self.fail_after is not None and len(self.asked) == self.fail_after:
+            raise KeyboardInterrupt("interrupted")
+        self.asked.append(question)
+        return self.answers.pop(0)
+
+
+class Counting:
+    """Wraps a loaded model object and counts calls of `method`, optionally interrupting on the n-th."""
+
+    def __init__(self, inner, method, fail_on=None):
+        self.inner, self.method, self.calls, self.fail_on = inner, method, 0, fail_on
+
+    def __getattr__(self, name):
+        attribute = getattr(self.inner, name)
+        if name != self.method:
+            return attribute
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            if self.fail_on is not None and self.calls == self.fail_on:
+                raise KeyboardInterrupt("interrupted")
+            return attribute(*args, **kwargs)
+
+        return counted
+
+    def __call__(self, *args, **kwargs):
+        return self.__getattr__("__call__")(*args, **kwargs)
+
+
+def planned_answers(data, prompts):
+    """Right answers for even prompt indices, answers without an option number for odd ones."""
+    answers = []
+    for task, index in prompts:
+        prompt = build_prompt(data, task, index, 2, LISTS)
+        detail_space, obj_space = cobsat.spaces(task)
+        if index % 2:
+            answers += ["I cannot tell.", "no idea"]
+        else:
+            answers += [f"({ITEMS[detail_space].index(prompt.truth['detail']) + 1})",
+                        f"{ITEMS[obj_space].index(prompt.truth['obj']) + 1}"]
+    return answers
+
+
+def test_two_shot_prompt_is_the_papers_format(data, reasoner):
+    prompt = build_prompt(data, 1, 0, 2, LISTS)  # Color-I: words are colours, the images share an object
+    theta = ITEMS["object"][LISTS[0]["theta_list"][3]]
+    assert theta == "bag" and prompt.words == ["purple", "white", "pink"]
+    assert prompt.images == [data / "datasets" / "color_bag" / "purple_bag.jpg",
+                             data / "datasets" / "color_bag" / "white_bag.jpg"]
+    assert prompt.truth == {"detail": "pink", "obj": "bag"} and prompt.name == "0_bag_purple_white_pink"
+    text, images = reasoner.render_prompt(prompt.items())
+    assert text.endswith(f"'Create an image'.\n\nWord 1: purple, Picture 1: {PICTURE}\n\nWord 2: white, "
+                         f"Picture 2: {PICTURE}\n\nWord 3: pink, <|im_end|>\n<|im_start|>assistant\n")
+    assert len(images) == 2
+
+
+def test_four_shot_prompt_and_item_words(data, reasoner):
+    prompt = build_prompt(data, 6, 1, 4, LISTS)  # Style-II: words are objects, the images share a style
+    assert ITEMS["style"][LISTS[1]["theta_list"][5]] == "origami"
+    assert prompt.words == ["bag", "box", "leaf", "cup", "apple"]
+    assert prompt.images[0] == data / "datasets" / "style_bag" / "origami_bag.jpg" and len(prompt.images) == 4
+    assert prompt.truth == {"detail": "origami", "obj": "apple"}
+    text, _ = reasoner.render_prompt(prompt.items())
+    assert "Word 4: cup, Picture 4: " in text and text.count(PICTURE) == 4 and "Word 5: apple, <|im_end|>" in text
+
+    style_i = build_prompt(data, 5, 1, 2, LISTS)  # Style-I: the item '3d' is written 'wireframe' in text
+    assert style_i.words == ["wireframe", "icon", "watercolor"]
+    assert style_i.images[0] == data / "datasets" / "style_hat" / "3d_hat.jpg"  # files keep the item name
+    assert style_i.truth == {"detail": "watercolor", "obj": "hat"} and style_i.name == "1_hat_wireframe_icon_watercolor"
+    assert questions(5)["detail"].count("(9)wireframe") == 1
+
+
+def test_the_benchmarks_judge_questions_and_answer_parsing():
+    asked = questions(1)
+    assert asked["detail"] == ("What is the color (of the main object) in this image? Answer from the following "
+                               "options:  (1)yellow (2)white (3)red (4)purple (5)pink (6)orange (7)green (8)brown "
+                               "(9)blue (10)black. Answer the number only and do not include any other texts (e.g., 1).")
+    assert asked["obj"].startswith("What is the main object in this image? Answer from the following options:  (1)leaf")
+    assert questions(4)["detail"].startswith("What is the background (of the main object)")
+    assert questions(4)["obj"].endswith("(10)bird. Answer the number only and do not include any other texts (e.g., 1).")
+    assert [parse_option(r) for r in ["(3)", "3. red", "10", "answer: 1 0", "none", "11", "0"]] == [3, 3, 10, 10, -1, -1, -1]
+
+
+def test_prompt_lists_are_regenerated_with_the_benchmarks_seed_when_absent(tmp_path):
+    lists = cobsat.prompt_lists(tmp_path)
+    assert len(lists) == 1000 and all(sorted(e["x_list"]) == list(range(10)) for e in lists)
+    assert lists == cobsat.prompt_lists(tmp_path) and lists[0] != lists[1]
+
+
+def test_bad_input_is_a_clear_error(data, tmp_path):
+    with pytest.raises(ValueError, match="unknown CoBSAT task 'Colour-I'"):
+        Run(data, tmp_path, tasks="Colour-I")
+    assert cobsat.parse_tasks("Color-I, 6") == [1, 6] and cobsat.parse_tasks("all") == list(range(1, 11))
+    with pytest.raises(FileNotFoundError, match=r"CoBSAT image missing: .*datasets/action_.*\.jpg"):
+        Run(data, tmp_path, tasks="7", limit=1)  # no action_animal images in this dataset
+    with pytest.raises(FileNotFoundError, match="no CoBSAT datasets/ folder"):
+        Run(tmp_path, tmp_path)
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "load_datasets").mkdir()
+    (tmp_path / "load_datasets" / "prompts_list_default.json").write_text('{"x_list": []}')
+    with pytest.raises(ValueError, match="expected a list of"):
+        Run(tmp_path, tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def models(reasoner, tiny_models):
+    from thinkdiff_core import load_aligner
+
+    return reasoner, load_aligner(tiny_models["aligner"]), load_flux(tiny_models["flux"], device="cpu")
+
+
+def evaluate(data, out, models, judge, reasoner=None, pipe=None, limit=2):
+    vlm, aligner, flux = models
+    return run_cobsat(data, out, reasoner or vlm, aligner, pipe or flux, judge, shot=2, tasks="1,6", limit=limit,
+                      steps=2, size=64, log=lambda _: None)
+
+
+def test_an_interrupted_run_resumes_without_redoing_work(data, tmp_path, models):
+    order = [(1, 0), (1, 1), (6, 0), (6, 1)]
+    with pytest.raises(KeyboardInterrupt):  # stopped while reasoning the third prompt
+        evaluate(data, tmp_path, models, ScriptedJudge([]), reasoner=Counting(models[0], "reason", fail_on=3))
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2
+
+    reasoner = Counting(models[0], "reason")
+    judge = ScriptedJudge(planned_answers(data, order), fail_after=3)  # stopped inside the second judgement
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(data, tmp_path, models, judge, reasoner=reasoner)
+    assert reasoner.calls == 2 and len(list(tmp_path.rglob("*.jpg"))) == 4
+
+    reasoner, pipe = Counting(models[0], "reason"), Counting(models[2], "__call__")
+    judge = ScriptedJudge(planned_answers(data, order[1:]))
+    summary = evaluate(data, tmp_path, models, judge, reasoner=reasoner, pipe=pipe)
+    assert reasoner.calls == 0 and pipe.calls == 0 and len(judge.asked) == 6  # only the three unjudged prompts
+    assert [(row["task"], row["prompts"], row["judged"], row["correct"]) for row in summary["rows"]] == \
+        [("Color-I", 2, 2, 1), ("Style-II", 2, 2, 1)]
+    assert summary["average"] == 0.5
+
+    out = tmp_path / "shot_2"
+    records = [json.loads(line) for line in (out / "task_1" / "results.jsonl").read_text().splitlines()]
+    assert [r["correct"] for r in records] == [True, False]
+    assert records[1]["detail"] == {"question": questions(1)["detail"], "response": "I cannot tell.", "answer": -1,
+                                    "correct": False}
+    table = (out / "accuracy.md").read_text()
+    assert "| Color-I | 2 | 2 | 1 | 0.500 | 0.622 |" in table and "| Style-II | 2 | 2 | 1 | 0.500 | 0.340 |" in table
+    with open(out / "accuracy.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["task"] for r in rows] == ["Color-I", "Style-II", "average"] and rows[-1]["accuracy"] == "0.5"
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (3 * (128 + 8) + 8, 4 * (128 + 40) + 8)
+    reasoned = json.loads((out / "task_1" / "0_bag_purple_white_pink.json").read_text())
+    assert reasoned["words"] == ["purple", "white", "pink"] and reasoned["seed"] == 0
+
+
+def test_missing_outputs_count_as_wrong(data, tmp_path, models):
+    run = Run(data, tmp_path, shot=2, tasks="1", limit=2)
+    run.reason(models[0], models[1], log=lambda _: None)
+    summary = run.summarize()  # nothing rendered or judged yet
+    assert summary["rows"][0]["correct"] == 0 and summary["rows"][0]["judged"] == 0 and summary["average"] == 0
+
+
+def test_judge_runs_a_local_vlm_folder(tiny_models):
+    from thinkdiff_core.judge import VLMJudge
+
+    judge = VLMJudge.from_pretrained(tiny_models["vlm"], device="cpu")
+    answer = judge.ask(Image.new("RGB", (64, 64), "red"), questions(1)["detail"])
+    assert isinstance(answer, str) and parse_option(answer) in [-1] + list(range(1, 11))
+    with pytest.raises(FileNotFoundError, match="judge: .* is not a Hugging Face model folder"):
+        VLMJudge.from_pretrained(tiny_models["vlm"].parent)
+
+
+def test_cobsat_command_end_to_end(data, tmp_path, tiny_models):
+    result = subprocess.run(
+        [sys.executable, "-m", "thinkdiff_core", "cobsat", "--data", str(data), "--tasks", "Color-I", "--limit", "1",
+         "--vlm", str(tiny_models["vlm"]), "--aligner", str(tiny_models["aligner"]), "--flux", str(tiny_models["flux"]),
+         "--steps", "1", "--size", "64", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "| Color-I | 1 | 1 |" in (tmp_path / "shot_2" / "accuracy.md").read_text()
+    assert (tmp_path / "shot_2" / "grid.png").is_file()
+    again = subprocess.run(
+        [sys.executable, "-m", "thinkdiff_core", "cobsat", "--data", str(data), "--tasks", "Colour-I",
+         "--vlm", "x", "--aligner", "x", "--flux", "x"], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.startswith("error: unknown CoBSAT task 'Colour-I'")

@@ -1,0 +1,340 @@
+"""The CoBSAT benchmark (Zeng et al., COLM 2024) for ThinkDiff-LVLM: prompts, generation, judging, tables.
+
+Layout read from `--data` (a CoBSAT checkout, or the unpacked datasets.zip):
+`datasets/<theme>_<subject>/<detail>_<subject>.jpg`, and `load_datasets/prompts_list_default.json` (1000
+index permutations; regenerated with the benchmark's own seed-123 shuffles when the file is absent).
+
+For prompt i of a task with k shots: theta = theta_list[perm_theta[k+1]], the words are
+x_list[perm_x[j]] for j = 0..k (k demonstrations and the query), the images are (x_j, theta) for j < k,
+and the expected output is the image (x_k, theta). ThinkDiff writes each word as "Word j: <word>, ".
+A judge answers two 10-option questions (the detail, the object) about each generated image; the item
+is correct only if both answers are right. Missing outputs count as wrong.
+
+Work happens in stages that each skip what is already on disk (reason -> tokens, render -> images,
+judge -> results.jsonl), so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+ITEMS = {
+    "color": ["yellow", "white", "red", "purple", "pink", "orange", "green", "brown", "blue", "black"],
+    "object": ["leaf", "hat", "cup", "chair", "car", "box", "book", "ball", "bag", "apple"],
+    "animal": ["zebra", "tiger", "sheep", "pig", "monkey", "lion", "dog", "cow", "cat", "bird"],
+    "style": ["watercolor", "sketch", "pixel", "origami", "lego", "icon", "graffiti", "futuristic", "3d", "old"],
+    "action": ["swim", "sleep", "sing", "run", "read", "fly", "eat", "drink", "cry", "angry"],
+    "background": ["beach", "desert", "glacier", "volcano", "park", "gym", "waterfall", "space", "cave", "seafloor"],
+    "texture": ["wood", "wicker", "sequined", "plastic", "paper", "metal", "leather", "lace", "denim", "ceramic"],
+}
+ITEM_TO_WORD = {"3d": "wireframe", "park": "amusement park"}  # how items are written in text
+# id: (name, x space (given in text), theta space (shared by the images))
+TASKS = {
+    1: ("Color-I", "color", "object"), 2: ("Color-II", "object", "color"),
+    3: ("Background-I", "background", "animal"), 4: ("Background-II", "animal", "background"),
+    5: ("Style-I", "style", "object"), 6: ("Style-II", "object", "style"),
+    7: ("Action-I", "action", "animal"), 8: ("Action-II", "animal", "action"),
+    9: ("Texture-I", "texture", "object"), 10: ("Texture-II", "object", "texture"),
+}
+PROMPTS = 1000
+PROMPT_SEED = 123
+# ThinkDiff-LVLM's CoBSAT accuracy in the paper (2-shot per task; 4-shot only the average).
+PAPER = {2: {1: 0.622, 3: 0.349, 5: 0.237, 7: 0.459, 9: 0.290, 2: 0.511, 4: 0.534, 6: 0.340, 8: 0.534, 10: 0.292}}
+PAPER_AVERAGE = {4: 0.463}
+STAGES = ("reason", "render", "judge")
+
+
+def spaces(task: int) -> tuple[str, str]:
+    """(detail space, object space) of a task, e.g. ("color", "object")."""
+    _, x_space, theta_space = TASKS[task]
+    return (theta_space, x_space) if x_space in ("object", "animal") else (x_space, theta_space)
+
+
+def word(item: str) -> str:
+    return ITEM_TO_WORD.get(item, item)
+
+
+def image_path(data: Path, task: int, x_item: str, theta: str) -> Path:
+    detail_space, _ = spaces(task)
+    obj, detail = (x_item, theta) if TASKS[task][1] in ("object", "animal") else (theta, x_item)
+    return data / "datasets" / f"{detail_space}_{obj}" / f"{detail}_{obj}.jpg"
+
+
+def prompt_lists(data: Path) -> list[dict]:
+    """The benchmark's 1000 index permutations: its JSON, or the same seed-123 shuffles when it is absent."""
+    path = data / "load_datasets" / "prompts_list_default.json"
+    if path.is_file():
+        lists = json.loads(path.read_text())
+        if not isinstance(lists, list) or not all({"x_list", "theta_list"} <= set(entry) for entry in lists):
+            raise ValueError(f"{path}: expected a list of {{'x_list': [...], 'theta_list': [...]}}")
+        return lists
+    rng = random.Random(PROMPT_SEED)
+    x_order, theta_order, lists = list(range(10)), list(range(10)), []
+    for _ in range(PROMPTS):
+        rng.shuffle(x_order)
+        rng.shuffle(theta_order)
+        lists.append({"x_list": x_order.copy(), "theta_list": theta_order.copy()})
+    return lists
+
+
+@dataclass
+class Prompt:
+    task: int
+    index: int
+    words: list[str]  # k demonstration words, then the query word
+    images: list[Path]  # k demonstration images
+    truth: dict  # {"detail": item, "obj": item} of the expected image
+    name: str  # the benchmark's save name: <i>_<theta>_<x_1>_..._<x_q>
+
+    def items(self) -> list:
+        from .prompt import interleave
+
+        return interleave(self.words, [Image.open(path) for path in self.images])
+
+
+def build_prompt(data: Path, task: int, index: int, shot: int, lists: list[dict]) -> Prompt:
+    _, x_space, theta_space = TASKS[task]
+    order = lists[index]
+    theta = ITEMS[theta_space][order["theta_list"][shot + 1]]
+    x_items = [ITEMS[x_space][order["x_list"][j]] for j in range(shot + 1)]
+    images = [image_path(data, task, x_item, theta) for x_item in x_items[:shot]]
+    missing = [str(path) for path in images if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"CoBSAT image missing: {missing[0]} (expected the datasets/<theme>_<subject>/"
+                                f"<detail>_<subject>.jpg layout under {data})")
+    query = x_items[shot]
+    truth = {"obj": query, "detail": theta} if x_space in ("object", "animal") else {"obj": theta, "detail": query}
+    words = [word(x) for x in x_items]
+    return Prompt(task, index, words, images, truth, f"{index}_{theta}_{'_'.join(words)}")
+
+
+def questions(task: int) -> dict[str, str]:
+    """The benchmark's two judge questions for generated images, with their 10 numbered options."""
+    detail_space, obj_space = spaces(task)
+    prompts = {"detail": f"What is the {detail_space} (of the main object) in this image? Answer from the following "
+                         f"options: ",
+               "obj": "What is the main object in this image? Answer from the following options: "}
+    for key, space in (("detail", detail_space), ("obj", obj_space)):
+        prompts[key] += "".join(f" ({i + 1}){word(item)}" for i, item in enumerate(ITEMS[space]))
+        prompts[key] += ". Answer the number only and do not include any other texts (e.g., 1)."
+    return prompts
+
+
+def parse_option(response: str, options: int = 10) -> int:
+    """The benchmark's reading of an answer: all its digits as one number, -1 unless it is an option."""
+    digits = "".join(c for c in response if c.isdigit())
+    return int(digits) if digits and 1 <= int(digits) <= options else -1
+
+
+def parse_tasks(text: str) -> list[int]:
+    if text == "all":
+        return sorted(TASKS)
+    tasks = []
+    for part in text.split(","):
+        part = part.strip()
+        by_name = {name.lower(): task for task, (name, _, _) in TASKS.items()}
+        if part.isdigit() and int(part) in TASKS:
+            tasks.append(int(part))
+        elif part.lower() in by_name:
+            tasks.append(by_name[part.lower()])
+        else:
+            raise ValueError(f"unknown CoBSAT task {part!r}; use 1-10, names such as Color-I, or 'all'")
+    return tasks
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Run:
+    """One CoBSAT evaluation: shot count, tasks, the item limit, and where its files go."""
+
+    def __init__(self, data, out, shot: int = 2, tasks="all", limit: int | None = None, seed: int = 0):
+        self.data, self.out = Path(data), Path(out) / f"shot_{shot}"
+        if not (self.data / "datasets").is_dir():
+            raise FileNotFoundError(f"no CoBSAT datasets/ folder in {self.data}")
+        if shot < 1:
+            raise ValueError(f"shots must be >= 1, got {shot}")
+        self.shot, self.seed = shot, seed
+        self.tasks = parse_tasks(tasks) if isinstance(tasks, str) else list(tasks)
+        lists = prompt_lists(self.data)
+        count = min(limit or PROMPTS, len(lists))
+        self.prompts = [build_prompt(self.data, task, i, shot, lists) for task in self.tasks for i in range(count)]
+
+    def folder(self, prompt: Prompt) -> Path:
+        return self.out / f"task_{prompt.task}"
+
+    def files(self, prompt: Prompt) -> dict[str, Path]:
+        base = self.folder(prompt) / prompt.name
+        return {"tokens": base.with_suffix(".safetensors"), "answer": base.with_suffix(".json"),
+                "image": base.with_suffix(".jpg")}
+
+    def judged(self) -> dict[str, dict]:
+        records = {}
+        for task in self.tasks:
+            path = self.out / f"task_{task}" / "results.jsonl"
+            if path.is_file():
+                for line in path.read_text().splitlines():
+                    if line.strip():
+                        record = json.loads(line)
+                        records[f"{task}/{record['name']}"] = record
+        return records
+
+    def reason(self, vlm, aligner, log=print) -> int:
+        """Reason over every prompt without tokens on disk; `vlm`/`aligner` are paths or loaded models."""
+        from safetensors.torch import save_file
+
+        from .aligner import load_aligner
+        from .reason import Reasoner
+
+        pending = [p for p in self.prompts if not self.files(p)["tokens"].is_file()]
+        if not pending:
+            return 0
+        reasoner = Reasoner.from_pretrained(vlm) if isinstance(vlm, (str, os.PathLike)) else vlm
+        aligner = load_aligner(aligner, device=reasoner.device) if isinstance(aligner, (str, os.PathLike)) else aligner
+        for n, prompt in enumerate(pending, start=1):
+            result = reasoner.reason(prompt.items(), seed=self.seed + prompt.index)
+            with torch.inference_mode():
+                tokens = aligner(result.hidden_states).float().cpu()
+            files = self.files(prompt)
+            files["tokens"].parent.mkdir(parents=True, exist_ok=True)
+            files["answer"].write_text(json.dumps({"text": result.text, "words": prompt.words, "seed": self.seed +
+                                                   prompt.index, "images": [str(p) for p in prompt.images]}) + "\n")
+            save_file({"tokens": tokens.contiguous()}, str(files["tokens"]))  # written last: marks the item done
+            log(f"[reason {n}/{len(pending)}] task {prompt.task} {prompt.name}: {result.text[:80]!r}")
+        return len(pending)
+
+    def render(self, flux, steps: int, guidance: float, size: int, log=print) -> int:
+        from safetensors.torch import load_file
+
+        from .condition import flux_inputs
+        from .render import load_flux, render
+
+        pending = [p for p in self.prompts if self.files(p)["tokens"].is_file() and not self.files(p)["image"].is_file()]
+        if not pending:
+            return 0
+        pipe = load_flux(flux) if isinstance(flux, (str, os.PathLike)) else flux
+        for n, prompt in enumerate(pending, start=1):
+            files = self.files(prompt)
+            tokens = load_file(str(files["tokens"]))["tokens"]
+            image = render(pipe, *flux_inputs(pipe, tokens), seed=self.seed + prompt.index, steps=steps,
+                           guidance=guidance, height=size, width=size)
+            temporary = files["image"].with_suffix(".part.jpg")
+            image.save(temporary, quality=95)
+            temporary.replace(files["image"])
+            log(f"[render {n}/{len(pending)}] {files['image']}")
+        return len(pending)
+
+    def unjudged(self) -> list[Prompt]:
+        done = self.judged()
+        return [p for p in self.prompts if self.files(p)["image"].is_file() and f"{p.task}/{p.name}" not in done]
+
+    def judge(self, judge, log=print) -> int:
+        """Ask `judge` (anything with .ask(image, question) -> str) about every rendered, unjudged image."""
+        pending = self.unjudged()
+        for n, prompt in enumerate(pending, start=1):
+            image = Image.open(self.files(prompt)["image"])
+            record = {"name": prompt.name, "index": prompt.index, "truth": prompt.truth}
+            asked = questions(prompt.task)
+            detail_space, obj_space = spaces(prompt.task)
+            for key, space in (("detail", detail_space), ("obj", obj_space)):
+                response = judge.ask(image, asked[key])
+                answer = parse_option(response)
+                record[key] = {"question": asked[key], "response": response, "answer": answer,
+                               "correct": answer == ITEMS[space].index(prompt.truth[key]) + 1}
+            record["correct"] = record["detail"]["correct"] and record["obj"]["correct"]
+            with open(self.folder(prompt) / "results.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log(f"[judge {n}/{len(pending)}] task {prompt.task} {prompt.name}: "
+                f"{'correct' if record['correct'] else 'wrong'}")
+        return len(pending)
+
+    def summarize(self, grid_per_task: int = 2) -> dict:
+        """accuracy.md, accuracy.csv and grid.png; a prompt without a judged image counts as wrong."""
+        judged = self.judged()
+        rows = []
+        for task in self.tasks:
+            prompts = [p for p in self.prompts if p.task == task]
+            correct = sum(judged.get(f"{task}/{p.name}", {}).get("correct", False) for p in prompts)
+            judged_count = sum(f"{task}/{p.name}" in judged for p in prompts)
+            rows.append({"task": TASKS[task][0], "prompts": len(prompts), "judged": judged_count, "correct": correct,
+                         "accuracy": round(correct / len(prompts), 3), "paper": PAPER.get(self.shot, {}).get(task)})
+        average = round(sum(r["accuracy"] for r in rows) / len(rows), 3)
+        paper_average = PAPER_AVERAGE.get(self.shot)
+        if paper_average is None and len(PAPER.get(self.shot, {})) == len(TASKS) and len(rows) == len(TASKS):
+            paper_average = round(sum(PAPER[self.shot].values()) / len(TASKS), 3)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "accuracy.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+            writer.writerow({"task": "average", "prompts": sum(r["prompts"] for r in rows),
+                             "judged": sum(r["judged"] for r in rows), "correct": sum(r["correct"] for r in rows),
+                             "accuracy": average, "paper": paper_average})
+
+        def cell(value):
+            return "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+        lines = [f"# CoBSAT, {self.shot}-shot, ThinkDiff-LVLM", "",
+                 "| task | prompts | judged | correct | accuracy | paper |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['prompts']} | {r['judged']} | {r['correct']} | {cell(r['accuracy'])} | "
+                  f"{cell(r['paper'])} |" for r in rows]
+        lines.append(f"| **average** | | | | **{average:.3f}** | {cell(paper_average)} |")
+        (self.out / "accuracy.md").write_text("\n".join(lines) + "\n")
+        self.grid(judged, grid_per_task)
+        return {"rows": rows, "average": average, "paper_average": paper_average}
+
+    def grid(self, judged: dict, per_task: int, cell: int = 128) -> None:
+        """grid.png: per row the input images with their words, then the output framed green (correct) or red."""
+        examples = [p for task in self.tasks for p in [q for q in self.prompts if q.task == task
+                                                       and self.files(q)["image"].is_file()][:per_task]]
+        if not examples:
+            return
+        width = (self.shot + 1) * (cell + 8) + 8
+        sheet = Image.new("RGB", (width, len(examples) * (cell + 40) + 8), "white")
+        draw = ImageDraw.Draw(sheet)
+        for row, prompt in enumerate(examples):
+            y = 8 + row * (cell + 40)
+            for j, path in enumerate(prompt.images):
+                sheet.paste(ImageOps.fit(Image.open(path).convert("RGB"), (cell, cell)), (8 + j * (cell + 8), y))
+                draw.text((8 + j * (cell + 8), y + cell + 4), prompt.words[j], fill="black")
+            record = judged.get(f"{prompt.task}/{prompt.name}")
+            colour = "gray" if record is None else ("green" if record["correct"] else "red")
+            x = 8 + self.shot * (cell + 8)
+            framed = ImageOps.expand(ImageOps.fit(Image.open(self.files(prompt)["image"]).convert("RGB"),
+                                                  (cell - 8, cell - 8)), border=4, fill=colour)
+            sheet.paste(framed, (x, y))
+            verdict = "not judged" if record is None else ("correct" if record["correct"] else "wrong")
+            draw.text((x, y + cell + 4), f"{prompt.words[-1]} -> {verdict}", fill=colour)
+            draw.text((8, y + cell + 20), f"{TASKS[prompt.task][0]} #{prompt.index}: expected "
+                                          f"{word(prompt.truth['detail'])} {word(prompt.truth['obj'])}", fill="black")
+        sheet.save(self.out / "grid.png")
+
+
+def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all", limit: int | None = None,
+               seed: int = 0, steps: int = 28, guidance: float = 3.5, size: int = 512, log=print) -> dict:
+    """All stages: models are loaded one at a time (paths) or used as given (loaded objects, e.g. in tests)."""
+    run = Run(data, out, shot, tasks, limit, seed)
+    log(f"CoBSAT {shot}-shot: {len(run.prompts)} prompts over tasks {', '.join(TASKS[t][0] for t in run.tasks)}")
+    run.reason(vlm, aligner, log)
+    _free()
+    run.render(flux, steps, guidance, size, log)
+    _free()
+    if run.unjudged():
+        from .judge import VLMJudge
+
+        run.judge(VLMJudge.from_pretrained(judge) if isinstance(judge, (str, os.PathLike)) else judge, log)
+    summary = run.summarize()
+    log((run.out / "accuracy.md").read_text())
+    return summary

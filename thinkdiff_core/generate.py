@@ -1,0 +1,133 @@
+"""Standalone generation through diffusers' FluxPipeline: both variants, several seeds, reproducible runs.
+
+A run writes `run.json` (every parameter, the software versions and the outputs); `generate --config
+run.json` runs it again.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import compose, condition
+from .aligner import load_aligner
+from .reason import Reasoner
+from .render import GUIDANCE, SIZE, STEPS, load_flux, render
+from .vision import VisionEncoder
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULTS = {"variant": "lvlm", "items": [], "images": [], "prompt": "", "instruction": None, "seeds": [0],
+            "steps": STEPS, "guidance": GUIDANCE, "size": None, "temperature": 0.6, "top_p": 0.9,
+            "max_new_tokens": 128, "device": None, "vlm": None, "aligner": None, "vision": None, "flux": None}
+REQUIRED = {"lvlm": ("vlm", "aligner", "flux", "items"), "clip": ("vision", "aligner", "flux", "images")}
+
+
+def is_image_path(item: str) -> bool:
+    return item.lower().endswith(IMAGE_SUFFIXES)
+
+
+def open_image(path: str) -> Image.Image:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    return Image.open(path)
+
+
+def load_items(items: list[str]) -> list:
+    """Command-line items to the in-context sequence: image paths (by suffix) become images, the rest words."""
+    return [open_image(item) if is_image_path(item) else item for item in items]
+
+
+def check_params(params: dict) -> dict:
+    unknown = sorted(set(params) - set(DEFAULTS) - {"out", "outputs", "versions"})
+    if unknown:
+        raise ValueError(f"unknown parameters: {', '.join(unknown)}")
+    params = {**DEFAULTS, **{k: v for k, v in params.items() if k not in ("outputs", "versions")}}
+    if params["variant"] not in REQUIRED:
+        raise ValueError(f"variant must be lvlm or clip, got {params['variant']!r}")
+    missing = [name for name in REQUIRED[params["variant"]] if not params[name]]
+    if missing:
+        raise ValueError(f"the {params['variant']} variant needs --{' --'.join(missing)}")
+    if not params["seeds"]:
+        raise ValueError("give at least one seed")
+    # Absolute paths, so that run.json reruns from any folder.
+    for name in ("vlm", "aligner", "vision", "flux"):
+        if params[name]:
+            params[name] = os.path.abspath(params[name])
+    params["images"] = [os.path.abspath(path) for path in params["images"]]
+    params["items"] = [os.path.abspath(item) if is_image_path(item) else item for item in params["items"]]
+    return params
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "diffusers": diffusers.__version__}
+
+
+def generate(params: dict, out_dir: str | os.PathLike, log=print, progress: bool = True) -> dict:
+    """Run one generation job; returns the run record also written to `out_dir/run.json`."""
+    from tqdm.auto import tqdm
+
+    params = check_params(params)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = params["size"] or SIZE[params["variant"]]
+    record = {**params, "size": size, "versions": _versions(), "outputs": []}
+
+    conditionings = {}  # seed -> (tokens, answer text or None)
+    if params["variant"] == "lvlm":
+        items = load_items(params["items"])
+        reasoner = Reasoner.from_pretrained(params["vlm"], device=params["device"])
+        aligner = load_aligner(params["aligner"], device=reasoner.device)
+        if aligner.in_features != reasoner.hidden_size:
+            raise ValueError(f"aligner {params['aligner']} takes {aligner.in_features}-d states but the VLM "
+                             f"{params['vlm']} has hidden size {reasoner.hidden_size}")
+        for seed in params["seeds"]:
+            with tqdm(total=params["max_new_tokens"], desc=f"reasoning (seed {seed})", disable=not progress) as bar:
+                result = reasoner.reason(items, instruction=params["instruction"], seed=seed,
+                                         temperature=params["temperature"], top_p=params["top_p"],
+                                         max_new_tokens=params["max_new_tokens"],
+                                         on_token=lambda done, total: bar.update(done - bar.n))
+            with torch.inference_mode():
+                conditionings[seed] = (aligner(result.hidden_states).float(), result.text)
+            log(f"seed {seed}: {result.text}")
+        del reasoner, aligner
+    else:
+        vision = VisionEncoder.from_pretrained(params["vision"], device=params["device"])
+        aligner = load_aligner(params["aligner"], device=vision.device)
+        tokens = compose.image_tokens(vision, aligner, [open_image(path) for path in params["images"]]).float()
+        conditionings = {seed: (tokens, None) for seed in params["seeds"]}
+        del vision, aligner
+    _free()
+
+    pipe = load_flux(params["flux"], device=params["device"])
+    pipe.set_progress_bar_config(disable=not progress)
+    for seed, (tokens, answer) in conditionings.items():
+        inputs = condition.flux_inputs(pipe, tokens) if params["variant"] == "lvlm" else \
+            compose.flux_inputs(pipe, tokens, params["prompt"])
+        image = render(pipe, *inputs, seed=seed, steps=params["steps"], guidance=params["guidance"],
+                       height=size, width=size)
+        name = f"seed_{seed}"
+        image.save(out / f"{name}.png")
+        output = {"seed": seed, "image": f"{name}.png"}
+        if answer is not None:
+            (out / f"{name}.txt").write_text(answer + "\n")
+            output.update(answer=answer, answer_file=f"{name}.txt")
+        record["outputs"].append(output)
+        log(f"wrote {out / (name + '.png')}")
+    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record

@@ -1,0 +1,57 @@
+"""A local vision-language judge for CoBSAT: answers a multiple-choice question about an image.
+
+Any Hugging Face image-text-to-text model folder works (Qwen2-VL by default); decoding is greedy, as the
+benchmark's judges run at temperature 0.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+# CoBSAT's system prompt for its Qwen judge.
+SYSTEM_PROMPT = ("You are a professional assistant and always answer my question directly and perfectly without any "
+                 "excuses. If I ask you to predict, you should always give me the prediction with the highest "
+                 "probability or even random guess.")
+
+
+class VLMJudge:
+    def __init__(self, model, processor, max_new_tokens: int = 10):
+        self.model = model.eval()
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "VLMJudge":
+        import transformers
+        from transformers import AutoProcessor
+
+        from .versions import release
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"judge: {folder} is not a Hugging Face model folder (config.json missing)")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model_class = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+        dtype_option = "dtype" if release(transformers) >= (4, 56) else "torch_dtype"
+        model = model_class.from_pretrained(folder, local_files_only=True, **{dtype_option: dtype})
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        return cls(model.to(device), processor)
+
+    def ask(self, image: Image.Image, question: str) -> str:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = self.processor.tokenizer.apply_chat_template(
+            messages, chat_template=getattr(self.processor, "chat_template", None), tokenize=False,
+            add_generation_prompt=True)
+        inputs = self.processor(text=[prompt], images=[image.convert("RGB")], return_tensors="pt")
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
+        return self.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
