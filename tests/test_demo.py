@@ -28,7 +28,7 @@ def test_demo_command_runs_the_main_job_on_tiny_models(tmp_path):
     assert low < high
     assert (out / "answer.txt").read_text().strip()
     report = json.loads((out / "timings.json").read_text())
-    assert report["models"] == "tiny-random" and report["generated_tokens"] == 128
+    assert report["models"] == "tiny-random" and report["conditioning_tokens"] == 128
     assert report["steps"] == 28 and report["guidance"] == 3.5 and report["size"] == 512
     for key in ("load_vlm_s", "reason_s", "align_s", "load_flux_s", "render_s", "total_s"):
         assert report["timings"][key] >= 0

@@ -164,6 +164,6 @@ def test_demo_composes_on_the_tiny_models(tmp_path, tiny_models, prompt):
     report = run_demo(tiny_models["vlm"].parent, tmp_path, variant="clip", prompt=prompt, steps=2, size=64,
                       log=lambda _: None)
     assert report["conditioning_tokens"] == 2 * 65 + 128 and report["prompt"] == prompt
-    assert report["vision"] == str(tiny_models["blip2"]) and report["aligner_clip"] == str(tiny_models["aligner_clip"])
+    assert report["vision"] == str(tiny_models["blip2"]) and report["aligner"] == str(tiny_models["aligner_clip"])
     assert Image.open(tmp_path / "image.png").size == (64, 64)
     assert not (tmp_path / "answer.txt").exists()

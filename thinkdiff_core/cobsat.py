@@ -17,7 +17,6 @@ judge -> results.jsonl), so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import csv
-import gc
 import json
 import os
 import random
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageOps
+
+from .render import free_memory
 
 ITEMS = {
     "color": ["yellow", "white", "red", "purple", "pink", "orange", "green", "brown", "blue", "black"],
@@ -149,12 +150,6 @@ def parse_tasks(text: str) -> list[int]:
         else:
             raise ValueError(f"unknown CoBSAT task {part!r}; use 1-10, names such as Color-I, or 'all'")
     return tasks
-
-
-def _free():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class Run:
@@ -328,9 +323,9 @@ def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all",
     run = Run(data, out, shot, tasks, limit, seed)
     log(f"CoBSAT {shot}-shot: {len(run.prompts)} prompts over tasks {', '.join(TASKS[t][0] for t in run.tasks)}")
     run.reason(vlm, aligner, log)
-    _free()
+    free_memory()
     run.render(flux, steps, guidance, size, log)
-    _free()
+    free_memory()
     if run.unjudged():
         from .judge import VLMJudge
 

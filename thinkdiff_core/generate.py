@@ -6,10 +6,11 @@ run.json` runs it again.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import platform
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,10 +19,11 @@ from PIL import Image
 from . import compose, condition
 from .aligner import load_aligner
 from .reason import Reasoner
-from .render import GUIDANCE, SIZE, STEPS, load_flux, render
+from .render import GUIDANCE, SIZE, STEPS, free_memory, load_flux, render
 from .vision import VisionEncoder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# The parameters of a run (what run.json holds besides its results).
 DEFAULTS = {"variant": "lvlm", "items": [], "images": [], "prompt": "", "instruction": None, "seeds": [0],
             "steps": STEPS, "guidance": GUIDANCE, "size": None, "temperature": 0.6, "top_p": 0.9,
             "max_new_tokens": 128, "device": None, "vlm": None, "aligner": None, "vision": None, "flux": None}
@@ -44,10 +46,11 @@ def load_items(items: list[str]) -> list:
 
 
 def check_params(params: dict) -> dict:
-    unknown = sorted(set(params) - set(DEFAULTS) - {"out", "outputs", "versions"})
+    recorded = ("outputs", "versions", "timings", "conditioning_tokens", "device_used")  # a run's results
+    unknown = sorted(set(params) - set(DEFAULTS) - set(recorded))
     if unknown:
         raise ValueError(f"unknown parameters: {', '.join(unknown)}")
-    params = {**DEFAULTS, **{k: v for k, v in params.items() if k not in ("outputs", "versions")}}
+    params = {**DEFAULTS, **{k: v for k, v in params.items() if k not in recorded}}
     if params["variant"] not in REQUIRED:
         raise ValueError(f"variant must be lvlm or clip, got {params['variant']!r}")
     missing = [name for name in REQUIRED[params["variant"]] if not params[name]]
@@ -64,12 +67,6 @@ def check_params(params: dict) -> dict:
     return params
 
 
-def _free():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _versions() -> dict:
     import diffusers
     import transformers
@@ -78,49 +75,83 @@ def _versions() -> dict:
             "diffusers": diffusers.__version__}
 
 
-def generate(params: dict, out_dir: str | os.PathLike, log=print, progress: bool = True) -> dict:
-    """Run one generation job; returns the run record also written to `out_dir/run.json`."""
+class Timings(dict):
+    """Seconds per named step (accumulated), synchronised with the GPU so that they mean something."""
+
+    @contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self[name] = round(self.get(name, 0.0) + time.perf_counter() - started, 3)
+
+
+def draw(params: dict, log=print, progress: bool = True) -> tuple[dict, dict]:
+    """Run a checked job: {seed: (image, VLM answer or None)} and a report (timings, token count, device).
+
+    One model family is in memory at a time: the VLM (or vision tower) leaves before FLUX arrives."""
     from tqdm.auto import tqdm
 
-    params = check_params(params)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    timings, started = Timings(), time.perf_counter()
     size = params["size"] or SIZE[params["variant"]]
-    record = {**params, "size": size, "versions": _versions(), "outputs": []}
-
-    conditionings = {}  # seed -> (tokens, answer text or None)
+    conditionings = {}  # seed -> (aligned tokens, answer text or None)
     if params["variant"] == "lvlm":
         items = load_items(params["items"])
-        reasoner = Reasoner.from_pretrained(params["vlm"], device=params["device"])
-        aligner = load_aligner(params["aligner"], device=reasoner.device)
+        with timings("load_vlm_s"):
+            reasoner = Reasoner.from_pretrained(params["vlm"], device=params["device"])
+        with timings("load_aligner_s"):
+            aligner = load_aligner(params["aligner"], device=reasoner.device)
         if aligner.in_features != reasoner.hidden_size:
             raise ValueError(f"aligner {params['aligner']} takes {aligner.in_features}-d states but the VLM "
                              f"{params['vlm']} has hidden size {reasoner.hidden_size}")
         for seed in params["seeds"]:
-            with tqdm(total=params["max_new_tokens"], desc=f"reasoning (seed {seed})", disable=not progress) as bar:
+            with tqdm(total=params["max_new_tokens"], desc=f"reasoning (seed {seed})", disable=not progress) as bar, \
+                    timings("reason_s"):
                 result = reasoner.reason(items, instruction=params["instruction"], seed=seed,
                                          temperature=params["temperature"], top_p=params["top_p"],
                                          max_new_tokens=params["max_new_tokens"],
                                          on_token=lambda done, total: bar.update(done - bar.n))
-            with torch.inference_mode():
+            with timings("align_s"), torch.inference_mode():
                 conditionings[seed] = (aligner(result.hidden_states).float(), result.text)
             log(f"seed {seed}: {result.text}")
+        timings["reason_tokens_per_s"] = round(len(params["seeds"]) * params["max_new_tokens"] / timings["reason_s"], 2)
         del reasoner, aligner
     else:
-        vision = VisionEncoder.from_pretrained(params["vision"], device=params["device"])
-        aligner = load_aligner(params["aligner"], device=vision.device)
-        tokens = compose.image_tokens(vision, aligner, [open_image(path) for path in params["images"]]).float()
+        with timings("load_vision_s"):
+            vision = VisionEncoder.from_pretrained(params["vision"], device=params["device"])
+        with timings("load_aligner_s"):
+            aligner = load_aligner(params["aligner"], device=vision.device)
+        with timings("encode_s"):
+            tokens = compose.image_tokens(vision, aligner, [open_image(path) for path in params["images"]]).float()
         conditionings = {seed: (tokens, None) for seed in params["seeds"]}
         del vision, aligner
-    _free()
+    free_memory()
 
-    pipe = load_flux(params["flux"], device=params["device"])
+    with timings("load_flux_s"):
+        pipe = load_flux(params["flux"], device=params["device"])
     pipe.set_progress_bar_config(disable=not progress)
+    drawn = {}
     for seed, (tokens, answer) in conditionings.items():
         inputs = condition.flux_inputs(pipe, tokens) if params["variant"] == "lvlm" else \
             compose.flux_inputs(pipe, tokens, params["prompt"])
-        image = render(pipe, *inputs, seed=seed, steps=params["steps"], guidance=params["guidance"],
-                       height=size, width=size)
+        with timings("render_s"):
+            drawn[seed] = (render(pipe, *inputs, seed=seed, steps=params["steps"], guidance=params["guidance"],
+                                  height=size, width=size), answer)
+    timings["total_s"] = round(time.perf_counter() - started, 3)
+    return drawn, {"timings": timings, "conditioning_tokens": inputs[0].shape[1],
+                   "device_used": str(pipe._execution_device)}
+
+
+def generate(params: dict, out_dir: str | os.PathLike, log=print, progress: bool = True) -> dict:
+    """Run one generation job; returns the run record also written to `out_dir/run.json`."""
+    params = check_params(params)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    drawn, report = draw(params, log, progress)
+    record = {**params, "size": params["size"] or SIZE[params["variant"]], "versions": _versions(), **report,
+              "outputs": []}
+    for seed, (image, answer) in drawn.items():
         name = f"seed_{seed}"
         image.save(out / f"{name}.png")
         output = {"seed": seed, "image": f"{name}.png"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -14,6 +15,13 @@ from .versions import release
 GUIDANCE = 3.5
 STEPS = 28
 SIZE = {"lvlm": 512, "clip": 1024}
+
+
+def free_memory() -> None:
+    """Return what dropped models held, before the next model loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def load_flux(folder: str | os.PathLike, device: str | torch.device | None = None,
