@@ -208,6 +208,7 @@ class Reasoner:
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,  # masks EOS: the paper's min_tokens = max_tokens, ignore_eos
             eos_token_id=self.eos_token_ids,
+            bos_token_id=self.model.generation_config.bos_token_id,
             pad_token_id=self.model.generation_config.pad_token_id or self.eos_token_ids[0],
         )
         device = self.device
