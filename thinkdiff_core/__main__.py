@@ -1,4 +1,5 @@
-"""Command line: `python -m thinkdiff_core {demo,generate,cobsat,convert,extract-vision,make-tiny-models}`."""
+"""Command line: `python -m thinkdiff_core {demo,generate,cobsat,prepare-lvlm,train,convert,extract-vision,
+make-tiny-models}`."""
 
 from __future__ import annotations
 
@@ -65,6 +66,39 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--size", type=int, default=render.SIZE["lvlm"])
     bench.add_argument("--out", default="cobsat_output", help="output folder (default: %(default)s)")
 
+    prepare = commands.add_parser("prepare-lvlm", help="precompute Qwen2-VL answers and states for aligner training")
+    prepare.add_argument("--vlm", required=True, help="Qwen2-VL folder")
+    prepare.add_argument("--data", required=True, help="a folder of images (+ .txt captions) or WebDataset .tar shards")
+    prepare.add_argument("--out", required=True)
+    prepare.add_argument("--max-new-tokens", type=int, default=256)
+    prepare.add_argument("--shard-size", type=int, default=256)
+    prepare.add_argument("--limit", type=int, help="only the first N samples")
+    prepare.add_argument("--seed", type=int, default=0)
+
+    trainer = commands.add_parser("train", help="train an aligner (the paper's recipe; `accelerate launch` for DDP)")
+    trainer.add_argument("--variant", choices=["lvlm", "clip"], required=True)
+    trainer.add_argument("--t5", required=True, help="Flan-T5 folder (google/flan-t5-xxl): its decoder stays frozen")
+    trainer.add_argument("--data", required=True, help="lvlm: a prepare-lvlm folder; clip: images + .txt captions "
+                         "or .tar shards")
+    trainer.add_argument("--vision", help="clip: BLIP-2 vision file or folder")
+    trainer.add_argument("--out", required=True)
+    trainer.add_argument("--steps", type=int, default=200_000, help="default: the paper's 40 epochs x 5000 steps")
+    trainer.add_argument("--batch-size", type=int, help="per process; default 32 (lvlm), 42 (clip)")
+    trainer.add_argument("--lr", type=float, default=1e-4)
+    trainer.add_argument("--min-lr", type=float, default=8e-5)
+    trainer.add_argument("--warmup-lr", type=float, default=1e-6)
+    trainer.add_argument("--warmup-steps", type=int, default=2000)
+    trainer.add_argument("--weight-decay", type=float, default=0.05)
+    trainer.add_argument("--max-text-tokens", type=int, help="T5 target length; default 128 (lvlm), 32 (clip)")
+    trainer.add_argument("--val-fraction", type=float, default=0.02)
+    trainer.add_argument("--val-every", type=int, default=1000)
+    trainer.add_argument("--save-every", type=int, default=5000)
+    trainer.add_argument("--log-every", type=int, default=10)
+    trainer.add_argument("--seed", type=int, default=42)
+    trainer.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    trainer.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
+    trainer.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+
     convert = commands.add_parser("convert", help="keep only the aligner weights of a checkpoint, as .safetensors")
     convert.add_argument("src", help="official .pth (or .safetensors / bare state dict)")
     convert.add_argument("dst", help="output .safetensors")
@@ -97,6 +131,18 @@ def main(argv: list[str] | None = None) -> int:
             run_cobsat(args.data, args.out, args.vlm, args.aligner, args.flux, args.judge or args.vlm, shot=args.shots,
                        tasks=args.tasks, limit=args.limit, seed=args.seed, steps=args.steps, guidance=args.guidance,
                        size=args.size)
+        elif args.command == "prepare-lvlm":
+            from .train import prepare_lvlm
+
+            count = prepare_lvlm(args.vlm, args.data, args.out, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                 shard_size=args.shard_size, limit=args.limit)
+            print(f"prepared {count} new samples in {args.out}")
+        elif args.command == "train":
+            from .train import train
+
+            options = {k: v for k, v in vars(args).items() if k not in ("command", "variant", "t5", "data", "out")}
+            options["cpu"] = True if options["cpu"] else None
+            train(args.variant, args.t5, args.data, args.out, **options)
         elif args.command == "convert":
             from .aligner import convert_to_safetensors
 

@@ -21,7 +21,7 @@ from .generate import check_params, draw
 from .render import GUIDANCE, STEPS
 
 ASSETS = Path(__file__).parent / "assets"
-TINY_FORMAT = 2  # bump when tiny.py writes something different, so caches are rebuilt
+TINY_FORMAT = 3  # bump when tiny.py writes something different, so caches are rebuilt
 EXAMPLE_ITEMS = ["white", str(ASSETS / "white_car.png"), "blue", str(ASSETS / "blue_car.png"), "red"]
 EXAMPLE_IMAGES = [str(ASSETS / "cat.png"), str(ASSETS / "pink_sunglasses.png")]
 

@@ -184,20 +184,36 @@ class Reasoner:
         max_new_tokens: int = 128,
         on_token: Callable[[int, int], None] | None = None,
     ) -> Reasoning:
-        """Generate exactly `max_new_tokens` tokens (EOS masked) and keep their producing states.
+        """The paper's reasoning: exactly `max_new_tokens` tokens (EOS masked) and their producing states.
 
         `on_token(done, total)` is called as each token's state is computed; an exception it
         raises (e.g. a user's cancel) stops generation and propagates.
         """
+        prompt, images = self.render_prompt(items, instruction)
+        # The paper's min_tokens = max_tokens with ignore_eos: EOS can never be sampled.
+        return self.generate(prompt, images, seed, temperature, top_p, max_new_tokens, max_new_tokens, on_token)
+
+    def generate(
+        self,
+        prompt: str,
+        images: list,
+        seed: int = 0,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_new_tokens: int = 128,
+        min_new_tokens: int = 1,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> Reasoning:
+        """Sample from a rendered chat and keep the final-norm state that produced each generated token."""
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0 (the paper samples at 0.6), got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (the paper uses 0.9), got {top_p}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 (the paper uses 128), got {max_new_tokens}")
+        if not 1 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"need 1 <= min_new_tokens <= max_new_tokens (the paper generates 128), got "
+                             f"{min_new_tokens} and {max_new_tokens}")
         from transformers import GenerationConfig
 
-        prompt, images = self.render_prompt(items, instruction)
         inputs = self.prepare_inputs(prompt, images)
         generation = GenerationConfig(
             do_sample=True,
@@ -206,7 +222,7 @@ class Reasoner:
             top_k=0,
             repetition_penalty=1.0,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,  # masks EOS: the paper's min_tokens = max_tokens, ignore_eos
+            min_new_tokens=min_new_tokens,  # EOS is masked until then
             eos_token_id=self.eos_token_ids,
             bos_token_id=self.model.generation_config.bos_token_id,
             pad_token_id=self.model.generation_config.pad_token_id or self.eos_token_ids[0],
@@ -220,10 +236,11 @@ class Reasoner:
             torch.manual_seed(seed)
             sequences = self.model.generate(**inputs, generation_config=generation)
         token_ids = sequences[0, inputs["input_ids"].shape[1]:].cpu()
-        if len(states) != max_new_tokens or len(token_ids) != max_new_tokens:
+        if len(states) != len(token_ids) or not min_new_tokens <= len(token_ids) <= max_new_tokens:
             raise RuntimeError(
-                f"expected {max_new_tokens} generated tokens and states, got {len(token_ids)} tokens and "
-                f"{len(states)} states; this transformers version generates differently than expected"
+                f"expected {min_new_tokens}..{max_new_tokens} generated tokens, one state each; got "
+                f"{len(token_ids)} tokens and {len(states)} states: this transformers version generates "
+                f"differently than expected"
             )
         hidden_states = torch.cat(states).float().cpu()
         text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)

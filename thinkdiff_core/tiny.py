@@ -9,6 +9,8 @@
 - `blip2/`: a BLIP-2 folder laid out like Salesforce/blip2-flan-t5-xxl (config.json with vision,
   Q-Former and T5 configs, sharded safetensors with vision_model.*, qformer.*, language_model.* ...,
   preprocessor_config.json), and `aligner_clip.pth`: the CLIP-variant aligner (d_in = its vision width).
+- `flan-t5/`: a T5 encoder-decoder folder (the frozen Flan-T5 of aligner training), sharing the
+  tiny FLUX T5's tokenizer and width.
 - `flux/`: a diffusers FLUX pipeline folder (transformer, VAE, CLIP-L text encoder + tokenizer,
   T5 encoder + tokenizer, scheduler) with FLUX.1-dev's scheduler and VAE constants.
 
@@ -333,20 +335,40 @@ def make_tiny_blip2(folder: Path, seed: int = 0) -> dict:
     return config
 
 
+def make_tiny_flan_t5(folder: Path, tokenizer_dir: Path, seed: int = 0) -> None:
+    """A tiny T5 encoder-decoder (gated-GELU, dropout 0.1, like Flan-T5) with the given T5 tokenizer files."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy(file, folder / file.name)
+    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(T5Config(
+        vocab_size=vocab, d_model=T5_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", dropout_rate=0.1, tie_word_embeddings=False, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1,
+    ))
+    with torch.no_grad():  # T5's random untied head gives logits of std ~sqrt(d_model); a trained one is calmer
+        model.lm_head.weight.mul_(T5_WIDTH ** -0.5)
+    model.save_pretrained(folder)
+
+
 def make_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write vlm/, blip2/, flux/, aligner_lvlm.pth and aligner_clip.pth under `folder`; returns their paths."""
+    """Write vlm/, blip2/, flux/, flan-t5/, aligner_lvlm.pth and aligner_clip.pth under `folder`; returns their paths."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"vlm": folder / "vlm", "blip2": folder / "blip2", "flux": folder / "flux",
+    paths = {"vlm": folder / "vlm", "blip2": folder / "blip2", "flux": folder / "flux", "flan_t5": folder / "flan-t5",
              "aligner": folder / "aligner_lvlm.pth", "aligner_clip": folder / "aligner_clip.pth"}
-    for name in ("vlm", "blip2", "flux"):
+    for name in ("vlm", "blip2", "flux", "flan_t5"):
         if paths[name].exists():
             shutil.rmtree(paths[name])
     vlm = make_tiny_vlm(paths["vlm"], seed)
     blip2 = make_tiny_blip2(paths["blip2"], seed)
     widths = make_tiny_flux(paths["flux"], seed)
+    make_tiny_flan_t5(paths["flan_t5"], paths["flux"] / "tokenizer_2", seed)
     t5 = load_file(str(paths["flux"] / "text_encoder_2" / "model.safetensors"))
     generator = torch.Generator().manual_seed(seed)
     for name, d_in in (("aligner", vlm["hidden_size"]), ("aligner_clip", blip2["vision_config"]["hidden_size"])):

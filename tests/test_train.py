@@ -1,0 +1,218 @@
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from conftest import REPO
+from thinkdiff_core import load_aligner
+from thinkdiff_core.train import BRIEF_INSTRUCTIONS, LVLMData, learning_rate, prepare_lvlm, train
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Eight captioned images: a folder of .png + same-stem .txt."""
+    folder = tmp_path_factory.mktemp("images")
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 30),
+               "white": (250, 250, 250), "black": (10, 10, 10), "purple": (150, 40, 160), "orange": (250, 140, 20)}
+    for n, (name, rgb) in enumerate(colours.items()):
+        Image.new("RGB", (40, 30), rgb).save(folder / f"img{n}.png")
+        (folder / f"img{n}.txt").write_text(f"a plain {name} square on nothing at all")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, images, tiny_models):
+    out = tmp_path_factory.mktemp("prepared")
+    assert prepare_lvlm(tiny_models["vlm"], images, out, max_new_tokens=3, shard_size=5, log=lambda _: None) == 8
+    return out
+
+
+@pytest.fixture(scope="module")
+def readable_t5(tmp_path_factory, tiny_models):
+    """The tiny Flan-T5 after a short autoencoding run: like the real Flan-T5, its decoder can read encoder
+    states (a random decoder barely can, so no aligner could steer it)."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    from thinkdiff_core.tiny import CORPUS
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["flan_t5"])
+    model = T5ForConditionalGeneration.from_pretrained(tiny_models["flan_t5"]).train()
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    words = " ".join(CORPUS).split()
+    chars = [t for t in tokenizer.get_vocab() if len(t) == 1 and t.isprintable()]
+
+    def text():
+        if rng.random() < 0.5:
+            return " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+        return "".join(rng.choice(chars) for _ in range(rng.randint(1, 8)))
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(1500):
+        batch = tokenizer([text() for _ in range(32)], padding=True, return_tensors="pt")
+        labels = batch.input_ids.masked_fill(batch.input_ids == tokenizer.pad_token_id, -100)
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = tmp_path_factory.mktemp("flan-t5-readable")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_schedule_warms_up_linearly_then_follows_a_cosine():
+    assert learning_rate(0, 200_000) == pytest.approx(1e-6)
+    assert learning_rate(1000, 200_000) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 2)
+    assert learning_rate(2000, 200_000) == pytest.approx(8e-5 + 2e-5 * 0.5 * (1 + math.cos(math.pi * 0.01)))
+    assert learning_rate(100_000, 200_000) == pytest.approx(9e-5)
+    assert learning_rate(200_000, 200_000) == pytest.approx(8e-5)
+
+
+def test_prepare_stores_states_ids_and_text_and_resumes(prepared, images, tiny_models, reasoner):
+    shards = sorted(prepared.glob("shard-*.safetensors"))
+    assert len(shards) == 2  # shard_size 5: 5 + 3
+    with safe_open(str(shards[0]), framework="pt") as f:
+        texts = json.loads(f.metadata()["texts"])
+        states, ids = f.get_tensor("img0.states"), f.get_tensor("img0.ids")
+    assert states.dtype == torch.bfloat16 and states.shape == (len(ids), reasoner.hidden_size) and 1 <= len(ids) <= 3
+    assert texts["img0"]["instruction"] in BRIEF_INSTRUCTIONS
+    assert texts["img0"]["text"] == reasoner.processor.tokenizer.decode(ids, skip_special_tokens=True)
+    assert (prepared / "tokenizer" / "tokenizer.json").is_file()
+    assert prepare_lvlm(tiny_models["vlm"], images, prepared, max_new_tokens=3, log=lambda _: None) == 0
+
+
+def test_labels_are_the_t5_tokens_of_the_text_after_the_split(prepared, tiny_models):
+    from transformers import AutoTokenizer
+
+    t5_tokenizer = AutoTokenizer.from_pretrained(tiny_models["flan_t5"])
+    data = LVLMData(prepared, t5_tokenizer)
+    keys = data.keys[:4]
+    batch = data.batch(keys, random.Random(7), "cpu")
+    rng = random.Random(7)
+    for row, key in enumerate(keys):
+        states, ids = data.sample(key)
+        split = rng.randint(1, max(1, min(len(ids) - 1, 128)))
+        assert batch["mask"][row].sum() == split
+        torch.testing.assert_close(batch["states"][row, :split], states[:split].float())
+        expected = t5_tokenizer(data.vlm_tokenizer.decode(ids[split:], skip_special_tokens=True)).input_ids
+        labels = batch["labels"][row]
+        assert labels[labels != -100].tolist() == expected
+
+
+def test_overfitting_eight_samples_trains_only_the_aligner(prepared, readable_t5, tmp_path):
+    logs = []
+    result = train("lvlm", readable_t5, prepared, tmp_path, steps=600, batch_size=8, lr=3e-2, min_lr=1e-3,
+                   warmup_steps=0, val_fraction=0, log_every=1, save_every=600, log=logs.append)
+    losses = [float(line.split(" loss ")[1].split()[0]) for line in logs if line.startswith("step ")]
+    assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+
+    from transformers import T5ForConditionalGeneration
+
+    fresh = T5ForConditionalGeneration.from_pretrained(readable_t5).state_dict()
+    for name, value in result["t5"].state_dict().items():
+        assert torch.equal(value.cpu(), fresh[name]), name
+    checkpoint = load_aligner(tmp_path / "aligner.safetensors")
+    x = torch.randn(5, checkpoint.in_features)
+    torch.testing.assert_close(checkpoint(x), result["aligner"].float()(x))
+    with safe_open(str(tmp_path / "aligner.safetensors"), framework="pt") as f:
+        assert f.metadata()["variant"] == "lvlm" and f.metadata()["step"] == "600"
+    assert (tmp_path / "aligner-0000600.safetensors").is_file()
+    header = (tmp_path / "log.csv").read_text().splitlines()[0]
+    assert header == "step,loss,lr,samples_per_s,val_loss"
+
+
+def test_the_norm_starts_from_the_t5_encoders_final_norm(prepared, tiny_models, tmp_path):
+    from transformers import T5ForConditionalGeneration
+
+    result = train("lvlm", tiny_models["flan_t5"], prepared, tmp_path, steps=1, batch_size=2, lr=0.0, min_lr=0.0,
+                   warmup_lr=0.0, warmup_steps=0, val_fraction=0, save_every=1, log=lambda _: None)
+    encoder_norm = T5ForConditionalGeneration.from_pretrained(tiny_models["flan_t5"]).encoder.final_layer_norm.weight
+    torch.testing.assert_close(result["aligner"][3].weight, encoder_norm)
+
+
+def test_resuming_continues_the_same_run(prepared, tiny_models, tmp_path):
+    options = dict(steps=20, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=5, val_fraction=0.25, val_every=10,
+                   save_every=10, log_every=1)
+    whole = train("lvlm", tiny_models["flan_t5"], prepared, tmp_path / "whole", log=lambda _: None, **options)
+
+    def stop_after_twelve(message):
+        if message.startswith("step 12/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("lvlm", tiny_models["flan_t5"], prepared, tmp_path / "cut", log=stop_after_twelve, **options)
+    assert json.loads((tmp_path / "cut" / "trainer.json").read_text())["step"] == 10
+    messages = []
+    resumed = train("lvlm", tiny_models["flan_t5"], prepared, tmp_path / "cut", resume=True, log=messages.append,
+                    **options)
+    assert messages[0] == "resumed at step 10"
+    for name, value in whole["aligner"].state_dict().items():
+        torch.testing.assert_close(resumed["aligner"].state_dict()[name], value, rtol=0, atol=0)
+    assert resumed["last"]["lr"] == whole["last"]["lr"] == learning_rate(19, 20, 1e-2, 1e-3, 1e-6, 5)
+    rows = (tmp_path / "cut" / "log.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,samples_per_s,val_loss" and rows[-1].startswith("20,")
+    assert whole["last"]["val_loss"] != ""  # a held-out split is evaluated
+
+
+def test_clip_variant_trains_on_captioned_images(images, tiny_models, tmp_path):
+    result = train("clip", tiny_models["flan_t5"], images, tmp_path, vision=tiny_models["blip2"], steps=3,
+                   batch_size=4, val_fraction=0, save_every=3, log=lambda _: None)
+    aligner = load_aligner(tmp_path / "aligner.safetensors")
+    assert (aligner.in_features, aligner.out_features) == (48, 32) and result["last"]["step"] == 3
+    with pytest.raises(ValueError, match="the clip variant needs --vision"):
+        train("clip", tiny_models["flan_t5"], images, tmp_path / "x", steps=1, log=lambda _: None)
+
+
+def test_the_trained_aligner_drives_the_nodes(prepared, tiny_models, tmp_path, host, car_images):
+    train("lvlm", tiny_models["flan_t5"], prepared, tmp_path, steps=2, batch_size=4, val_fraction=0, save_every=2,
+          log=lambda _: None)
+    shutil.copy(tmp_path / "aligner.safetensors", host.models / "thinkdiff" / "trained_lvlm.safetensors")
+    from test_nodes import image_tensor, node
+
+    (aligner,) = node(host, "ThinkDiffLoadAligner").load("trained_lvlm.safetensors")
+    (vlm,) = node(host, "ThinkDiffLoadVLM").load("Qwen-VL/Qwen2-VL-tiny", "fp32")
+    output = node(host, "ThinkDiffReason").reason(
+        vlm=vlm, aligner=aligner, clip=host.clip, words="white\nred", instruction="", seed=0, temperature=0.6,
+        top_p=0.9, max_new_tokens=4, image_1=image_tensor(car_images[0]))
+    assert output["result"][0][0][0].shape == (1, 4, 32)
+
+
+def test_prepare_and_train_commands(images, tiny_models, tmp_path):
+    run = [sys.executable, "-m", "thinkdiff_core"]
+    prepared = subprocess.run(run + ["prepare-lvlm", "--vlm", str(tiny_models["vlm"]), "--data", str(images), "--out",
+                                     str(tmp_path / "prepared"), "--max-new-tokens", "4", "--limit", "3"],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert prepared.returncode == 0, prepared.stderr
+    assert "prepared 3 new samples" in prepared.stdout
+    trained = subprocess.run(run + ["train", "--variant", "lvlm", "--t5", str(tiny_models["flan_t5"]), "--data",
+                                    str(tmp_path / "prepared"), "--out", str(tmp_path / "run"), "--steps", "3",
+                                    "--batch-size", "2", "--val-fraction", "0", "--save-every", "3", "--cpu"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    assert "step 3/3 loss" in trained.stdout and (tmp_path / "run" / "aligner.safetensors").is_file()
+    missing = subprocess.run(run + ["train", "--variant", "lvlm", "--t5", str(tiny_models["flan_t5"]), "--data",
+                                    str(tmp_path), "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True,
+                             text=True)
+    assert missing.returncode == 2 and "no prepared shards" in missing.stderr
+
+
+def test_two_processes_with_accelerate_launch(prepared, tiny_models, tmp_path):
+    from pathlib import Path
+
+    launcher = Path(sys.executable).parent / "accelerate"
+    result = subprocess.run([str(launcher), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                             "no", "--dynamo_backend", "no", "--cpu", "-m", "thinkdiff_core", "train", "--variant",
+                             "lvlm", "--t5", str(tiny_models["flan_t5"]), "--data", str(prepared), "--out",
+                             str(tmp_path), "--steps", "4", "--batch-size", "4", "--val-fraction", "0", "--save-every",
+                             "4", "--log-every", "2", "--cpu"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("step 4/4 loss") == 1  # logged by the main process only
+    assert load_aligner(tmp_path / "aligner.safetensors").in_features == 64
+    assert json.loads((tmp_path / "trainer.json").read_text())["step"] == 4

@@ -1,0 +1,398 @@
+"""Training the aligner with the paper's recipe (THINKDIFF.md, "Training the aligner").
+
+- `prepare_lvlm`: Qwen2-VL answers a brief instruction about each image; the final-norm states of its
+  generated tokens (bf16), their ids and the text are stored in safetensors shards, with the VLM's
+  tokenizer beside them so that training never loads the VLM.
+- `train`: only the aligner learns; a frozen Flan-T5 decoder reads its output as encoder states.
+  LVLM: a random split s in [1, min(L-1, 128)]; the aligner reads the first s states and the decoder
+  must produce the T5 tokens of the text of generated tokens s..L. CLIP: the aligner reads BLIP-2's 65
+  tokens per image, the T5 encoder reads the caption up to a random word, and the decoder must produce
+  the rest. AdamW (lr 1e-4, linear warm-up from 1e-6 over 2000 steps, cosine to 8e-5, weight decay
+  0.05 except biases and the norm), bf16 autocast, the aligner's norm initialised from the T5 encoder's
+  final norm. Multi-GPU through `accelerate launch` (DDP); the batch size is per process.
+
+Every step's batch, split points and dropout come from (seed, step), so a resumed run continues
+exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tarfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .aligner import PREFIX, Aligner
+
+BRIEF_INSTRUCTIONS = [  # the authors' instructions for the precomputed answers (LLaVA's brief ones + theirs)
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.",
+    "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.",
+    "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented.",
+    "Generate a prompt that can recreate the image in a 2D diffusion model.",
+    "Provide a descriptive prompt to reproduce the given image using a diffusion model.",
+    "Create a prompt suitable for a 2D diffusion model to generate the same image.",
+    "Summarize the visual details as a prompt for a 2D diffusion model.",
+    "Write a clear prompt to guide a 2D diffusion model in recreating the image.",
+]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json")
+
+
+# ---------------------------------------------------------------- data
+
+
+def image_caption_samples(source: str | os.PathLike):
+    """(key, image, caption or None) from a folder of images (caption: same-stem .txt) or WebDataset .tar shards."""
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"data not found: {source}")
+    tars = [source] if source.suffix == ".tar" else sorted(source.glob("*.tar"))
+    if tars:
+        for tar in tars:
+            members: dict[str, dict[str, bytes]] = {}
+            with tarfile.open(tar) as archive:
+                for member in archive:
+                    if member.isfile():
+                        key, _, extension = member.name.partition(".")
+                        members.setdefault(key, {})[extension.lower()] = archive.extractfile(member).read()
+            for key, parts in members.items():
+                image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+                if image is None:
+                    continue
+                caption = parts["txt"].decode() if "txt" in parts else \
+                    json.loads(parts["json"]).get("caption") if "json" in parts else None
+                yield f"{tar.stem}/{key}", Image.open(BytesIO(image)), caption
+        return
+    images = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f"no images or .tar shards in {source}")
+    for path in images:
+        caption_path = path.with_suffix(".txt")
+        yield (path.relative_to(source).with_suffix("").as_posix(), Image.open(path),
+               caption_path.read_text().strip() if caption_path.is_file() else None)
+
+
+def is_validation(key: str, fraction: float) -> bool:
+    """A fixed, content-free split: the same keys are held out on every run and every process."""
+    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 10_000 < fraction * 10_000
+
+
+# ---------------------------------------------------------------- prepare (LVLM)
+
+
+def prepared_keys(folder: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    keys = {}
+    for shard in sorted(folder.glob("shard-*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            keys.update({name.rsplit(".", 1)[0]: shard for name in f.keys()})
+    return keys
+
+
+def prepare_lvlm(vlm, data, out, max_new_tokens: int = 256, seed: int = 0, shard_size: int = 256,
+                 limit: int | None = None, log=print) -> int:
+    """Precompute the VLM's answers and states over image data; resumable (done keys are skipped)."""
+    from safetensors.torch import save_file
+
+    from .prompt import SYSTEM_PROMPT, to_rgb
+    from .reason import Reasoner
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = prepared_keys(out)
+    reasoner = None
+    pending: dict[str, torch.Tensor] = {}
+    texts: dict[str, dict] = {}
+    shard_number = len(list(out.glob("shard-*.safetensors")))
+    count = 0
+
+    def flush():
+        nonlocal shard_number
+        if pending:
+            save_file(pending, str(out / f"shard-{shard_number:06d}.safetensors"),
+                      metadata={"texts": json.dumps(texts)})
+            shard_number += 1
+            pending.clear()
+            texts.clear()
+
+    for index, (key, image, _caption) in enumerate(image_caption_samples(data)):
+        if limit is not None and index >= limit:
+            break
+        if key in done:
+            continue
+        if reasoner is None:
+            reasoner = Reasoner.from_pretrained(vlm) if isinstance(vlm, (str, os.PathLike)) else vlm
+            tokenizer_dir = out / "tokenizer"
+            if isinstance(vlm, (str, os.PathLike)) and not tokenizer_dir.exists():
+                tokenizer_dir.mkdir()
+                for name in TOKENIZER_FILES:
+                    if (Path(vlm) / name).is_file():
+                        shutil.copy(Path(vlm) / name, tokenizer_dir / name)
+        instruction = BRIEF_INSTRUCTIONS[random.Random(f"{seed}/{key}").randrange(len(BRIEF_INSTRUCTIONS))]
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        prompt = reasoner.processor.tokenizer.apply_chat_template(
+            messages, chat_template=getattr(reasoner.processor, "chat_template", None), tokenize=False,
+            add_generation_prompt=True)
+        result = reasoner.generate(prompt, [to_rgb(image)], seed=seed + index, max_new_tokens=max_new_tokens,
+                                   min_new_tokens=1)
+        pending[f"{key}.states"] = result.hidden_states.to(torch.bfloat16).contiguous()
+        pending[f"{key}.ids"] = result.token_ids.contiguous()
+        texts[key] = {"text": result.text, "instruction": instruction}
+        count += 1
+        log(f"[prepare] {key}: {len(result.token_ids)} tokens")
+        if len(texts) >= shard_size:
+            flush()
+    flush()
+    return count
+
+
+# ---------------------------------------------------------------- the schedule
+
+
+def learning_rate(step: int, total_steps: int, lr: float = 1e-4, min_lr: float = 8e-5, warmup_lr: float = 1e-6,
+                  warmup_steps: int = 2000) -> float:
+    """Linear warm-up from warmup_lr to lr, then cosine from lr to min_lr over all steps (as LAVIS runs it)."""
+    if step < warmup_steps:
+        return min(lr, warmup_lr + (lr - warmup_lr) * step / max(warmup_steps, 1))
+    return (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1))) + min_lr
+
+
+# ---------------------------------------------------------------- batches
+
+
+class LVLMData:
+    """Prepared samples, read lazily from their shards; a batch is split at random points."""
+
+    def __init__(self, folder, t5_tokenizer, vlm_tokenizer=None, max_split: int = 128, max_text_tokens: int = 128):
+        from transformers import AutoTokenizer
+
+        self.folder = Path(folder)
+        self.shards = prepared_keys(self.folder)
+        if not self.shards:
+            raise FileNotFoundError(f"no prepared shards (shard-*.safetensors) in {self.folder}; run prepare-lvlm")
+        self.keys = sorted(self.shards)
+        self.vlm_tokenizer = vlm_tokenizer or AutoTokenizer.from_pretrained(self.folder / "tokenizer",
+                                                                            local_files_only=True)
+        self.t5_tokenizer, self.max_split, self.max_text_tokens = t5_tokenizer, max_split, max_text_tokens
+
+    def sample(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.shards[key]), framework="pt") as f:
+            return f.get_tensor(f"{key}.states"), f.get_tensor(f"{key}.ids")
+
+    def split(self, key: str, rng: random.Random) -> tuple[torch.Tensor, str]:
+        """The aligner's input (states of the first s tokens) and the target text (tokens s..L)."""
+        states, ids = self.sample(key)
+        s = rng.randint(1, max(1, min(len(ids) - 1, self.max_split)))
+        return states[:s].float(), self.vlm_tokenizer.decode(ids[s:], skip_special_tokens=True)
+
+    def batch(self, keys: list[str], rng: random.Random, device) -> dict:
+        inputs, texts = zip(*(self.split(key, rng) for key in keys))
+        length = max(len(x) for x in inputs)
+        states = torch.zeros(len(inputs), length, inputs[0].shape[-1])
+        mask = torch.zeros(len(inputs), length, dtype=torch.long)
+        for i, x in enumerate(inputs):
+            states[i, :len(x)], mask[i, :len(x)] = x, 1
+        labels = self.t5_tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_text_tokens,
+                                   return_tensors="pt")
+        return {"states": states.to(device), "mask": mask.to(device), **labels_for(labels, self.t5_tokenizer, device)}
+
+
+class CLIPData:
+    """Images with captions; each caption is split at a random word: T5 reads the start, the decoder the rest."""
+
+    def __init__(self, source, vision, t5_tokenizer, max_text_tokens: int = 32):
+        self.samples = {key: (image.convert("RGB"), caption) for key, image, caption in image_caption_samples(source)
+                        if caption and len(caption.split()) >= 2}
+        if not self.samples:
+            raise ValueError(f"{source}: no image with a caption of two words or more (captions: same-stem .txt)")
+        self.keys = sorted(self.samples)
+        self.vision, self.t5_tokenizer, self.max_text_tokens = vision, t5_tokenizer, max_text_tokens
+
+    def batch(self, keys: list[str], rng: random.Random, device) -> dict:
+        firsts, rests = [], []
+        for key in keys:
+            words = self.samples[key][1].split()
+            cut = rng.randint(1, len(words) - 1)
+            firsts.append(" ".join(words[:cut]))
+            rests.append(" ".join(words[cut:]))
+        features = self.vision.encode([self.samples[key][0] for key in keys])  # frozen: [b, 65, 1408]
+        prefix = self.t5_tokenizer(firsts, padding="longest", truncation=True, max_length=self.max_text_tokens,
+                                   return_tensors="pt")
+        labels = self.t5_tokenizer(rests, padding="longest", truncation=True, max_length=self.max_text_tokens,
+                                   return_tensors="pt")
+        return {"states": features.to(device), "mask": torch.ones(features.shape[:2], dtype=torch.long, device=device),
+                "prefix_ids": prefix.input_ids.to(device), "prefix_mask": prefix.attention_mask.to(device),
+                **labels_for(labels, self.t5_tokenizer, device)}
+
+
+def labels_for(tokens, tokenizer, device) -> dict:
+    labels = tokens.input_ids.masked_fill(tokens.input_ids == tokenizer.pad_token_id, -100)
+    return {"labels": labels.to(device), "decoder_mask": tokens.attention_mask.to(device)}
+
+
+def t5_loss(t5, aligner, batch: dict) -> torch.Tensor:
+    """The frozen T5 decoder's cross-entropy on the batch's labels, reading the aligner's output (+ T5's text)."""
+    encoded, mask = aligner(batch["states"]), batch["mask"]
+    if "prefix_ids" in batch:  # CLIP: [image tokens, T5-encoded caption start]
+        text = t5.encoder(input_ids=batch["prefix_ids"], attention_mask=batch["prefix_mask"]).last_hidden_state
+        encoded, mask = torch.cat([encoded, text.to(encoded.dtype)], dim=1), torch.cat([mask, batch["prefix_mask"]], 1)
+    return t5(encoder_outputs=(encoded,), attention_mask=mask, labels=batch["labels"],
+              decoder_attention_mask=batch["decoder_mask"]).loss
+
+
+# ---------------------------------------------------------------- training
+
+
+def save_aligner(aligner: Aligner, path: Path, variant: str, step: int) -> None:
+    from safetensors.torch import save_file
+
+    state = {PREFIX + k: v.detach().float().cpu().contiguous() for k, v in aligner.state_dict().items()}
+    temporary = path.with_suffix(".part")
+    save_file(state, str(temporary), metadata={"format": "pt", "variant": variant, "d_in": str(aligner.in_features),
+                                               "d_out": str(aligner.out_features), "step": str(step),
+                                               "architecture": "mlp2x_gelu_t5_norm"})
+    temporary.replace(path)
+
+
+def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_size: int | None = None,
+          lr: float = 1e-4, min_lr: float = 8e-5, warmup_lr: float = 1e-6, warmup_steps: int = 2000,
+          weight_decay: float = 0.05, max_split: int = 128, max_text_tokens: int | None = None,
+          val_fraction: float = 0.02, val_every: int = 1000, save_every: int = 5000, log_every: int = 10,
+          seed: int = 42, precision: str | None = None, resume: bool = False, cpu: bool | None = None,
+          log=print) -> dict:
+    """Train an aligner. Checkpoints: out/aligner.safetensors (+ one per save step), out/state (to resume).
+
+    Returns the last logged values ("last"), the trained aligner and the frozen T5."""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    if variant not in ("lvlm", "clip"):
+        raise ValueError(f"variant must be lvlm or clip, got {variant!r}")
+    cpu = not torch.cuda.is_available() if cpu is None else cpu
+    precision = precision or ("fp32" if cpu else "bf16")
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu)
+    out = Path(out)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    t5_folder = Path(t5)
+    t5_tokenizer = AutoTokenizer.from_pretrained(t5_folder, local_files_only=True)
+    t5 = T5ForConditionalGeneration.from_pretrained(t5_folder, local_files_only=True).to(accelerator.device)
+    t5.requires_grad_(False).train()  # frozen, but in training mode (dropout) as in the authors' runner
+
+    if variant == "lvlm":
+        dataset = LVLMData(data, t5_tokenizer, max_split=max_split, max_text_tokens=max_text_tokens or 128)
+        d_in = dataset.sample(dataset.keys[0])[0].shape[-1]
+    else:
+        from .vision import VisionEncoder
+
+        if vision is None:
+            raise ValueError("the clip variant needs --vision (BLIP-2 vision file or folder)")
+        encoder = VisionEncoder.from_pretrained(vision, device=accelerator.device) \
+            if isinstance(vision, (str, os.PathLike)) else vision
+        dataset = CLIPData(data, encoder, t5_tokenizer, max_text_tokens=max_text_tokens or 32)
+        d_in = encoder.hidden_size
+    batch_size = batch_size or (32 if variant == "lvlm" else 42)
+    train_keys = [k for k in dataset.keys if not is_validation(k, val_fraction)]
+    val_keys = [k for k in dataset.keys if is_validation(k, val_fraction)]
+    if not train_keys:
+        raise ValueError(f"no training samples in {data} (all {len(dataset.keys)} held out for validation)")
+
+    torch.manual_seed(seed)
+    aligner = Aligner(d_in, t5.config.d_model)
+    with torch.no_grad():  # the paper: the norm starts as the T5 encoder's final norm
+        aligner[3].weight.copy_(t5.encoder.final_layer_norm.weight)
+    no_decay = [p for name, p in aligner.named_parameters() if name.endswith("bias") or name.startswith("3.")]
+    decay = [p for name, p in aligner.named_parameters() if not (name.endswith("bias") or name.startswith("3."))]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=warmup_lr)
+    aligner, optimizer = accelerator.prepare(aligner, optimizer)
+
+    state_dir, progress_file, log_file = out / "state", out / "trainer.json", out / "log.csv"
+    step = 0
+    if resume and progress_file.is_file():
+        accelerator.load_state(str(state_dir))
+        step = json.loads(progress_file.read_text())["step"]
+        log(f"resumed at step {step}")
+    elif accelerator.is_main_process and log_file.exists():
+        log_file.unlink()
+
+    def batch_at(step_number: int, keys: list[str]):
+        rng = random.Random(f"{seed}/{step_number}")
+        chosen = rng.sample(keys, min(batch_size, len(keys)))
+        mine = chosen[accelerator.process_index::accelerator.num_processes] or chosen[:1]
+        return dataset.batch(mine, rng, accelerator.device)
+
+    def validation_loss() -> float | None:
+        if not val_keys:
+            return None
+        unwrapped = accelerator.unwrap_model(aligner)
+        with torch.no_grad(), accelerator.autocast():
+            t5.eval()
+            losses = [t5_loss(t5, unwrapped, dataset.batch(val_keys[i:i + batch_size], random.Random(f"val/{i}"),
+                                                           accelerator.device)).item()
+                      for i in range(0, len(val_keys), batch_size)]
+            t5.train()
+        return sum(losses) / len(losses)
+
+    last, started, samples = {}, time.perf_counter(), 0
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, min_lr, warmup_lr, warmup_steps)
+        batch = batch_at(step, train_keys)
+        torch.manual_seed(seed * 1_000_003 + step)  # dropout, reproducible on resume
+        with accelerator.autocast():
+            loss = t5_loss(t5, aligner, batch)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        samples += len(batch["labels"]) * accelerator.num_processes
+        if step % log_every == 0 or step == steps or (val_every and step % val_every == 0):
+            mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
+            last = {"step": step, "loss": round(mean_loss, 5), "lr": optimizer.param_groups[0]["lr"],
+                    "samples_per_s": round(samples / (time.perf_counter() - started), 2), "val_loss": ""}
+            if val_every and (step % val_every == 0 or step == steps):
+                value = validation_loss()
+                last["val_loss"] = "" if value is None else round(value, 5)
+            if accelerator.is_main_process:
+                new_file = not log_file.exists()
+                with open(log_file, "a", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=list(last))
+                    if new_file:
+                        writer.writeheader()
+                    writer.writerow(last)
+                log(f"step {step}/{steps} loss {last['loss']} lr {last['lr']:.3g} "
+                    f"{last['samples_per_s']} samples/s" + (f" val {last['val_loss']}" if last["val_loss"] != "" else ""))
+        if step % save_every == 0 or step == steps:
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(state_dir))
+            if accelerator.is_main_process:
+                unwrapped = accelerator.unwrap_model(aligner)
+                save_aligner(unwrapped, out / f"aligner-{step:07d}.safetensors", variant, step)
+                save_aligner(unwrapped, out / "aligner.safetensors", variant, step)
+                progress_file.write_text(json.dumps({"step": step, "variant": variant, "steps": steps}) + "\n")
+    accelerator.wait_for_everyone()
+    return {"last": last, "aligner": accelerator.unwrap_model(aligner), "t5": t5}
