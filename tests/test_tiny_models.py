@@ -22,7 +22,7 @@ def test_cli_output_is_deterministic_for_a_seed(tmp_path, tiny_models):
     assert f"vlm: {out / 'vlm'}" in result.stdout
     fresh, first = digest(out), digest(tiny_models["vlm"].parent)
     safetensors = [name for name in first if name.endswith(".safetensors")]
-    assert len(safetensors) == 9  # 2 VLM shards, 3 BLIP-2 shards, CLIP, T5, transformer, VAE
+    assert len(safetensors) == 10  # 2 VLM shards, 3 BLIP-2 shards, Flan-T5, CLIP, T5, transformer, VAE
     for name in safetensors + ["vlm/tokenizer.json", "vlm/vocab.json", "vlm/merges.txt"]:
         assert fresh[name] == first[name], name
     other = tmp_path / "other-seed"
