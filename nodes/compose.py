@@ -100,6 +100,8 @@ class ThinkDiffCompose:
             # The paper puts the images before the text; an existing conditioning gets them appended, as
             # Apply Style Model does. FLUX gives all text-slot tokens the same position, so both read alike.
             parts = [cond, images] if appending else [images, cond]
-            result.append([torch.cat(parts, dim=1), {**extras, "pooled_output": extras["pooled_output"].to(
-                device=device, dtype=dtype)} if "pooled_output" in extras else extras.copy()])
+            extras = dict(extras)  # never mutate the input conditioning
+            if "pooled_output" in extras:
+                extras["pooled_output"] = extras["pooled_output"].to(device=device, dtype=dtype)
+            result.append([torch.cat(parts, dim=1), extras])
         return (result,)
