@@ -287,14 +287,17 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
 
     Returns the last logged values ("last"), the trained aligner and the frozen T5."""
     from accelerate import Accelerator
+    from accelerate.utils import is_tensorboard_available
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     if variant not in ("lvlm", "clip"):
         raise ValueError(f"variant must be lvlm or clip, got {variant!r}")
     cpu = not torch.cuda.is_available() if cpu is None else cpu
     precision = precision or ("fp32" if cpu else "bf16")
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu)
     out = Path(out)
+    tensorboard = bool(is_tensorboard_available())  # logs to out/ as well when TensorBoard is installed
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu,
+                              log_with="tensorboard" if tensorboard else None, project_dir=str(out))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     t5_folder = Path(t5)
@@ -357,6 +360,9 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
             t5.train()
         return sum(losses) / len(losses)
 
+    if tensorboard:
+        accelerator.init_trackers("tensorboard", config={"variant": variant, "steps": steps, "batch_size": batch_size,
+                                                         "lr": lr, "min_lr": min_lr, "seed": seed})
     last, started, samples = {}, time.perf_counter(), 0
     while step < steps:
         for group in optimizer.param_groups:
@@ -377,6 +383,8 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
             if val_every and (step % val_every == 0 or step == steps):
                 value = validation_loss()
                 last["val_loss"] = "" if value is None else round(value, 5)
+            if tensorboard:
+                accelerator.log({k: v for k, v in last.items() if k != "step" and v != ""}, step=step)
             if accelerator.is_main_process:
                 new_file = not log_file.exists()
                 with open(log_file, "a", newline="") as f:
@@ -394,5 +402,5 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
                 save_aligner(unwrapped, out / f"aligner-{step:07d}.safetensors", variant, step)
                 save_aligner(unwrapped, out / "aligner.safetensors", variant, step)
                 progress_file.write_text(json.dumps({"step": step, "variant": variant, "steps": steps}) + "\n")
-    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return {"last": last, "aligner": accelerator.unwrap_model(aligner), "t5": t5}
