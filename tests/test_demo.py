@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import REPO
 from thinkdiff_core import load_aligner
 from thinkdiff_core.condition import clip_pooled, flux_inputs
-from thinkdiff_core.demo import example_items, run_demo
+from thinkdiff_core.demo import EXAMPLE_ITEMS, run_demo
 from thinkdiff_core.render import load_flux
 
 
@@ -66,7 +66,7 @@ def test_flux_inputs_are_the_aligned_tokens_and_pooled_clip_of_the_empty_string(
 
 
 def test_example_is_the_two_shot_car_prompt():
-    white, white_car, blue, blue_car, query = example_items()
+    white, white_car, blue, blue_car, query = [Image.open(i) if i.endswith(".png") else i for i in EXAMPLE_ITEMS]
     assert (white, blue, query) == ("white", "blue", "red")
     assert white_car.convert("RGB").getpixel((128, 140)) == (245, 245, 245)  # the car body
     assert blue_car.convert("RGB").getpixel((128, 140)) == (40, 80, 200)

@@ -15,8 +15,6 @@ import json
 import os
 from pathlib import Path
 
-from PIL import Image
-
 from .generate import check_params, draw
 from .render import GUIDANCE, STEPS
 
@@ -35,10 +33,6 @@ NAMES = {
 }
 WHAT = {"vlm": "Qwen2-VL folder", "aligner": "ThinkDiff-LVLM aligner", "vision": "BLIP-2 vision encoder",
         "aligner_clip": "ThinkDiff-CLIP aligner", "flux": "FLUX.1 diffusers folder"}
-
-
-def example_items() -> list:
-    return [Image.open(item) if item.endswith(".png") else item for item in EXAMPLE_ITEMS]
 
 
 def tiny_models_cache() -> Path:
