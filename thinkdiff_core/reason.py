@@ -9,6 +9,7 @@ generation makes one forward call per new token.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .decode import FastDecoder
 from .prompt import Item, build_messages
 from .versions import release
 
@@ -108,11 +110,17 @@ def capture_last_positions(module: torch.nn.Module, on_state: Callable[[int], No
 class Reasoner:
     """A Qwen2-VL model with its processor, producing ThinkDiff's reasoning states."""
 
-    def __init__(self, model, processor):
+    def __init__(self, model, processor=None, fast: bool = True, compile: bool | None = None):
+        """`fast`: sample with the static-cache path (`decode.FastDecoder`) whenever the token count is
+        fixed, as in the paper; `compile`: compile its decoder layer (default: on CUDA when Triton is
+        installed). `processor` may be None for callers that pass prepared inputs to `sample`."""
         from transformers import GenerationConfig
 
         self.model = model.eval()
         self.processor = processor
+        self.fast = fast
+        self.compile = compile
+        self._decoder: FastDecoder | None = None
         # The released generation_config.json asks for top_k=1, top_p=0.001 and a repetition
         # penalty; transformers fills unset sampling options from it. The paper's sampler (vLLM)
         # never read it, so only the special token ids are kept.
@@ -120,7 +128,7 @@ class Reasoner:
         self.model.generation_config = GenerationConfig(
             bos_token_id=source.bos_token_id, eos_token_id=source.eos_token_id, pad_token_id=source.pad_token_id
         )
-        tokenizer_eos = processor.tokenizer.eos_token_id
+        tokenizer_eos = processor.tokenizer.eos_token_id if processor is not None else None
         configured = source.eos_token_id if isinstance(source.eos_token_id, list) else [source.eos_token_id]
         self.eos_token_ids = sorted({i for i in [*configured, tokenizer_eos] if i is not None})
 
@@ -130,6 +138,7 @@ class Reasoner:
         folder: str | os.PathLike,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        **options,
     ) -> "Reasoner":
         """Load Qwen2-VL from a local folder, never the network; bf16 on GPU, float32 on CPU, sdpa."""
         folder = Path(folder)
@@ -146,10 +155,12 @@ class Reasoner:
         image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, **pil_option)
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True, image_processor=image_processor)
         dtype_option = "dtype" if version >= (4, 56) else "torch_dtype"
+        # device_map reads each safetensors tensor straight onto the device (no CPU copy first).
         model = Qwen2VLForConditionalGeneration.from_pretrained(
-            folder, local_files_only=True, attn_implementation="sdpa", **{dtype_option: dtype}
+            folder, local_files_only=True, attn_implementation="sdpa", device_map={"": device},
+            **{dtype_option: dtype}
         )
-        return cls(model.to(device), processor)
+        return cls(model, processor, **options)
 
     @property
     def device(self) -> torch.device:
@@ -205,6 +216,30 @@ class Reasoner:
         on_token: Callable[[int, int], None] | None = None,
     ) -> Reasoning:
         """Sample from a rendered chat and keep the final-norm state that produced each generated token."""
+        inputs = self.prepare_inputs(prompt, images)
+        token_ids, hidden_states = self.sample(inputs, seed, temperature, top_p, max_new_tokens, min_new_tokens,
+                                               on_token)
+        text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return Reasoning(hidden_states=hidden_states, token_ids=token_ids, text=text, prompt=prompt)
+
+    def sample(
+        self,
+        inputs: dict,
+        seed: int = 0,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_new_tokens: int = 128,
+        min_new_tokens: int = 1,
+        on_token: Callable[[int, int], None] | None = None,
+        fast: bool | None = None,
+        forced_tokens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [n] and their producing final-norm states [n, hidden] (float32, CPU) for processor inputs.
+
+        A fixed token count (min = max, the paper's setting) takes the fast path unless `fast` is False;
+        otherwise transformers' generate runs, which can stop at EOS. `forced_tokens` (fast path only)
+        feeds given tokens instead of sampled ones, to compare states on the same tokens.
+        """
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0 (the paper samples at 0.6), got {temperature}")
         if not 0 < top_p <= 1:
@@ -212,9 +247,32 @@ class Reasoner:
         if not 1 <= min_new_tokens <= max_new_tokens:
             raise ValueError(f"need 1 <= min_new_tokens <= max_new_tokens (the paper generates 128), got "
                              f"{min_new_tokens} and {max_new_tokens}")
+        fast = self.fast if fast is None else fast
+        if forced_tokens is not None and not (fast and min_new_tokens == max_new_tokens == len(forced_tokens)):
+            raise ValueError("forced_tokens needs the fast path and exactly max_new_tokens = min_new_tokens tokens")
+        if fast and min_new_tokens == max_new_tokens:
+            return self.decoder.run(inputs, max_new_tokens, seed, temperature, top_p, self.eos_token_ids,
+                                    forced_tokens, on_token)
+        return self._generate_plain(inputs, seed, temperature, top_p, max_new_tokens, min_new_tokens, on_token)
+
+    @property
+    def decoder(self) -> FastDecoder:
+        if self._decoder is None:
+            compile = self.compile
+            if compile is None:
+                compile = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+            self._decoder = FastDecoder(self.model, compile=compile)
+        return self._decoder
+
+    def release(self) -> None:
+        """Free the fast path's device memory (its cache and captured graph); call when the model moves."""
+        if self._decoder is not None:
+            self._decoder.release()
+
+    def _generate_plain(self, inputs, seed, temperature, top_p, max_new_tokens, min_new_tokens, on_token):
+        """transformers' generate, with a hook keeping the last position of each final-norm call."""
         from transformers import GenerationConfig
 
-        inputs = self.prepare_inputs(prompt, images)
         generation = GenerationConfig(
             do_sample=True,
             temperature=temperature,
@@ -242,6 +300,4 @@ class Reasoner:
                 f"{len(token_ids)} tokens and {len(states)} states: this transformers version generates "
                 f"differently than expected"
             )
-        hidden_states = torch.cat(states).float().cpu()
-        text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
-        return Reasoning(hidden_states=hidden_states, token_ids=token_ids, text=text, prompt=prompt)
+        return token_ids, torch.cat(states).float().cpu()

@@ -1,0 +1,142 @@
+"""The fast reasoning path against transformers' generate: same tokens, same states, same random draws."""
+
+import pytest
+import torch
+
+from thinkdiff_core.decode import FastDecoder, cache_length, decoder_layer_step, sample_paper
+
+N = 48  # tokens per run: long enough for many sampled steps, short enough for a quick suite
+
+
+def two_shot_inputs(reasoner, car_images, query="red"):
+    white, blue = car_images
+    prompt, images = reasoner.render_prompt(["white", white, "blue", blue, query])
+    return reasoner.prepare_inputs(prompt, images)
+
+
+def plain(reasoner, inputs, seed, **options):
+    return reasoner.sample(inputs, seed=seed, max_new_tokens=N, min_new_tokens=N, fast=False, **options)
+
+
+def fast(reasoner, inputs, seed, **options):
+    return reasoner.sample(inputs, seed=seed, max_new_tokens=N, min_new_tokens=N, fast=True, **options)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_fast_path_gives_generates_tokens_and_states(reasoner, car_images, seed):
+    inputs = two_shot_inputs(reasoner, car_images)
+    plain_tokens, plain_states = plain(reasoner, inputs, seed)
+    fast_tokens, fast_states = fast(reasoner, inputs, seed)
+    assert torch.equal(fast_tokens, plain_tokens)
+    assert fast_states.shape == (N, reasoner.hidden_size) and fast_states.dtype == torch.float32
+    torch.testing.assert_close(fast_states, plain_states, atol=1e-5, rtol=1e-5)
+    # Not a constant sequence: the check above covers many distinct sampled steps.
+    assert len(set(fast_tokens.tolist())) > N // 4
+
+
+def test_other_sampling_settings_match_too(reasoner):
+    inputs = reasoner.prepare_inputs(*reasoner.render_prompt(["sun", "moon", "star"]))
+    for temperature, top_p in ((1.0, 1.0), (0.3, 0.5), (1.7, 0.95)):
+        options = dict(temperature=temperature, top_p=top_p)
+        plain_tokens, plain_states = plain(reasoner, inputs, 3, **options)
+        fast_tokens, fast_states = fast(reasoner, inputs, 3, **options)
+        assert torch.equal(fast_tokens, plain_tokens), (temperature, top_p)
+        torch.testing.assert_close(fast_states, plain_states, atol=1e-5, rtol=1e-5)
+
+
+def test_reason_takes_the_fast_path_by_default(reasoner, car_images):
+    white, blue = car_images
+    result = reasoner.reason(["white", white, "blue", blue, "red"], seed=0, max_new_tokens=N)
+    tokens, states = plain(reasoner, two_shot_inputs(reasoner, car_images), 0)
+    assert reasoner.fast and reasoner._decoder is not None
+    assert torch.equal(result.token_ids, tokens)
+    torch.testing.assert_close(result.hidden_states, states, atol=1e-5, rtol=1e-5)
+
+
+def test_a_shorter_prompt_after_a_longer_one_reuses_the_cache_without_seeing_stale_entries(reasoner, car_images):
+    long_inputs = two_shot_inputs(reasoner, car_images)
+    short_inputs = reasoner.prepare_inputs(*reasoner.render_prompt(["red"]))
+    assert cache_length(long_inputs["input_ids"].shape[1], N) == cache_length(short_inputs["input_ids"].shape[1], N)
+    fast(reasoner, long_inputs, 1)
+    keys = reasoner.decoder._buffers.keys
+    tokens, states = fast(reasoner, short_inputs, 1)
+    assert reasoner.decoder._buffers.keys is keys
+    plain_tokens, plain_states = plain(reasoner, short_inputs, 1)
+    assert torch.equal(tokens, plain_tokens)
+    torch.testing.assert_close(states, plain_states, atol=1e-5, rtol=1e-5)
+
+
+def test_forced_tokens_give_the_states_of_those_tokens(reasoner, car_images):
+    inputs = two_shot_inputs(reasoner, car_images)
+    tokens, states = plain(reasoner, inputs, 0)
+    forced_tokens, forced_states = fast(reasoner, inputs, 12345, forced_tokens=tokens)
+    assert torch.equal(forced_tokens, tokens)
+    torch.testing.assert_close(forced_states, states, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="forced_tokens needs the fast path"):
+        plain(reasoner, inputs, 0, forced_tokens=tokens)
+
+
+def test_cache_length_buckets():
+    assert cache_length(280, 128) == 1024
+    assert cache_length(896, 128) == 1024
+    assert cache_length(897, 128) == 2048
+    assert cache_length(5000, 128) == 8192
+
+
+def test_release_frees_the_cache(reasoner):
+    inputs = reasoner.prepare_inputs(*reasoner.render_prompt(["a"]))
+    fast(reasoner, inputs, 0)
+    assert reasoner.decoder._buffers is not None
+    reasoner.release()
+    assert reasoner.decoder._buffers is None
+    tokens, _ = fast(reasoner, inputs, 0)  # still usable: buffers come back on demand
+    assert torch.equal(tokens, plain(reasoner, inputs, 0)[0])
+
+
+def test_sampler_draws_what_transformers_and_torch_multinomial_draw():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 500, generator=generator)
+    eos = torch.zeros(500, dtype=torch.bool)
+    eos[[7, 499]] = True
+    temperature, top_p = 0.6, 0.9
+    reference = logits.clone()
+    reference[:, eos] = float("-inf")
+    reference = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, reference))
+    reference_probs = reference.softmax(dim=-1)
+    torch.manual_seed(42)
+    expected = [torch.multinomial(reference_probs, 1).item() for _ in range(300)]
+    torch.manual_seed(42)
+    drawn = [sample_paper(logits, eos, torch.tensor(temperature), torch.tensor(1 - top_p)).item() for _ in range(300)]
+    assert drawn == expected
+    assert not set(drawn) & {7, 499}
+    assert len(set(drawn)) > 5
+
+
+def test_compiled_layer_step_is_one_graph_for_all_layers_and_equals_eager(reasoner):
+    """torch.compile traces the layer step whole (fullgraph) and reuses it across layers (regional compile)."""
+    import torch._dynamo
+
+    decoder = FastDecoder(reasoner.model)
+    compiled = torch.compile(decoder_layer_step, fullgraph=True, dynamic=False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    generator = torch.Generator().manual_seed(0)
+    length, head_dim = 32, decoder.head_dim
+    with torch.inference_mode():
+        for layer in decoder.layers:
+            x = torch.randn(1, 1, reasoner.hidden_size, generator=generator)
+            keys = torch.randn(1, decoder.kv_heads, length, head_dim, generator=generator)
+            values = torch.randn(1, decoder.kv_heads, length, head_dim, generator=generator)
+            cos, sin = torch.randn(2, 1, 1, 1, head_dim, generator=generator)
+            slot = torch.tensor([5])
+            visible = (torch.arange(length) <= slot).view(1, 1, 1, length)
+            copies = keys.clone(), values.clone()
+            expected = decoder_layer_step(layer, x, keys, values, cos, sin, slot, visible, decoder.heads,
+                                          decoder.kv_heads)
+            got = compiled(layer, x, *copies, cos, sin, slot, visible, decoder.heads, decoder.kv_heads)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(copies[0], keys)
+            assert not torch.equal(keys[:, :, 5], torch.zeros_like(keys[:, :, 5]))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -1,0 +1,335 @@
+"""The fast reasoning path: a static KV cache and a one-token decode step, replayed as a CUDA graph.
+
+It computes what transformers' generate computes in the paper's setting (a fixed number of tokens
+with EOS masked, temperature then top-p sampling, the final-norm state of every producing position):
+
+- the prompt goes through the model's own forward, as in generate (vision tower, M-RoPE positions);
+- each later token runs the model's own modules (norms, projections, MLP) on one position, with
+  rotary embedding and attention over a preallocated cache written here;
+- tokens are drawn as transformers draws them: masked EOS, logits / temperature, the top-p filter,
+  then torch.multinomial's own algorithm (argmax of probs / Exp(1) noise), so the same seed gives
+  the same random numbers in the same order.
+
+What changes is the bookkeeping. The cache length is bucketed, so one captured graph serves every
+prompt of a bucket; on CUDA the whole step (128 layers of kernels plus the sampler) is one graph
+replay with no host synchronisation between tokens; states and tokens land in device buffers read
+once at the end. Optionally each decoder layer is compiled (one layer's code, reused by all).
+
+Text generated after the prompt has the same M-RoPE position on all three axes, so its rotary
+embedding is ordinary 1-D RoPE at that position (`next_position` continues from the prompt's).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+MIN_BUCKET = 1024
+
+
+def cache_length(prompt_tokens: int, new_tokens: int) -> int:
+    """The static cache length: a power of two >= MIN_BUCKET, so prompt lengths share a captured graph."""
+    needed = prompt_tokens + new_tokens
+    length = MIN_BUCKET
+    while length < needed:
+        length *= 2
+    return length
+
+
+def sample_paper(logits: torch.Tensor, eos_mask: torch.Tensor, temperature: torch.Tensor,
+                 top_p_floor: torch.Tensor) -> torch.Tensor:
+    """One token per row, as transformers samples with min_new_tokens not yet reached.
+
+    The processors in generate's order: EOS to -inf, divide by temperature, drop the smallest-probability
+    tokens whose cumulative mass is <= 1 - top_p (keeping at least one), softmax; then what
+    torch.multinomial(probs, 1) does (an Exp(1) draw per entry, argmax of probs / draw) without its
+    validity checks, which read values back to the host.
+    """
+    scores = logits.masked_fill(eos_mask, float("-inf")) / temperature
+    sorted_scores, order = torch.sort(scores, descending=False)
+    remove_sorted = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= top_p_floor
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    probs = scores.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    draws = torch.empty_like(probs).exponential_(1)
+    return (probs / draws).argmax(dim=-1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def decoder_layer_step(layer, x, key_cache, value_cache, cos, sin, slot, visible, heads: int, kv_heads: int):
+    """One Qwen2-VL decoder layer on the single position `slot`; writes its key and value into the cache.
+
+    x: [1, 1, hidden]; key_cache, value_cache: [1, kv_heads, cache_len, head_dim]; cos, sin:
+    [1, 1, 1, head_dim]; slot: [1] int64; visible: [1, 1, 1, cache_len] bool (the filled slots).
+    """
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    head_dim = key_cache.shape[-1]
+    q = attn.q_proj(h).view(1, 1, heads, head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(1, 1, kv_heads, head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(1, 1, kv_heads, head_dim).transpose(1, 2)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    key_cache.index_copy_(2, slot, k)
+    value_cache.index_copy_(2, slot, v)
+    # One query position: the query heads that share a key/value head attend as one group, so the
+    # cache is read once instead of being repeated per query head.
+    grouped = q.reshape(1, kv_heads, heads // kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(grouped, key_cache, value_cache, attn_mask=visible,
+                                         scale=head_dim ** -0.5)
+    x = x + attn.o_proj(out.reshape(1, 1, heads * head_dim))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+@dataclass
+class _Buffers:
+    """Everything one decode step reads and writes, allocated once per cache length."""
+
+    keys: torch.Tensor  # [layers, 1, kv_heads, cache_len, head_dim]
+    values: torch.Tensor
+    slot_ids: torch.Tensor  # [1, 1, 1, cache_len]: 0..cache_len-1, compared with `slot`
+    token: torch.Tensor  # [1] the token fed next
+    slot: torch.Tensor  # [1] its cache slot
+    position: torch.Tensor  # [1] its rotary position
+    step: torch.Tensor  # [1] the index of the state it produces
+    states: torch.Tensor  # [max_tokens, hidden]
+    tokens: torch.Tensor  # [max_tokens]
+    forced: torch.Tensor  # [max_tokens]: tokens to feed instead of sampled ones (teacher forcing)
+    forcing: torch.Tensor  # [] bool
+    eos_mask: torch.Tensor  # [vocab] bool
+    temperature: torch.Tensor  # [] float32
+    top_p_floor: torch.Tensor  # [] float32: 1 - top_p
+
+
+class FastDecoder:
+    """Runs the paper's sampling on a Qwen2-VL model with a static cache; CUDA graphs on CUDA.
+
+    `compile=True` compiles the decoder layer step with torch.compile (fused norms and rotary, fewer
+    kernels); it falls back to eager with a warning where compilation fails (e.g. no Triton).
+    Call `release()` when the model moves or is unloaded: the cache and graph hold device memory
+    and the graph holds the weights' addresses (a moved model is also detected and recaptured).
+    """
+
+    def __init__(self, model, compile: bool = False, cuda_graph: bool | None = None):
+        self.model = model
+        self.compile = compile
+        self.cuda_graph = cuda_graph
+        decoder = model.get_decoder()
+        self.layers = list(decoder.layers)
+        self.norm = decoder.norm
+        self.embed = model.get_input_embeddings()
+        self.lm_head = model.get_output_embeddings()
+        self.rotary = decoder.rotary_emb
+        config = getattr(model.config, "text_config", model.config)
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.vocab_size = self.lm_head.weight.shape[0]
+        self._layer_step = decoder_layer_step
+        self._buffers: _Buffers | None = None
+        self._graph = None
+        self._graph_key = None
+        self._forward_takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    # -- public -------------------------------------------------------------------------------
+
+    def run(self, inputs: dict, new_tokens: int, seed: int, temperature: float, top_p: float,
+            eos_token_ids: list[int], forced_tokens: torch.Tensor | None = None,
+            on_token: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`new_tokens` tokens and the final-norm state that produced each, as float32 and int64 on CPU.
+
+        `forced_tokens` feeds the given tokens instead of the sampled ones (for comparing states on
+        the same tokens); the returned tokens are then those.
+        """
+        device = self.embed.weight.device
+        prompt_tokens = inputs["input_ids"].shape[1]
+        buffers = self._prepare(cache_length(prompt_tokens, new_tokens), new_tokens, device)
+        buffers.eos_mask.zero_()
+        buffers.eos_mask[eos_token_ids] = True
+        buffers.temperature.fill_(temperature)
+        buffers.top_p_floor.fill_(1 - top_p)
+        buffers.forcing.fill_(forced_tokens is not None)
+        if forced_tokens is not None:
+            buffers.forced[:new_tokens] = forced_tokens.to(device)
+        graph = self._ensure_graph(buffers) if self._use_graph(device) else None
+
+        rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
+            torch.manual_seed(seed)
+            self._prefill(inputs, buffers)
+            if on_token:
+                on_token(1, new_tokens)
+            for done in range(2, new_tokens + 1):
+                graph.replay() if graph is not None else self._step(buffers)
+                if on_token:
+                    on_token(done, new_tokens)
+            states = buffers.states[:new_tokens].float().cpu()
+            tokens = buffers.tokens[:new_tokens].cpu()
+        return tokens, states
+
+    def release(self) -> None:
+        """Free the cache and the captured graph."""
+        self._graph = self._graph_key = self._buffers = None
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _prefill(self, inputs: dict, buffers: _Buffers) -> None:
+        """The prompt through the model's own forward; its cache, state and first token into the buffers."""
+        prompt_tokens = inputs["input_ids"].shape[1]
+        captured = {}
+
+        def keep_state(_module, _args, output):
+            captured["state"] = output[:, -1]
+
+        def keep_positions(_module, args, kwargs):
+            positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+            captured["next_position"] = int(positions.max()) + 1
+
+        hooks = [self.norm.register_forward_hook(keep_state),
+                 self.rotary.register_forward_pre_hook(keep_positions, with_kwargs=True)]
+        try:
+            extra = {"logits_to_keep": 1} if self._forward_takes_logits_to_keep else {}
+            cache_position = torch.arange(prompt_tokens, device=buffers.keys.device)
+            output = self.model(**inputs, use_cache=True, cache_position=cache_position, **extra)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        # transformers 5.x names the output's cache `cache`; earlier versions `past_key_values`.
+        cache = output["cache"] if "cache" in output else output["past_key_values"]
+        for i, (key, value) in enumerate(_cache_tensors(cache)):
+            buffers.keys[i, :, :, :prompt_tokens] = key
+            buffers.values[i, :, :, :prompt_tokens] = value
+        # Vector 0 comes from the last prompt position; the logits are those generate samples from.
+        state = captured["state"]
+        token = sample_paper(output.logits[:, -1].float(), buffers.eos_mask, buffers.temperature,
+                             buffers.top_p_floor)
+        token = torch.where(buffers.forcing, buffers.forced[:1], token)
+        buffers.states[0] = state[0]
+        buffers.tokens[0] = token[0]
+        buffers.token.copy_(token)
+        buffers.slot.fill_(prompt_tokens)
+        buffers.position.fill_(captured["next_position"])
+        buffers.step.fill_(1)
+
+    def _step(self, b: _Buffers) -> None:
+        """Feed `b.token`; record the state it produces and the next token. Device tensors only."""
+        x = self.embed(b.token).view(1, 1, -1)
+        freqs = b.position.float()[:, None] * self.rotary.inv_freq.float()
+        angles = torch.cat((freqs, freqs), dim=-1)
+        scaling = self.rotary.attention_scaling
+        cos = (angles.cos() * scaling).to(x.dtype).view(1, 1, 1, -1)
+        sin = (angles.sin() * scaling).to(x.dtype).view(1, 1, 1, -1)
+        visible = b.slot_ids <= b.slot
+        for layer, keys, values in zip(self.layers, b.keys, b.values):
+            x = self._layer_step(layer, x, keys, values, cos, sin, b.slot, visible, self.heads, self.kv_heads)
+        state = self.norm(x).view(1, -1)
+        token = sample_paper(self.lm_head(state).float(), b.eos_mask, b.temperature, b.top_p_floor)
+        token = torch.where(b.forcing, b.forced.index_select(0, b.step), token)
+        b.states.index_copy_(0, b.step, state)
+        b.tokens.index_copy_(0, b.step, token)
+        b.token.copy_(token)
+        b.slot.add_(1)
+        b.position.add_(1)
+        b.step.add_(1)
+
+    # -- buffers, compilation and graphs --------------------------------------------------------
+
+    def _prepare(self, length: int, new_tokens: int, device: torch.device) -> _Buffers:
+        b = self._buffers
+        dtype = self.embed.weight.dtype
+        if b is not None and b.keys.shape[3] == length and b.states.shape[0] >= new_tokens \
+                and b.keys.device == device and b.keys.dtype == dtype:
+            return b
+        self.release()
+        shape = (len(self.layers), 1, self.kv_heads, length, self.head_dim)
+
+        def scalar(value, dtype=torch.long):
+            return torch.full((1,), value, dtype=dtype, device=device)
+
+        max_tokens = max(new_tokens, 128)
+        self._buffers = _Buffers(
+            keys=torch.zeros(shape, dtype=dtype, device=device),
+            values=torch.zeros(shape, dtype=dtype, device=device),
+            slot_ids=torch.arange(length, device=device).view(1, 1, 1, length),
+            token=scalar(0), slot=scalar(0), position=scalar(0), step=scalar(0),
+            states=torch.zeros(max_tokens, self.norm.weight.shape[0], dtype=dtype, device=device),
+            tokens=torch.zeros(max_tokens, dtype=torch.long, device=device),
+            forced=torch.zeros(max_tokens, dtype=torch.long, device=device),
+            forcing=torch.zeros((), dtype=torch.bool, device=device),
+            eos_mask=torch.zeros(self.vocab_size, dtype=torch.bool, device=device),
+            temperature=torch.ones((), device=device),
+            top_p_floor=torch.zeros((), device=device),
+        )
+        return self._buffers
+
+    def _use_graph(self, device: torch.device) -> bool:
+        if device.type != "cuda":
+            return False
+        if self.cuda_graph is not None:
+            return self.cuda_graph
+        # bitsandbytes' int8 layers synchronise with the host; keep graphs to plain linear layers.
+        return all(type(m) is torch.nn.Linear for m in self.layers[0].modules() if isinstance(m, torch.nn.Linear))
+
+    def _compile_layer_step(self) -> None:
+        if not self.compile or self._layer_step is not decoder_layer_step:
+            return
+        # One layer's code, reused by all layers (their shapes are equal): seconds to compile, not minutes.
+        self._layer_step = torch.compile(decoder_layer_step, fullgraph=True, dynamic=False)
+
+    def _weights_key(self) -> tuple:
+        return tuple(p.data_ptr() for p in self.model.parameters())
+
+    def _ensure_graph(self, b: _Buffers):
+        """The captured step for these buffers, recaptured when the weights moved."""
+        key = (id(b), self._weights_key())
+        if self._graph is not None and self._graph_key == key:
+            return self._graph
+        self._graph = None
+        self._compile_layer_step()
+        device = b.keys.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        # Warm-up steps consume random numbers and write junk into the buffers; the run's prefill
+        # resets the counters and reseeds, and the junk lands in slots the run overwrites first.
+        with torch.random.fork_rng(devices=[device.index or 0]), torch.inference_mode():
+            try:
+                with torch.cuda.stream(stream):
+                    for _ in range(3):  # compiles (when asked) and sets up cuBLAS and attention kernels
+                        self._warm_step(b)
+            except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager layers
+                if self._layer_step is decoder_layer_step:
+                    raise
+                logger.warning("ThinkDiff: compiling the decode step failed (%s: %s); using eager layers",
+                               type(e).__name__, e)
+                self._layer_step = decoder_layer_step
+                with torch.cuda.stream(stream):
+                    self._warm_step(b)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(b)
+        self._graph, self._graph_key = graph, key
+        return graph
+
+    def _warm_step(self, b: _Buffers) -> None:
+        b.slot.fill_(b.keys.shape[3] - 1)
+        b.step.fill_(b.states.shape[0] - 1)
+        self._step(b)
+
+
+def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a transformers DynamicCache, whichever version made it."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
