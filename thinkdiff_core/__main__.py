@@ -1,4 +1,4 @@
-"""Command line: `python -m thinkdiff_core {demo,generate,cobsat,prepare-lvlm,train,convert,extract-vision,
+"""Command line: `python -m thinkdiff_core {demo,generate,cobsat,bench,prepare-lvlm,train,convert,extract-vision,
 make-tiny-models}`."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import sys
 
 from . import render
+from .bench import PATHS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", dest="top_p", type=float)
     gen.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
     gen.add_argument("--device")
+    gen.add_argument("--quantize", choices=["8bit", "4bit"], help="lvlm: load Qwen2-VL quantised (bitsandbytes) "
+                     "for GPUs of 24 GB or less; its states drift from the bf16 ones the aligner was trained on")
     gen.add_argument("--out", default="generate_output", help="output folder (default: %(default)s)")
 
     bench = commands.add_parser("cobsat", help="evaluate ThinkDiff-LVLM on CoBSAT (resumable)")
@@ -65,6 +68,24 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--guidance", type=float, default=render.GUIDANCE)
     bench.add_argument("--size", type=int, default=render.SIZE["lvlm"])
     bench.add_argument("--out", default="cobsat_output", help="output folder (default: %(default)s)")
+
+    speed = commands.add_parser("bench", help="reasoning latency and memory: transformers' generate against the "
+                                "fast path (default: Qwen2-VL-7B's architecture with random weights)")
+    speed.add_argument("--vlm", help="a Qwen2-VL folder to load instead of random weights")
+    speed.add_argument("--config", help="random weights with this config.json instead of Qwen2-VL-7B's")
+    speed.add_argument("--device", help="default: cuda if available")
+    speed.add_argument("--tokens", type=int, default=128)
+    speed.add_argument("--repeats", type=int, default=3, help="warm runs per path (the median is reported)")
+    speed.add_argument("--seed", type=int, default=0)
+    speed.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    speed.add_argument("--prompt-tokens", type=int, default=612, help="random weights: prompt length")
+    speed.add_argument("--image-size", type=int, default=448, help="random weights: side of the two images")
+    speed.add_argument("--leak-runs", type=int, default=10, help="fast path runs of the leak check (0: none)")
+    speed.add_argument("--quantize", nargs="+", default=[], choices=["8bit", "4bit"],
+                       help="also load quantised (needs bitsandbytes) and measure the drift of its states")
+    speed.add_argument("--save-random", help="save the random model here (safetensors) to measure loading "
+                       "and quantisation")
+    speed.add_argument("--out", help="also write the JSON here (rewritten after each stage)")
 
     prepare = commands.add_parser("prepare-lvlm", help="precompute Qwen2-VL answers and states for aligner training")
     prepare.add_argument("--vlm", required=True, help="Qwen2-VL folder")
@@ -131,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
             run_cobsat(args.data, args.out, args.vlm, args.aligner, args.flux, args.judge or args.vlm, shot=args.shots,
                        tasks=args.tasks, limit=args.limit, seed=args.seed, steps=args.steps, guidance=args.guidance,
                        size=args.size)
+        elif args.command == "bench":
+            from .bench import run_bench
+
+            results = run_bench(args.vlm, args.device, args.tokens, args.repeats, args.seed, args.paths, args.quantize,
+                                args.save_random, args.config, args.prompt_tokens, args.image_size, args.leak_runs,
+                                args.out, log=lambda line: print(line, file=sys.stderr))
+            print(json.dumps(results, indent=2))
         elif args.command == "prepare-lvlm":
             from .train import prepare_lvlm
 

@@ -67,29 +67,45 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def decoder_layer_step(layer, x, key_cache, value_cache, cos, sin, slot, visible, heads: int, kv_heads: int):
-    """One Qwen2-VL decoder layer on the single position `slot`; writes its key and value into the cache.
+def layer_inputs(layer, x, cos, sin, heads: int, kv_heads: int, head_dim: int):
+    """A decoder layer's query, key and value for one position, rotary embedding applied.
 
-    x: [1, 1, hidden]; key_cache, value_cache: [1, kv_heads, cache_len, head_dim]; cos, sin:
-    [1, 1, 1, head_dim]; slot: [1] int64; visible: [1, 1, 1, cache_len] bool (the filled slots).
+    x: [1, 1, hidden]; cos, sin: [1, 1, 1, head_dim]; returns q [1, heads, 1, head_dim], k and v
+    [1, kv_heads, 1, head_dim].
     """
     attn = layer.self_attn
     h = layer.input_layernorm(x)
-    head_dim = key_cache.shape[-1]
     q = attn.q_proj(h).view(1, 1, heads, head_dim).transpose(1, 2)
     k = attn.k_proj(h).view(1, 1, kv_heads, head_dim).transpose(1, 2)
     v = attn.v_proj(h).view(1, 1, kv_heads, head_dim).transpose(1, 2)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+
+def layer_output(layer, x, attended):
+    """The rest of the layer after attention: output projection, residual, MLP, residual."""
+    x = x + layer.self_attn.o_proj(attended.reshape(1, 1, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def decoder_layer_step(layer, x, key_cache, value_cache, cos, sin, slot, visible, heads: int, kv_heads: int,
+                       inputs=layer_inputs, output=layer_output):
+    """One Qwen2-VL decoder layer on the single position `slot`; writes its key and value into the cache.
+
+    key_cache, value_cache: [1, kv_heads, cache_len, head_dim]; slot: [1] int64; visible:
+    [1, 1, 1, cache_len] bool (the filled slots). `inputs` and `output` may be compiled versions of
+    layer_inputs and layer_output: the cache write and attention stay outside compiled code, so
+    nothing compiled mutates its inputs.
+    """
+    head_dim = key_cache.shape[-1]
+    q, k, v = inputs(layer, x, cos, sin, heads, kv_heads, head_dim)
     key_cache.index_copy_(2, slot, k)
     value_cache.index_copy_(2, slot, v)
     # One query position: the query heads that share a key/value head attend as one group, so the
     # cache is read once instead of being repeated per query head.
     grouped = q.reshape(1, kv_heads, heads // kv_heads, head_dim)
-    out = F.scaled_dot_product_attention(grouped, key_cache, value_cache, attn_mask=visible,
-                                         scale=head_dim ** -0.5)
-    x = x + attn.o_proj(out.reshape(1, 1, heads * head_dim))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    attended = F.scaled_dot_product_attention(grouped, key_cache, value_cache, attn_mask=visible,
+                                              scale=head_dim ** -0.5)
+    return output(layer, x, attended)
 
 
 @dataclass
@@ -135,7 +151,7 @@ class FastDecoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.vocab_size = self.lm_head.weight.shape[0]
-        self._layer_step = decoder_layer_step
+        self._inputs, self._output = layer_inputs, layer_output
         self._buffers: _Buffers | None = None
         self._graph = None
         self._graph_key = None
@@ -174,8 +190,9 @@ class FastDecoder:
                 graph.replay() if graph is not None else self._step(buffers)
                 if on_token:
                     on_token(done, new_tokens)
-            states = buffers.states[:new_tokens].float().cpu()
-            tokens = buffers.tokens[:new_tokens].cpu()
+            # Copies: the buffers are overwritten by the next run (on CPU .cpu() would alias them).
+            states = buffers.states[:new_tokens].to("cpu", torch.float32, copy=True)
+            tokens = buffers.tokens[:new_tokens].to("cpu", copy=True)
         return tokens, states
 
     def release(self) -> None:
@@ -232,7 +249,8 @@ class FastDecoder:
         sin = (angles.sin() * scaling).to(x.dtype).view(1, 1, 1, -1)
         visible = b.slot_ids <= b.slot
         for layer, keys, values in zip(self.layers, b.keys, b.values):
-            x = self._layer_step(layer, x, keys, values, cos, sin, b.slot, visible, self.heads, self.kv_heads)
+            x = decoder_layer_step(layer, x, keys, values, cos, sin, b.slot, visible, self.heads, self.kv_heads,
+                                   self._inputs, self._output)
         state = self.norm(x).view(1, -1)
         token = sample_paper(self.lm_head(state).float(), b.eos_mask, b.temperature, b.top_p_floor)
         token = torch.where(b.forcing, b.forced.index_select(0, b.step), token)
@@ -281,11 +299,15 @@ class FastDecoder:
         # bitsandbytes' int8 layers synchronise with the host; keep graphs to plain linear layers.
         return all(type(m) is torch.nn.Linear for m in self.layers[0].modules() if isinstance(m, torch.nn.Linear))
 
+    @property
+    def compiled(self) -> bool:
+        return self._inputs is not layer_inputs
+
     def _compile_layer_step(self) -> None:
-        if not self.compile or self._layer_step is not decoder_layer_step:
-            return
-        # One layer's code, reused by all layers (their shapes are equal): seconds to compile, not minutes.
-        self._layer_step = torch.compile(decoder_layer_step, fullgraph=True, dynamic=False)
+        if self.compile and not self.compiled:
+            # One layer's code, reused by all layers (their shapes are equal): seconds to compile, not minutes.
+            self._inputs = torch.compile(layer_inputs, fullgraph=True, dynamic=False)
+            self._output = torch.compile(layer_output, fullgraph=True, dynamic=False)
 
     def _weights_key(self) -> tuple:
         return tuple(p.data_ptr() for p in self.model.parameters())
@@ -308,11 +330,11 @@ class FastDecoder:
                     for _ in range(3):  # compiles (when asked) and sets up cuBLAS and attention kernels
                         self._warm_step(b)
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager layers
-                if self._layer_step is decoder_layer_step:
+                if not self.compiled:
                     raise
                 logger.warning("ThinkDiff: compiling the decode step failed (%s: %s); using eager layers",
                                type(e).__name__, e)
-                self._layer_step = decoder_layer_step
+                self._inputs, self._output = layer_inputs, layer_output
                 with torch.cuda.stream(stream):
                     self._warm_step(b)
             torch.cuda.current_stream(device).wait_stream(stream)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import torch
 from .decode import FastDecoder
 from .prompt import Item, build_messages
 from .versions import release
+
+logger = logging.getLogger(__name__)
 
 QWEN2_VL_MODEL_TYPE = "qwen2_vl"
 FP16_REFUSAL = (
@@ -85,6 +88,52 @@ def check_vlm_folder(folder: Path) -> None:
             raise FileNotFoundError(f"{folder} is missing {name}; the Qwen2-VL processor needs it")
 
 
+QUANTIZATIONS = ("8bit", "4bit")
+QUANTIZATION_DRIFT = (
+    "the VLM is quantised to {0}: its states drift from the bfloat16 states ThinkDiff's aligner was trained "
+    "on, so pictures can differ from the paper's; `python -m thinkdiff_core bench --quantize {0}` measures "
+    "the drift"
+)
+
+
+def load_qwen2_vl(folder: str | os.PathLike, device: torch.device, dtype: torch.dtype | str | None = None,
+                  quantization: str | None = None):
+    """Qwen2VLForConditionalGeneration from a local folder, each tensor read straight onto `device`.
+
+    The vision tower and the output head stay unquantised: only the language model's layers are
+    bitsandbytes-quantised when `quantization` is given.
+    """
+    import transformers
+    from transformers import Qwen2VLForConditionalGeneration
+
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, device)
+    dtype_option = "dtype" if release(transformers) >= (4, 56) else "torch_dtype"
+    options = {dtype_option: dtype}
+    if quantization is not None:
+        options["quantization_config"] = quantization_config(quantization, dtype)
+        logger.warning("ThinkDiff: %s", QUANTIZATION_DRIFT.format(quantization))
+    # device_map places each tensor on the device as it is read (no full CPU copy first).
+    return Qwen2VLForConditionalGeneration.from_pretrained(
+        folder, local_files_only=True, attn_implementation="sdpa", device_map={"": device}, **options
+    )
+
+
+def quantization_config(quantization: str, dtype: torch.dtype):
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"{quantization} loading needs bitsandbytes, an optional dependency: "
+                          f"pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    keep = ["visual", "lm_head"]  # the vision tower and the output head stay unquantised
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=keep)
+
+
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
     """The language model's final RMSNorm (its module path moved across transformers versions)."""
     return model.get_decoder().norm
@@ -138,29 +187,26 @@ class Reasoner:
         folder: str | os.PathLike,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        quantization: str | None = None,
         **options,
     ) -> "Reasoner":
-        """Load Qwen2-VL from a local folder, never the network; bf16 on GPU, float32 on CPU, sdpa."""
+        """Load Qwen2-VL from a local folder, never the network; bf16 on GPU, float32 on CPU, sdpa.
+
+        `quantization` "8bit" or "4bit" (bitsandbytes) shrinks the language model for GPUs of 24 GB or
+        less, at the cost of states that drift from those the aligner was trained on.
+        """
         folder = Path(folder)
         check_vlm_folder(folder)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = resolve_dtype(dtype, device)
         import transformers
-        from transformers import AutoImageProcessor, AutoProcessor, Qwen2VLForConditionalGeneration
+        from transformers import AutoImageProcessor, AutoProcessor
 
-        version = release(transformers)
         # The PIL image processor is the one the authors' pipeline ran (the torchvision one
         # resamples slightly differently); transformers 5 selects it by backend name.
-        pil_option = {"backend": "pil"} if version >= (5, 0) else {"use_fast": False}
+        pil_option = {"backend": "pil"} if release(transformers) >= (5, 0) else {"use_fast": False}
         image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, **pil_option)
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True, image_processor=image_processor)
-        dtype_option = "dtype" if version >= (4, 56) else "torch_dtype"
-        # device_map reads each safetensors tensor straight onto the device (no CPU copy first).
-        model = Qwen2VLForConditionalGeneration.from_pretrained(
-            folder, local_files_only=True, attn_implementation="sdpa", device_map={"": device},
-            **{dtype_option: dtype}
-        )
-        return cls(model, processor, **options)
+        return cls(load_qwen2_vl(folder, device, dtype, quantization), processor, **options)
 
     @property
     def device(self) -> torch.device:

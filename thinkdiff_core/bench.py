@@ -1,0 +1,336 @@
+"""Reasoning latency and memory: transformers' generate against the fast path, same process, same inputs.
+
+With no folder given it builds Qwen2-VL-7B's architecture with random weights directly on the device
+(a forward pass costs the same whatever the weights) and feeds it the 2-shot shape: two 448x448
+images (256 tokens each) and text, 612 prompt tokens. With a folder it loads the model and renders
+the 2-shot example (white car, blue car, "red") with 448x448 images. It reports, per path: first-call
+and warm latency, prefill time, ms per decoded token, peak memory; the floor (language-model weight
+bytes over measured copy bandwidth) and the ratios; whether the fast path gives generate's tokens and
+states; a leak check over repeated runs; optionally load throughput and quantisation drift.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .decode import FastDecoder
+from .reason import QUANTIZATIONS, Reasoner, load_qwen2_vl
+
+# Qwen/Qwen2-VL-7B-Instruct's config.json (the sizes that set the cost of a forward pass).
+QWEN2_VL_7B = {
+    "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+    "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656,
+    "hidden_act": "silu", "hidden_size": 3584, "intermediate_size": 18944, "initializer_range": 0.02,
+    "max_position_embeddings": 32768, "max_window_layers": 28, "num_attention_heads": 28,
+    "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "attention_dropout": 0.0, "vocab_size": 152064,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                      "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                      "temporal_patch_size": 2},
+}
+PROMPT_TOKENS = 612
+IMAGE_SIZE = 448
+PATHS = ("generate", "fast", "fast_compiled")
+
+
+def random_qwen2_vl(config: dict, device: torch.device, dtype: torch.dtype):
+    """Qwen2-VL with random weights, allocated and initialised on `device`."""
+    import transformers
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from .versions import release
+
+    dtype_option = "dtype" if release(transformers) >= (4, 56) else "torch_dtype"
+    config = {**config, "torch_dtype": str(dtype).removeprefix("torch.")}
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration._from_config(
+            Qwen2VLConfig.from_dict(config), attn_implementation="sdpa", **{dtype_option: dtype})
+    return model.to(dtype).eval()  # some versions build a part in the config's dtype
+
+
+def synthetic_inputs(model, device: torch.device, images: int = 2, image_size: int = IMAGE_SIZE,
+                     prompt_tokens: int = PROMPT_TOKENS, seed: int = 0) -> dict:
+    """Processor-shaped inputs: text, then each image's vision tokens between start and end markers."""
+    import inspect
+
+    config = model.config
+    vision = config.vision_config
+    grid = image_size // vision.patch_size
+    image_tokens = grid * grid // vision.spatial_merge_size ** 2
+    text_tokens = prompt_tokens - images * (image_tokens + 2)
+    if text_tokens < images + 1:
+        raise ValueError(f"{prompt_tokens} prompt tokens cannot hold {images} images of {image_tokens} tokens")
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, config.bos_token_id, (text_tokens,), generator=generator).tolist()
+    chunk = text_tokens // (images + 1)
+    ids = []
+    for i in range(images):
+        ids += text[i * chunk:(i + 1) * chunk]
+        ids += [config.vision_start_token_id] + [config.image_token_id] * image_tokens + [config.vision_end_token_id]
+    ids += text[images * chunk:]
+    input_ids = torch.tensor([ids], device=device)
+    patch_values = vision.in_chans * vision.temporal_patch_size * vision.patch_size ** 2
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.randn(images * grid * grid, patch_values, generator=generator).to(device),
+        "image_grid_thw": torch.tensor([[1, grid, grid]] * images, device=device),
+    }
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # transformers 5 computes M-RoPE from it
+        inputs["mm_token_type_ids"] = (input_ids == config.image_token_id).int()
+    return inputs
+
+
+def two_shot_inputs(reasoner: Reasoner) -> dict:
+    """The white car / blue car / "red" example at 448x448, through the model's own processor."""
+    from PIL import Image
+
+    assets = Path(__file__).parent / "assets"
+    white, blue = (Image.open(assets / name).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
+                   for name in ("white_car.png", "blue_car.png"))
+    return reasoner.prepare_inputs(*reasoner.render_prompt(["white", white, "blue", blue, "red"]))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device: torch.device):
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def copy_bandwidth(device: torch.device, size: int = 1 << 30) -> float:
+    """Device memory bandwidth in bytes/s, counting the bytes a copy reads and writes."""
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    seconds = min(timed(lambda: target.copy_(source), device)[0] for _ in range(10))
+    return 2 * size / seconds
+
+
+def language_model_bytes(model) -> int:
+    """Bytes of every weight outside the vision tower: what one decoded token reads at most."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "visual" not in name)
+
+
+def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+
+
+def compare(states, tokens, reference_states, reference_tokens) -> dict:
+    """Whether the tokens are the same, and how close the states are while they are."""
+    same = (tokens == reference_tokens).long()
+    prefix = int(same.cumprod(0).sum())
+    result = {"same_tokens": prefix == len(tokens), "matching_prefix_tokens": prefix}
+    if prefix:
+        result["prefix_min_cosine"] = round(float(cosines(states[:prefix], reference_states[:prefix]).min()), 6)
+        result["prefix_max_abs_diff"] = float((states[:prefix] - reference_states[:prefix]).abs().max())
+    return result
+
+
+def memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3),
+            "allocated_gib": round(torch.cuda.memory_allocated(device) / 2 ** 30, 3)}
+
+
+class Bench:
+    """The measurements of one model on one device; `results` is the JSON printed at the end."""
+
+    def __init__(self, reasoner: Reasoner, inputs: dict, tokens: int, repeats: int, seed: int, log=print):
+        self.reasoner, self.inputs, self.tokens, self.repeats, self.seed, self.log = \
+            reasoner, inputs, tokens, repeats, seed, log
+        self.device = reasoner.device
+        self.results: dict = {}
+
+    def sampler(self, path: str):
+        """A function (tokens, seed, forced) -> (token_ids, states) for one path, and its decoder if any."""
+        r = self.reasoner
+        if path == "generate":
+            return (lambda n, seed, forced=None: r.sample(self.inputs, seed, max_new_tokens=n, min_new_tokens=n,
+                                                          fast=False)), None
+        decoder = FastDecoder(r.model, compile=path == "fast_compiled")
+
+        def run(n, seed, forced=None):
+            return decoder.run(self.inputs, n, seed, 0.6, 0.9, r.eos_token_ids, forced)
+        return run, decoder
+
+    def measure(self, path: str) -> dict:
+        """First call, warm latency, prefill, per-token time and peak memory of one path."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        run, decoder = self.sampler(path)
+        first, _ = timed(lambda: run(self.tokens, self.seed), self.device)
+        warm = [timed(lambda: run(self.tokens, self.seed), self.device) for _ in range(self.repeats)]
+        prefill = statistics.median(timed(lambda: run(1, self.seed), self.device)[0] for _ in range(self.repeats))
+        seconds = statistics.median(t for t, _ in warm)
+        tokens, states = warm[-1][1]
+        result = {"first_call_s": round(first, 4), "warm_s": round(seconds, 4), "prefill_s": round(prefill, 4),
+                  "decode_ms_per_token": round(1000 * (seconds - prefill) / max(self.tokens - 1, 1), 3),
+                  **memory(self.device)}
+        if decoder is not None:
+            result["cuda_graph"] = decoder._graph is not None
+            result["compiled"] = decoder.compiled
+        self.log(f"{path}: {json.dumps(result)}")
+        return result, run, decoder, tokens, states
+
+    def run(self, paths=PATHS, leak_runs: int = 10, on_result: Callable[[dict], None] | None = None) -> dict:
+        r, results = self.reasoner, self.results
+        results["device"] = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        results["torch"], results["dtype"] = torch.__version__, str(next(r.model.parameters()).dtype)
+        results["prompt_tokens"], results["new_tokens"] = int(self.inputs["input_ids"].shape[1]), self.tokens
+        lm_bytes = language_model_bytes(r.model)
+        results["language_model_gb"] = round(lm_bytes / 1e9, 3)
+        if self.device.type == "cuda":
+            bandwidth = copy_bandwidth(self.device)
+            floor = self.tokens * lm_bytes / bandwidth
+            results.update(copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), floor_s=round(floor, 4),
+                           floor_ms_per_token=round(1000 * floor / self.tokens, 3))
+        reference = None
+        for path in paths:
+            if path == "fast_compiled" and self.device.type != "cuda":
+                results[path] = {"skipped": "compilation is used with CUDA graphs only"}
+                continue
+            measured, run, decoder, tokens, states = self.measure(path)
+            results[path] = measured
+            if path == "generate":
+                reference = tokens, states
+            elif reference is not None:
+                measured["vs_generate"] = compare(states, tokens, reference[1], reference[0])
+                forced_tokens, forced_states = run(self.tokens, self.seed + 1, reference[0])
+                c = cosines(forced_states, reference[1])
+                measured["vs_generate_same_tokens"] = {
+                    "min_cosine": round(float(c.min()), 6), "mean_cosine": round(float(c.mean()), 6),
+                    "max_abs_diff": float((forced_states - reference[1]).abs().max())}
+                measured["speedup_vs_generate"] = round(results["generate"]["warm_s"] / measured["warm_s"], 2)
+                if "floor_s" in results:
+                    measured["x_floor"] = round(measured["warm_s"] / results["floor_s"], 3)
+                if path == "fast" and leak_runs:
+                    measured["leak"] = self.leak_check(run, decoder, leak_runs)
+            if on_result:
+                on_result(results)
+            if decoder is not None:
+                decoder.release()
+        return results
+
+    def leak_check(self, run, decoder, runs: int) -> dict:
+        """Device memory after run 1 and run `runs`, and after release() (CUDA only)."""
+        if self.device.type != "cuda":
+            for _ in range(runs):
+                run(self.tokens, self.seed)
+            return {"runs": runs}
+        decoder.release()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(self.device)
+        after = []
+        for i in range(runs):
+            run(self.tokens, self.seed + i)
+            synchronize(self.device)
+            after.append(torch.cuda.memory_allocated(self.device))
+        decoder.release()
+        torch.cuda.empty_cache()
+        released = torch.cuda.memory_allocated(self.device)
+        mib = 2 ** 20
+        return {"runs": runs, "run1_minus_start_mib": round((after[0] - before) / mib, 1),
+                "run10_minus_run1_mib": round((after[-1] - after[0]) / mib, 1),
+                "released_minus_start_mib": round((released - before) / mib, 1)}
+
+
+def load_and_quantization(folder: Path, device: torch.device, dtype, quantizations, inputs, tokens, seed,
+                          reference, log=print) -> dict:
+    """Load time and read throughput of `folder`; each quantisation's speed, memory and state drift."""
+    results = {}
+    weight_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    seconds, model = timed(lambda: load_qwen2_vl(folder, device, dtype), device)
+    results["load"] = {"seconds": round(seconds, 3), "gb": round(weight_bytes / 1e9, 3),
+                       "gb_per_s": round(weight_bytes / 1e9 / seconds, 3),
+                       "on_device": all(p.device.type == device.type for p in model.parameters())}
+    decoder = FastDecoder(model)
+    _, states = decoder.run(inputs, tokens, seed, 0.6, 0.9, reference["eos_token_ids"], reference["tokens"])
+    results["load"]["min_cosine_vs_before_saving"] = round(float(cosines(states, reference["states"]).min()), 6)
+    log(f"load: {json.dumps(results['load'])}")
+    decoder.release()
+    del model, decoder
+    for quantization in quantizations:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds, model = timed(lambda: load_qwen2_vl(folder, device, dtype, quantization), device)
+        eos = reference["eos_token_ids"]
+        decoder = FastDecoder(model)
+        run = lambda n, s, forced=None: decoder.run(inputs, n, s, 0.6, 0.9, eos, forced)  # noqa: E731
+        run(tokens, seed)
+        warm, _ = timed(lambda: run(tokens, seed), device)
+        _, states = run(tokens, seed, reference["tokens"])
+        c = cosines(states, reference["states"])
+        results[quantization] = {"load_s": round(seconds, 3), "warm_s": round(warm, 4), **memory(device),
+                                 "drift_vs_unquantised_same_tokens": {"min_cosine": round(float(c.min()), 6),
+                                                               "mean_cosine": round(float(c.mean()), 6)}}
+        log(f"{quantization}: {json.dumps(results[quantization])}")
+        decoder.release()
+        del model, decoder
+    return results
+
+
+def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 128, repeats: int = 3,
+              seed: int = 0, paths=PATHS, quantize=(), save_random: str | None = None, config: str | None = None,
+              prompt_tokens: int = PROMPT_TOKENS, image_size: int = IMAGE_SIZE, leak_runs: int = 10,
+              out: str | None = None, log=print) -> dict:
+    """Everything above; writes the JSON to `out` after each stage (a cut-off run keeps what it measured)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for quantization in quantize:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"--quantize takes {' or '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if quantize and not (vlm or save_random):
+        raise ValueError("--quantize loads from a folder: give --vlm, or --save-random DIR to save the random model")
+
+    def write(results):
+        if out:
+            Path(out).write_text(json.dumps(results, indent=2))
+
+    if vlm:
+        load_s, reasoner = timed(lambda: Reasoner.from_pretrained(vlm, device=device, dtype=dtype), device)
+        inputs = two_shot_inputs(reasoner)
+        source = {"model": str(vlm), "load_s": round(load_s, 3)}
+    else:
+        architecture = json.loads(Path(config).read_text()) if config else QWEN2_VL_7B
+        build_s, model = timed(lambda: random_qwen2_vl(architecture, device, dtype), device)
+        reasoner = Reasoner(model)
+        inputs = synthetic_inputs(model, device, image_size=image_size, prompt_tokens=prompt_tokens, seed=seed)
+        source = {"model": f"random weights, {'config ' + config if config else 'Qwen2-VL-7B architecture'}",
+                  "build_s": round(build_s, 3)}
+    bench = Bench(reasoner, inputs, tokens, repeats, seed, log)
+    bench.results.update(source)
+    results = bench.run(paths, leak_runs, on_result=write)
+    write(results)
+    folder = Path(vlm) if vlm else None
+    if save_random and not vlm:
+        folder = Path(save_random)
+        seconds, _ = timed(lambda: reasoner.model.save_pretrained(folder, safe_serialization=True), device)
+        results["save_random_s"] = round(seconds, 3)
+    if folder is not None and (quantize or save_random):
+        reference_tokens, reference_states = bench.sampler("fast")[0](tokens, seed)
+        reference = {"tokens": reference_tokens, "states": reference_states, "eos_token_ids": reasoner.eos_token_ids}
+        del bench, reasoner
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results.update(load_and_quantization(folder, device, dtype, quantize, inputs, tokens, seed, reference, log))
+        write(results)
+    return results
