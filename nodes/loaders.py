@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import weakref
 
 import torch
@@ -16,16 +17,20 @@ from . import folders, managed
 CATEGORY = "ThinkDiff"
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PRECISION_TOOLTIP = "bf16 as the paper (the aligners were trained on bf16 features); fp16 is refused"
+# The VLM may also load bitsandbytes-quantised, for GPUs of 24 GB or less (language model only).
+QUANTIZED = {"8-bit (bitsandbytes)": "8bit", "4-bit (bitsandbytes)": "4bit"}
+VLM_PRECISION_TOOLTIP = (PRECISION_TOOLTIP + ". 8-bit / 4-bit need bitsandbytes, load straight onto the GPU and stay "
+                         "there; their states drift from the bf16 ones the aligner was trained on")
 
 
 class ThinkDiffVLM:
     """A loaded Qwen2-VL and its ModelPatcher (the THINKDIFF_VLM type)."""
 
-    def __init__(self, reasoner: Reasoner, name: str):
+    def __init__(self, reasoner: Reasoner, name: str, quantized: bool = False):
         self.reasoner = reasoner
         self.name = name
         self.hidden_size = reasoner.hidden_size
-        self.patcher = managed.manage(reasoner.model)
+        self.patcher = managed.manage(reasoner.model, on_move=reasoner.release, movable=not quantized)
 
 
 class ThinkDiffVision:
@@ -105,17 +110,32 @@ class ThinkDiffLoadVLM:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": (list(folders.vlm_folders()), {"tooltip": "A Qwen2-VL Hugging Face folder"}),
-            "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": PRECISION_TOOLTIP}),
+            "precision": ([*PRECISIONS, *QUANTIZED], {"default": "bf16", "tooltip": VLM_PRECISION_TOOLTIP}),
         }}
 
     @classmethod
     def VALIDATE_INPUTS(cls, model, precision):
+        if precision in QUANTIZED:
+            if importlib.util.find_spec("bitsandbytes") is None:
+                return f"precision '{precision}' needs bitsandbytes: pip install bitsandbytes"
+            return _validate(folders.vlm_folders(), model, "Qwen2-VL folder", folders.VLM_KEYS)
         return _validate(folders.vlm_folders(), model, "Qwen2-VL folder", folders.VLM_KEYS, precision)
 
     def load(self, model, precision):
-        path = _find(folders.vlm_folders(), model, "Qwen2-VL folder", folders.VLM_KEYS, precision)
-        return (_load_once(("vlm", path, precision), lambda: ThinkDiffVLM(
-            Reasoner.from_pretrained(path, device=mm.unet_offload_device(), dtype=PRECISIONS[precision]), model)),)
+        quantization = QUANTIZED.get(precision)
+        path = _find(folders.vlm_folders(), model, "Qwen2-VL folder", folders.VLM_KEYS,
+                     None if quantization else precision)
+
+        def build():
+            if quantization:  # quantised on the compute device, where it stays
+                reasoner = Reasoner.from_pretrained(path, device=mm.get_torch_device(), dtype=torch.bfloat16,
+                                                    quantization=quantization)
+            else:
+                reasoner = Reasoner.from_pretrained(path, device=mm.unet_offload_device(),
+                                                    dtype=PRECISIONS[precision])
+            return ThinkDiffVLM(reasoner, model, quantized=quantization is not None)
+
+        return (_load_once(("vlm", path, precision), build),)
 
 
 class ThinkDiffLoadVisionEncoder:

@@ -14,18 +14,34 @@ class DeviceTracked(torch.nn.Module):
     Hugging Face models expose `device` as a read-only property, so they cannot be patched directly.
     """
 
-    def __init__(self, module: torch.nn.Module, device: torch.device):
+    def __init__(self, module: torch.nn.Module, device: torch.device, on_move=None):
         super().__init__()
         self.module = module
         self.device = device
+        self.on_move = on_move
+
+    def _apply(self, fn, recurse=True):
+        # Every .to()/.cuda()/.cpu() passes here: state tied to the old placement (e.g. a captured
+        # CUDA graph and its cache) is dropped before the weights move.
+        if self.on_move is not None:
+            self.on_move()
+        return super()._apply(fn, recurse)
 
 
-def manage(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher for `module`, which is moved to the offload device until it is needed."""
+def manage(module: torch.nn.Module, on_move=None, movable: bool = True) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher for `module`, which is moved to the offload device until it is needed.
+
+    `on_move` is called before the module moves. A module that is not `movable` (bitsandbytes-quantised
+    weights) stays where it was loaded: its patcher's offload device is its load device.
+    """
+    if not movable:
+        device = next(module.parameters()).device
+        return comfy.model_patcher.ModelPatcher(DeviceTracked(module.eval().requires_grad_(False), device, on_move),
+                                                load_device=device, offload_device=device)
     offload = mm.unet_offload_device()
     module = module.to(offload).eval().requires_grad_(False)
-    return comfy.model_patcher.ModelPatcher(DeviceTracked(module, offload), load_device=mm.get_torch_device(),
-                                            offload_device=offload)
+    return comfy.model_patcher.ModelPatcher(DeviceTracked(module, offload, on_move),
+                                            load_device=mm.get_torch_device(), offload_device=offload)
 
 
 def load(*patchers: comfy.model_patcher.ModelPatcher) -> None:

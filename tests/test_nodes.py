@@ -59,7 +59,8 @@ def test_loaders_list_models_in_comfyui_folders_and_extra_paths(host):
     assert {"thinkdiff_clip.pth", "thinkdiff_lvlm.pth", "thinkdiff_lvlm.safetensors"} <= set(aligner_names)
     assert not [name for name in aligner_names if "blip2" in name or name.startswith("model-")]
     precision = host.runtime.get_node_info("ThinkDiffLoadVLM")["input_types"]["required"]["precision"]
-    assert precision == (["bf16", "fp32"], precision[1]) and precision[1]["default"] == "bf16"
+    assert precision[0] == ["bf16", "fp32", "8-bit (bitsandbytes)", "4-bit (bitsandbytes)"]
+    assert precision[1]["default"] == "bf16"
 
 
 def test_vlm_loader_hands_the_model_to_comfyuis_memory_manager(host, loaded):
@@ -96,6 +97,44 @@ def test_reasoning_node_returns_flux_conditioning_and_the_answer(host, loaded, c
     _, pooled = host.clip.encode_from_tokens(host.clip.tokenize(""), return_pooled=True)
     torch.testing.assert_close(extras["pooled_output"], pooled)
     assert any(m.model is vlm.patcher for m in mm.current_loaded_models)  # loaded through load_models_gpu
+
+
+def test_moving_the_vlm_frees_the_fast_paths_cache_and_the_next_run_matches(host, loaded, cars):
+    vlm, _ = loaded
+    first = reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=4)["result"][0][0][0]
+    assert vlm.reasoner._decoder._buffers is not None
+    vlm.patcher.model.to(mm.unet_offload_device())  # what ComfyUI's detach does when FLUX needs the memory
+    assert vlm.reasoner._decoder._buffers is None
+    again = reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=4)["result"][0][0][0]
+    torch.testing.assert_close(again, first)
+
+
+def test_ten_queued_runs_leave_one_cache_alive(host, loaded, cars):
+    import gc
+    import weakref
+
+    vlm, _ = loaded
+    instance = node(host, "ThinkDiffReason")
+    caches = []
+    for seed in range(10):
+        reason(host, loaded, instance, image_1=cars[0], image_2=cars[1], seed=seed)
+        caches.append(weakref.ref(vlm.reasoner._decoder._buffers))
+    gc.collect()
+    alive = [ref() for ref in caches if ref() is not None]
+    assert alive and all(buffers is vlm.reasoner._decoder._buffers for buffers in alive)
+
+
+def test_quantised_vlm_loads_through_the_node_and_stays_put(host, cars):
+    pytest.importorskip("bitsandbytes")
+    loader = node(host, "ThinkDiffLoadVLM")
+    assert type(loader).VALIDATE_INPUTS(model="Qwen-VL/Qwen2-VL-tiny", precision="4-bit (bitsandbytes)") is True
+    (vlm,) = loader.load("Qwen-VL/Qwen2-VL-tiny", "4-bit (bitsandbytes)")
+    layer = vlm.reasoner.model.get_decoder().layers[0]
+    assert type(layer.mlp.up_proj).__name__ == "Linear4bit"
+    assert vlm.patcher.load_device == vlm.patcher.offload_device == mm.get_torch_device()
+    (aligner,) = node(host, "ThinkDiffLoadAligner").load("thinkdiff_lvlm.pth")
+    conditioning, _ = reason(host, (vlm, aligner), image_1=cars[0], image_2=cars[1])["result"]
+    assert conditioning[0][0].shape == (1, 8, 32) and torch.isfinite(conditioning[0][0]).all()
 
 
 def aligner_path(host):

@@ -70,7 +70,8 @@ def synthetic_inputs(model, device: torch.device, images: int = 2, image_size: i
     if text_tokens < images + 1:
         raise ValueError(f"{prompt_tokens} prompt tokens cannot hold {images} images of {image_tokens} tokens")
     generator = torch.Generator().manual_seed(seed)
-    text = torch.randint(0, config.bos_token_id, (text_tokens,), generator=generator).tolist()
+    first_special = min(config.vision_start_token_id, config.image_token_id)  # ordinary tokens come before
+    text = torch.randint(0, first_special, (text_tokens,), generator=generator).tolist()
     chunk = text_tokens // (images + 1)
     ids = []
     for i in range(images):

@@ -127,7 +127,8 @@ def quantization_config(quantization: str, dtype: torch.dtype):
                           f"pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
-    keep = ["visual", "lm_head"]  # the vision tower and the output head stay unquantised
+    # The vision tower and the output head stay unquantised (transformers 5 matches names from the start).
+    keep = ["visual", "model.visual", "lm_head"]
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,

@@ -1,0 +1,93 @@
+"""The reasoning benchmark's CPU smoke run, quantised loading and the drift it measures."""
+
+import json
+
+import pytest
+import torch
+
+from thinkdiff_core import Reasoner
+from thinkdiff_core.__main__ import main
+from thinkdiff_core.bench import QWEN2_VL_7B, language_model_bytes, random_qwen2_vl, synthetic_inputs
+
+
+def test_bench_on_a_folder_compares_generate_and_the_fast_path(tiny_models, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--vlm", str(tiny_models["vlm"]), "--device", "cpu", "--tokens", "12", "--repeats", "1",
+                 "--leak-runs", "2", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == printed
+    assert printed["device"] == "cpu" and printed["new_tokens"] == 12 and printed["prompt_tokens"] > 0
+    for path in ("generate", "fast"):
+        assert printed[path]["warm_s"] > 0 and printed[path]["prefill_s"] > 0
+    fast = printed["fast"]
+    assert fast["vs_generate"]["same_tokens"] and fast["vs_generate"]["matching_prefix_tokens"] == 12
+    assert fast["vs_generate"]["prefix_max_abs_diff"] < 1e-4
+    assert fast["vs_generate_same_tokens"]["min_cosine"] > 0.99999
+    assert fast["cuda_graph"] is False and fast["leak"] == {"runs": 2}
+    assert printed["fast_compiled"] == {"skipped": "compilation is used with CUDA graphs only"}
+
+
+def test_bench_with_random_weights_saves_loads_and_measures_quantisation_drift(tiny_models, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    saved = tmp_path / "random"
+    assert main(["bench", "--config", str(tiny_models["vlm"] / "config.json"), "--device", "cpu", "--tokens", "8",
+                 "--repeats", "1", "--leak-runs", "0", "--image-size", "56", "--prompt-tokens", "40",
+                 "--paths", "generate", "fast", "--save-random", str(saved), "--quantize", "8bit", "4bit"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["prompt_tokens"] == 40 and printed["model"].startswith("random weights")
+    assert printed["fast"]["vs_generate"]["same_tokens"]
+    assert printed["load"]["on_device"] and printed["load"]["min_cosine_vs_before_saving"] > 0.99999
+    assert any(saved.glob("*.safetensors"))
+    for quantization in ("8bit", "4bit"):
+        drift = printed[quantization]["drift_vs_unquantised_same_tokens"]
+        assert 0.9 < drift["min_cosine"] < 1.0 and drift["min_cosine"] <= drift["mean_cosine"]
+
+
+def test_bench_refuses_quantisation_without_a_folder(capsys):
+    assert main(["bench", "--device", "cpu", "--quantize", "4bit"]) == 2
+    assert "--quantize loads from a folder" in capsys.readouterr().err
+
+
+def test_synthetic_inputs_have_the_issues_shape_for_qwen2_vl_7b():
+    """Two 448x448 images are 256 tokens each; 612 tokens in all (checked on the meta device: no memory)."""
+    model = random_qwen2_vl(QWEN2_VL_7B, torch.device("meta"), torch.bfloat16)
+    inputs = synthetic_inputs(model, torch.device("cpu"))
+    ids = inputs["input_ids"][0]
+    assert ids.shape == (612,) and int((ids == QWEN2_VL_7B["image_token_id"]).sum()) == 512
+    assert inputs["image_grid_thw"].tolist() == [[1, 32, 32], [1, 32, 32]]
+    assert inputs["pixel_values"].shape == (2048, 1176)
+    # Language-model weights: what the issue's floor divides by the bandwidth (15.2 GB).
+    assert round(language_model_bytes(model) / 1e9, 1) == 15.2
+
+
+def test_quantised_loading_keeps_vision_and_head_and_matches_plain_sampling(tiny_models, car_images):
+    pytest.importorskip("bitsandbytes")
+    reference = Reasoner.from_pretrained(tiny_models["vlm"], device="cpu")
+    white, blue = car_images
+    inputs = reference.prepare_inputs(*reference.render_prompt(["white", white, "blue", blue, "red"]))
+    tokens, states = reference.sample(inputs, seed=0, max_new_tokens=16, min_new_tokens=16)
+    quantised = Reasoner.from_pretrained(tiny_models["vlm"], device="cpu", dtype="bfloat16", quantization="4bit")
+    model = quantised.model
+    assert type(model.get_decoder().layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+    vision_linears = [m for name, m in model.named_modules() if "visual" in name and isinstance(m, torch.nn.Linear)]
+    assert vision_linears and all(type(m) is torch.nn.Linear for m in vision_linears)
+    fast = quantised.sample(inputs, seed=0, max_new_tokens=16, min_new_tokens=16)
+    plain = quantised.sample(inputs, seed=0, max_new_tokens=16, min_new_tokens=16, fast=False)
+    assert torch.equal(fast[0], plain[0])
+    torch.testing.assert_close(fast[1], plain[1], atol=0.05, rtol=0.02)  # bf16 tolerance
+    _, forced = quantised.sample(inputs, seed=0, max_new_tokens=16, min_new_tokens=16, forced_tokens=tokens)
+    cosine = torch.nn.functional.cosine_similarity(forced, states, dim=-1)
+    assert 0.9 < cosine.min() < 0.99999  # drifts, but stays close
+
+
+def test_quantisation_errors_name_the_choice_and_the_package(tiny_models, monkeypatch):
+    with pytest.raises(ValueError, match="quantization must be one of 8bit, 4bit, got '3bit'"):
+        Reasoner.from_pretrained(tiny_models["vlm"], device="cpu", quantization="3bit")
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    with pytest.raises(ImportError, match="8bit loading needs bitsandbytes, an optional dependency"):
+        Reasoner.from_pretrained(tiny_models["vlm"], device="cpu", quantization="8bit")
