@@ -65,3 +65,14 @@ def test_a_missing_image_is_named(tmp_path, tiny_models):
     result = cli("--vlm", tiny_models["vlm"], "--aligner", tiny_models["aligner"], "--flux", tiny_models["flux"],
                  "--items", "white", tmp_path / "nope.jpg", "red", "--out", tmp_path / "out")
     assert result.returncode == 2 and result.stderr.startswith(f"error: image not found: {tmp_path / 'nope.jpg'}")
+
+
+def test_lvlm_generation_with_a_4bit_vlm_is_recorded(tmp_path, tiny_models):
+    pytest.importorskip("bitsandbytes")
+    record = generate({"vlm": str(tiny_models["vlm"]), "aligner": str(tiny_models["aligner"]),
+                       "flux": str(tiny_models["flux"]), "items": ["white", "blue"], "seeds": [0], "steps": 1,
+                       "size": 64, "max_new_tokens": 4, "quantize": "4bit"}, tmp_path, log=lambda _: None,
+                      progress=False)
+    assert record["quantize"] == "4bit" and Image.open(tmp_path / "seed_0.png").size == (64, 64)
+    with pytest.raises(ValueError, match="quantization must be one of 8bit, 4bit, got '2bit'"):
+        generate({**record, "quantize": "2bit"}, tmp_path / "bad", log=lambda _: None, progress=False)

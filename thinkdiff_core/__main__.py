@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="also load quantised (needs bitsandbytes) and measure the drift of its states")
     speed.add_argument("--save-random", help="save the random model here (safetensors) to measure loading "
                        "and quantisation")
+    speed.add_argument("--drop-page-cache", action="store_true", help="before each load, drop Linux's page "
+                       "cache (root only) so that loading reads the disk")
     speed.add_argument("--out", help="also write the JSON here (rewritten after each stage)")
 
     prepare = commands.add_parser("prepare-lvlm", help="precompute Qwen2-VL answers and states for aligner training")
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
             results = run_bench(args.vlm, args.device, args.tokens, args.repeats, args.seed, args.paths, args.quantize,
                                 args.save_random, args.config, args.prompt_tokens, args.image_size, args.leak_runs,
-                                args.out, log=lambda line: print(line, file=sys.stderr))
+                                args.out, args.drop_page_cache, log=lambda line: print(line, file=sys.stderr))
             print(json.dumps(results, indent=2))
         elif args.command == "prepare-lvlm":
             from .train import prepare_lvlm

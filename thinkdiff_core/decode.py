@@ -179,9 +179,7 @@ class FastDecoder:
             buffers.forced[:new_tokens] = forced_tokens.to(device)
         graph = self._ensure_graph(buffers) if self._use_graph(device) else None
 
-        rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-            if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
+        with torch.random.fork_rng(devices=cuda_indices(device)), torch.inference_mode():
             torch.manual_seed(seed)
             self._prefill(inputs, buffers)
             if on_token:
@@ -313,7 +311,7 @@ class FastDecoder:
         return tuple(p.data_ptr() for p in self.model.parameters())
 
     def _ensure_graph(self, b: _Buffers):
-        """The captured step for these buffers, recaptured when the weights moved."""
+        """The captured step for these buffers, recaptured when the weights moved; None if capture failed."""
         key = (id(b), self._weights_key())
         if self._graph is not None and self._graph_key == key:
             return self._graph
@@ -324,7 +322,7 @@ class FastDecoder:
         stream.wait_stream(torch.cuda.current_stream(device))
         # Warm-up steps consume random numbers and write junk into the buffers; the run's prefill
         # resets the counters and reseeds, and the junk lands in slots the run overwrites first.
-        with torch.random.fork_rng(devices=[device.index or 0]), torch.inference_mode():
+        with torch.random.fork_rng(devices=cuda_indices(device)), torch.inference_mode():
             try:
                 with torch.cuda.stream(stream):
                     for _ in range(3):  # compiles (when asked) and sets up cuBLAS and attention kernels
@@ -339,8 +337,16 @@ class FastDecoder:
                     self._warm_step(b)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(b)
+            try:
+                # thread_local: only this thread's calls can break the capture (ComfyUI's server
+                # thread may touch CUDA meanwhile).
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self._step(b)
+            except Exception as e:  # noqa: BLE001 - the eager step computes the same, only slower
+                logger.warning("ThinkDiff: capturing the decode step as a CUDA graph failed (%s: %s); "
+                               "decoding without it", type(e).__name__, e)
+                self.cuda_graph = False
+                return None
         self._graph, self._graph_key = graph, key
         return graph
 
@@ -348,6 +354,13 @@ class FastDecoder:
         b.slot.fill_(b.keys.shape[3] - 1)
         b.step.fill_(b.states.shape[0] - 1)
         self._step(b)
+
+
+def cuda_indices(device: torch.device) -> list[int]:
+    """The CUDA device whose random generator a run on `device` uses, for torch.random.fork_rng."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

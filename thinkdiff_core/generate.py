@@ -26,7 +26,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # The parameters of a run (what run.json holds besides its results).
 DEFAULTS = {"variant": "lvlm", "items": [], "images": [], "prompt": "", "instruction": None, "seeds": [0],
             "steps": STEPS, "guidance": GUIDANCE, "size": None, "temperature": 0.6, "top_p": 0.9,
-            "max_new_tokens": 128, "device": None, "vlm": None, "aligner": None, "vision": None, "flux": None}
+            "max_new_tokens": 128, "device": None, "quantize": None, "vlm": None, "aligner": None, "vision": None, "flux": None}
 REQUIRED = {"lvlm": ("vlm", "aligner", "flux", "items"), "clip": ("vision", "aligner", "flux", "images")}
 
 
@@ -99,7 +99,7 @@ def draw(params: dict, log=print, progress: bool = True) -> tuple[dict, dict]:
     if params["variant"] == "lvlm":
         items = load_items(params["items"])
         with timings("load_vlm_s"):
-            reasoner = Reasoner.from_pretrained(params["vlm"], device=params["device"])
+            reasoner = Reasoner.from_pretrained(params["vlm"], device=params["device"], quantization=params["quantize"])
         with timings("load_aligner_s"):
             aligner = load_aligner(params["aligner"], device=reasoner.device)
         if aligner.in_features != reasoner.hidden_size:

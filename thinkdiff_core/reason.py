@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .decode import FastDecoder
+from .decode import FastDecoder, cuda_indices
 from .prompt import Item, build_messages
 from .versions import release
 
@@ -334,10 +334,8 @@ class Reasoner:
         )
         device = self.device
         on_state = (lambda done: on_token(done, max_new_tokens)) if on_token else None
-        rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-            if device.type == "cuda" else []
         with capture_last_positions(final_norm(self.model), on_state) as states, \
-                torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
+                torch.random.fork_rng(devices=cuda_indices(device)), torch.inference_mode():
             torch.manual_seed(seed)
             sequences = self.model.generate(**inputs, generation_config=generation)
         token_ids = sequences[0, inputs["input_ids"].shape[1]:].cpu()
