@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole GPU benchmark as one command, sized for a short lease of one H100/H200 (~6 minutes):
+#   1. generate vs the fast path (eager graph, compiled graph) on Qwen2-VL-7B with random weights,
+#      2-shot 612-token prompt, 128 tokens; leak check; the random model saved, loaded back from disk
+#      (page cache dropped) and, when bitsandbytes is there, loaded 8-bit and 4-bit (drift measured);
+#   2. a second process: the compiled path's first call once the compile cache is warm.
+# Results go to $OUT (or benchmarks/out): bench.json, bench_warm_cache.json, bench.log, gpu.txt.
+# Machines without a package index: put a bitsandbytes wheel in .device/wheels first
+# (pip download --no-deps bitsandbytes -d .device/wheels) and carry .device.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/out}
+mkdir -p "$out"
+if ! python3 -c "import bitsandbytes" 2>/dev/null && ls .device/wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-deps --no-index .device/wheels/*.whl
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} > "$out/gpu.txt" 2>&1
+quantize=()
+python3 -c "import bitsandbytes" 2>/dev/null && quantize=(--quantize 8bit 4bit)
+# Compile from a cold cache: the first call a new user sees.
+TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+export TORCHINDUCTOR_CACHE_DIR
+timeout 420 python3 -m thinkdiff_core bench --out "$out/bench.json" --save-random /tmp/qwen2-vl-7b-random \
+  --drop-page-cache "${quantize[@]}" > /dev/null 2> "$out/bench.log"
+echo "bench exit $?" >> "$out/bench.log"
+rm -rf /tmp/qwen2-vl-7b-random
+timeout 120 python3 -m thinkdiff_core bench --paths fast_compiled --repeats 1 --leak-runs 0 \
+  --out "$out/bench_warm_cache.json" > /dev/null 2>> "$out/bench.log"
+echo "warm-cache bench exit $?" >> "$out/bench.log"
+tail -n 40 "$out/bench.log"
