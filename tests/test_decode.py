@@ -142,3 +142,61 @@ def test_compiled_layer_parts_are_one_graph_each_for_all_layers_and_equal_eager(
             changed = (keys != original).any(dim=-1)[0]  # [kv_heads, length]: only slot 5 was written
             assert changed[:, 5].all() and not changed[:, :5].any() and not changed[:, 6:].any()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+class EmulatedGraphs:
+    """torch.cuda's graph API on the CPU, enough to check the fast path's capture-and-replay protocol.
+
+    Capturing records nothing and must change nothing (a real capture launches no kernels), so the
+    buffers are restored after the captured step; a replay runs the step again.
+    """
+
+    def __init__(self, monkeypatch, decoder):
+        from contextlib import contextmanager, nullcontext
+
+        self.captures = 0
+        emulation = self
+
+        class Graph:
+            def replay(self):
+                decoder._step(decoder._buffers)
+
+        @contextmanager
+        def graph(_graph, capture_error_mode="global"):
+            emulation.captures += 1
+            fields = vars(decoder._buffers)
+            saved = {name: tensor.clone() for name, tensor in fields.items()}
+            yield
+            for name, tensor in saved.items():
+                fields[name].copy_(tensor)
+
+        class Stream:
+            def wait_stream(self, _stream):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda _device: Stream())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda _device: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda _stream: nullcontext())
+        monkeypatch.setattr(decoder, "_use_graph", lambda _device: True)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_captured_step_replays_give_generates_tokens(reasoner, car_images, monkeypatch, compile):
+    decoder = FastDecoder(reasoner.model, compile=compile)
+    graphs = EmulatedGraphs(monkeypatch, decoder)
+    inputs = two_shot_inputs(reasoner, car_images)
+    eos = reasoner.eos_token_ids
+    for seed in (0, 1):  # the second run replays the same capture
+        tokens, states = decoder.run(inputs, N, seed, 0.6, 0.9, eos)
+        expected_tokens, expected_states = plain(reasoner, inputs, seed)
+        assert torch.equal(tokens, expected_tokens)
+        torch.testing.assert_close(states, expected_states, atol=1e-5, rtol=1e-5)
+    assert graphs.captures == 1 and decoder.compiled == compile
+
+    # Weights at new addresses (the model moved): the stale capture is not replayed.
+    layer = decoder.layers[0].mlp.up_proj
+    layer.weight.data = layer.weight.data.clone()
+    tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, eos)
+    assert graphs.captures == 2 and torch.equal(tokens, plain(reasoner, inputs, 0)[0])

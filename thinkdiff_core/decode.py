@@ -312,7 +312,7 @@ class FastDecoder:
 
     def _ensure_graph(self, b: _Buffers):
         """The captured step for these buffers, recaptured when the weights moved; None if capture failed."""
-        key = (id(b), self._weights_key())
+        key = self._weights_key()  # new buffers always come with release(), which drops the graph
         if self._graph is not None and self._graph_key == key:
             return self._graph
         self._graph = None
@@ -337,6 +337,7 @@ class FastDecoder:
                     self._warm_step(b)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
+            self._park(b)
             try:
                 # thread_local: only this thread's calls can break the capture (ComfyUI's server
                 # thread may touch CUDA meanwhile).
@@ -351,9 +352,13 @@ class FastDecoder:
         return graph
 
     def _warm_step(self, b: _Buffers) -> None:
+        self._park(b)
+        self._step(b)
+
+    def _park(self, b: _Buffers) -> None:
+        """Point the step at the last cache slot and state row: warm-up writes land where a run writes first."""
         b.slot.fill_(b.keys.shape[3] - 1)
         b.step.fill_(b.states.shape[0] - 1)
-        self._step(b)
 
 
 def cuda_indices(device: torch.device) -> list[int]:
