@@ -194,6 +194,11 @@ def test_captured_step_replays_give_generates_tokens(reasoner, car_images, monke
         assert torch.equal(tokens, expected_tokens)
         torch.testing.assert_close(states, expected_states, atol=1e-5, rtol=1e-5)
     assert graphs.captures == 1 and decoder.compiled == compile
+    # Another prompt length in the same cache bucket: no new capture (nor compilation).
+    short = reasoner.prepare_inputs(*reasoner.render_prompt(["red"]))
+    assert short["input_ids"].shape[1] < inputs["input_ids"].shape[1]
+    tokens, _ = decoder.run(short, N, 2, 0.6, 0.9, eos)
+    assert graphs.captures == 1 and torch.equal(tokens, plain(reasoner, short, 2)[0])
 
     # Weights at new addresses (the model moved): the stale capture is not replayed.
     layer = decoder.layers[0].mlp.up_proj
