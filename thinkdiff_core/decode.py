@@ -11,7 +11,7 @@ with EOS masked, temperature then top-p sampling, the final-norm state of every 
   the same random numbers in the same order.
 
 What changes is the bookkeeping. The cache length is bucketed, so one captured graph serves every
-prompt of a bucket; on CUDA the whole step (128 layers of kernels plus the sampler) is one graph
+prompt of a bucket; on CUDA the whole step (every layer's kernels plus the sampler) is one graph
 replay with no host synchronisation between tokens; states and tokens land in device buffers read
 once at the end. Optionally each decoder layer is compiled (one layer's code, reused by all).
 
