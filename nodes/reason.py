@@ -37,6 +37,26 @@ def fingerprint(batches: list[tuple[str, torch.Tensor]]) -> tuple:
     return tuple(digests)
 
 
+# CLIP's encoding of "" per CLIP object: the pooled vector of every run (and T5's width), without a
+# text-encoder pass each time. Weak keys: an unloaded CLIP is forgotten.
+_empty_prompt: "weakref.WeakKeyDictionary[object, tuple[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def encode_empty_prompt(clip) -> tuple[int, torch.Tensor]:
+    """(T5 width, CLIP-L pooled vector) of the empty prompt for this CLIP."""
+    try:
+        return _empty_prompt[clip]
+    except (KeyError, TypeError):  # TypeError: an object that cannot be weakly referenced
+        pass
+    t5, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+    encoded = t5.shape[-1], pooled
+    try:
+        _empty_prompt[clip] = encoded
+    except TypeError:
+        pass
+    return encoded
+
+
 class ThinkDiffReason:
     DESCRIPTION = ("ThinkDiff-LVLM: Qwen2-VL reasons over the words and images in order (word 1, image 1, ..., "
                    "query word), the aligner maps the states of its 128 generated tokens into T5 space, and the "
@@ -83,10 +103,10 @@ class ThinkDiffReason:
         if self._last is not None and self._last[0] == key:
             return self._last[1]
 
-        t5, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
-        if aligner.out_features != t5.shape[-1]:
+        t5_width, pooled = encode_empty_prompt(clip)
+        if aligner.out_features != t5_width:
             raise ValueError(f"aligner '{aligner.name}' outputs {aligner.out_features}-d tokens but this CLIP's T5 "
-                             f"encodes {t5.shape[-1]}-d; load FLUX's text encoders (DualCLIPLoader, type flux)")
+                             f"encodes {t5_width}-d; load FLUX's text encoders (DualCLIPLoader, type flux)")
 
         progress = comfy.utils.ProgressBar(max_new_tokens)
 

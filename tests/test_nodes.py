@@ -110,6 +110,26 @@ def test_moving_the_vlm_frees_the_fast_paths_cache_and_the_next_run_matches(host
     torch.testing.assert_close(again, first)
 
 
+def test_the_empty_prompt_is_encoded_once_per_clip(host, loaded, cars):
+    class CountingClip:
+        def __init__(self, clip):
+            self.clip, self.encodings = clip, 0
+
+        def tokenize(self, text):
+            return self.clip.tokenize(text)
+
+        def encode_from_tokens(self, tokens, return_pooled=False):
+            self.encodings += 1
+            return self.clip.encode_from_tokens(tokens, return_pooled=return_pooled)
+
+    clip = CountingClip(host.clip)
+    outputs = [reason(host, loaded, clip=clip, image_1=cars[0], image_2=cars[1], seed=seed) for seed in (1, 2)]
+    assert clip.encodings == 1
+    _, pooled = host.clip.encode_from_tokens(host.clip.tokenize(""), return_pooled=True)
+    for output in outputs:
+        torch.testing.assert_close(output["result"][0][0][1]["pooled_output"], pooled)
+
+
 def test_ten_queued_runs_leave_one_cache_alive(host, loaded, cars):
     import gc
     import weakref
