@@ -3,8 +3,11 @@
 #   1. generate vs the fast path (eager graph, compiled graph) on Qwen2-VL-7B with random weights,
 #      2-shot 612-token prompt, 128 tokens; leak check; the random model saved, loaded back from disk
 #      (page cache dropped) and, when bitsandbytes is there, loaded 8-bit and 4-bit (drift measured);
-#   2. a second process: the compiled path's first call once the compile cache is warm.
+#   2. a second process: the fast paths' first calls as a new process sees them (CUDA and cuBLAS not
+#      yet warmed by generate), with the compile cache now warm.
 # Results go to $OUT (or benchmarks/out): bench.json, bench_warm_cache.json, bench.log, gpu.txt.
+# Extra arguments go to both bench runs (a CPU dry run of this script: --config <tiny>/vlm/config.json
+# --device cpu --image-size 56 --prompt-tokens 40 --tokens 8).
 # Machines without a package index: put a bitsandbytes wheel in .device/wheels first
 # (pip download --no-deps bitsandbytes -d .device/wheels) and carry .device.
 set -uo pipefail
@@ -14,7 +17,7 @@ mkdir -p "$out"
 if ! python3 -c "import bitsandbytes" 2>/dev/null && ls .device/wheels/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-deps --no-index .device/wheels/*.whl
 fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } > "$out/gpu.txt" 2>&1
 quantize=()
@@ -23,10 +26,10 @@ python3 -c "import bitsandbytes" 2>/dev/null && quantize=(--quantize 8bit 4bit)
 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
 export TORCHINDUCTOR_CACHE_DIR
 timeout 420 python3 -m thinkdiff_core bench --out "$out/bench.json" --save-random /tmp/qwen2-vl-7b-random \
-  --drop-page-cache "${quantize[@]}" > /dev/null 2> "$out/bench.log"
+  --drop-page-cache "${quantize[@]}" "$@" > /dev/null 2> "$out/bench.log"
 echo "bench exit $?" >> "$out/bench.log"
 rm -rf /tmp/qwen2-vl-7b-random
-timeout 120 python3 -m thinkdiff_core bench --paths fast_compiled --repeats 1 --leak-runs 0 \
-  --out "$out/bench_warm_cache.json" > /dev/null 2>> "$out/bench.log"
+timeout 120 python3 -m thinkdiff_core bench --paths fast fast_compiled --repeats 1 --leak-runs 0 \
+  --out "$out/bench_warm_cache.json" "$@" > /dev/null 2>> "$out/bench.log"
 echo "warm-cache bench exit $?" >> "$out/bench.log"
 tail -n 40 "$out/bench.log"

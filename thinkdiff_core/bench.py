@@ -148,7 +148,7 @@ def compare(states, tokens, reference_states, reference_tokens) -> dict:
 GOALS = {"x_floor": 1.4, "speedup_vs_generate": 4.0, "first_call_s": 5.0, "peak_gib": 16.5, "leak_mib": 100}
 
 
-def goals(results: dict, measured: dict) -> dict:
+def goals(measured: dict) -> dict:
     """Each goal the measurement can be held to: true when met."""
     met = {}
     if "x_floor" in measured:
@@ -192,8 +192,9 @@ class Bench:
             return decoder.run(self.inputs, n, seed, 0.6, 0.9, r.eos_token_ids, forced)
         return run, decoder
 
-    def measure(self, path: str) -> dict:
-        """First call, warm latency, prefill, per-token time and peak memory of one path."""
+    def measure(self, path: str):
+        """First call, warm latency, prefill, per-token time and peak memory of one path; with its
+        sampler, decoder and the last run's tokens and states."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -239,7 +240,7 @@ class Bench:
                     self.against_generate(measured, run, tokens, states, reference)
                     if path == "fast" and leak_runs:
                         measured["leak"] = self.leak_check(run, decoder, leak_runs)
-                    measured["goals"] = goals(results, measured)
+                    measured["goals"] = goals(measured)
             except Exception as e:  # noqa: BLE001 - recorded in the JSON
                 results[path] = {**results.get(path, {}), "error": f"{type(e).__name__}: {e}"}
                 self.log(f"{path}: {results[path]['error']}")
