@@ -179,6 +179,7 @@ class EmulatedGraphs:
         monkeypatch.setattr(torch.cuda, "Stream", lambda _device: Stream())
         monkeypatch.setattr(torch.cuda, "current_stream", lambda _device: Stream())
         monkeypatch.setattr(torch.cuda, "stream", lambda _stream: nullcontext())
+        monkeypatch.setattr(torch.cuda, "device", lambda _device: nullcontext())
         monkeypatch.setattr(decoder, "_use_graph", lambda _device: True)
 
 

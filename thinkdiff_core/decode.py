@@ -322,7 +322,7 @@ class FastDecoder:
         stream.wait_stream(torch.cuda.current_stream(device))
         # Warm-up steps consume random numbers and write junk into the buffers; the run's prefill
         # resets the counters and reseeds, and the junk lands in slots the run overwrites first.
-        with torch.random.fork_rng(devices=cuda_indices(device)), torch.inference_mode():
+        with torch.random.fork_rng(devices=cuda_indices(device)), torch.inference_mode(), torch.cuda.device(device):
             try:
                 with torch.cuda.stream(stream):
                     for _ in range(3):  # compiles (when asked) and sets up cuBLAS and attention kernels
