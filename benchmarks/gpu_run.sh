@@ -3,6 +3,7 @@
 #   1. generate vs the fast path (eager graph, compiled graph) on Qwen2-VL-7B with random weights,
 #      2-shot 612-token prompt, 128 tokens; leak check; the random model saved, loaded back from disk
 #      (page cache dropped) and, when bitsandbytes is there, loaded 8-bit and 4-bit (drift measured);
+#      a float32 4-layer copy checks that both paths draw the same tokens for a seed;
 #   2. a second process: the fast paths' first calls as a new process sees them (CUDA and cuBLAS not
 #      yet warmed by generate), with the compile cache now warm.
 # Results go to $OUT (or benchmarks/out): bench.json, bench_warm_cache.json, bench.log, gpu.txt.
@@ -25,6 +26,7 @@ python3 -c "import bitsandbytes" 2>/dev/null && quantize=(--quantize 8bit 4bit)
 # Compile from a cold cache: the first call a new user sees.
 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
 export TORCHINDUCTOR_CACHE_DIR
+export TORCH_LOGS=recompiles  # a recompile (per layer, per prompt length) would show in bench.log
 timeout 420 python3 -m thinkdiff_core bench --out "$out/bench.json" --save-random /tmp/qwen2-vl-7b-random \
   --drop-page-cache "${quantize[@]}" "$@" > /dev/null 2> "$out/bench.log"
 echo "bench exit $?" >> "$out/bench.log"

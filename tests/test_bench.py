@@ -7,7 +7,7 @@ import torch
 
 from thinkdiff_core import Reasoner
 from thinkdiff_core.__main__ import main
-from thinkdiff_core.bench import QWEN2_VL_7B, language_model_bytes, random_qwen2_vl, synthetic_inputs
+from thinkdiff_core.bench import QWEN2_VL_7B, language_model_bytes, random_qwen2_vl, shallow, synthetic_inputs
 
 
 def test_bench_on_a_folder_compares_generate_and_the_fast_path(tiny_models, tmp_path, capsys):
@@ -25,6 +25,8 @@ def test_bench_on_a_folder_compares_generate_and_the_fast_path(tiny_models, tmp_
     assert fast["vs_generate_same_tokens"]["min_cosine"] > 0.99999
     assert fast["cuda_graph"] is False and fast["leak"] == {"runs": 2}
     assert printed["fast_compiled"] == {"skipped": "compilation is used with CUDA graphs only"}
+    # float32, 4 layers of the same widths: the same seed gives the same tokens.
+    assert printed["exactness"]["same_tokens"] and printed["exactness"]["layers"] == 4
 
 
 def test_bench_with_random_weights_saves_loads_and_measures_quantisation_drift(tiny_models, tmp_path, capsys):
@@ -35,7 +37,7 @@ def test_bench_with_random_weights_saves_loads_and_measures_quantisation_drift(t
                  "--paths", "generate", "fast", "--save-random", str(saved), "--quantize", "8bit", "4bit"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["prompt_tokens"] == 40 and printed["model"].startswith("random weights")
-    assert printed["fast"]["vs_generate"]["same_tokens"]
+    assert printed["fast"]["vs_generate"]["same_tokens"] and printed["exactness"]["same_tokens"]
     assert printed["load"]["on_device"] and printed["load"]["min_cosine_vs_before_saving"] > 0.99999
     assert any(saved.glob("*.safetensors"))
     for quantization in ("8bit", "4bit"):
@@ -58,6 +60,9 @@ def test_synthetic_inputs_have_the_issues_shape_for_qwen2_vl_7b():
     assert inputs["pixel_values"].shape == (2048, 1176)
     # Language-model weights: what the issue's floor divides by the bandwidth (15.2 GB).
     assert round(language_model_bytes(model) / 1e9, 1) == 15.2
+    small = random_qwen2_vl(shallow(QWEN2_VL_7B, 4), torch.device("meta"), torch.float32)
+    assert len(small.get_decoder().layers) == 4 and small.get_decoder().norm.weight.shape == (3584,)
+    assert synthetic_inputs(small, torch.device("cpu"))["input_ids"].shape == (1, 612)
 
 
 def test_quantised_loading_keeps_vision_and_head_and_matches_plain_sampling(tiny_models, car_images):

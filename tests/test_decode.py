@@ -112,6 +112,17 @@ def test_sampler_draws_what_transformers_and_torch_multinomial_draw():
     assert drawn == expected
     assert not set(drawn) & {7, 499}
     assert len(set(drawn)) > 5
+    # The CUDA rounding of transformers' `scores / temperature`: a product with the float32 reciprocal.
+    reciprocal = torch.tensor(1.0) / torch.tensor(temperature)
+    reference = logits.clone()
+    reference[:, eos] = float("-inf")
+    reference = TopPLogitsWarper(top_p)(None, reference * reciprocal).softmax(dim=-1)
+    torch.manual_seed(42)
+    expected = [torch.multinomial(reference, 1).item() for _ in range(300)]
+    torch.manual_seed(42)
+    drawn = [sample_paper(logits, eos, reciprocal, torch.tensor(1 - top_p), reciprocal=True).item()
+             for _ in range(300)]
+    assert drawn == expected
 
 
 def test_compiled_layer_parts_are_one_graph_each_for_all_layers_and_equal_eager(reasoner):
@@ -162,7 +173,7 @@ class EmulatedGraphs:
                 decoder._step(decoder._buffers)
 
         @contextmanager
-        def graph(_graph, capture_error_mode="global"):
+        def graph(_graph, stream=None, capture_error_mode="global"):
             emulation.captures += 1
             fields = vars(decoder._buffers)
             saved = {name: tensor.clone() for name, tensor in fields.items()}
@@ -171,6 +182,8 @@ class EmulatedGraphs:
                 fields[name].copy_(tensor)
 
         class Stream:
+            device = torch.device("cpu")
+
             def wait_stream(self, _stream):
                 pass
 

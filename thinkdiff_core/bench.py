@@ -11,6 +11,7 @@ states; a leak check over repeated runs; optionally load throughput and quantisa
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -220,11 +221,17 @@ class Bench:
         results["prompt_tokens"], results["new_tokens"] = int(self.inputs["input_ids"].shape[1]), self.tokens
         lm_bytes = language_model_bytes(r.model)
         results["language_model_gb"] = round(lm_bytes / 1e9, 3)
+        # A decoded token reads one row of the (untied) embedding table, not all of it.
+        embedding = r.model.get_input_embeddings().weight
+        read_bytes = lm_bytes - (0 if embedding is r.model.get_output_embeddings().weight
+                                 else embedding.numel() * embedding.element_size())
+        results["decode_read_gb"] = round(read_bytes / 1e9, 3)
         if self.device.type == "cuda":
             bandwidth = copy_bandwidth(self.device)
             floor = self.tokens * lm_bytes / bandwidth
             results.update(copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), floor_s=round(floor, 4),
-                           floor_ms_per_token=round(1000 * floor / self.tokens, 3))
+                           floor_ms_per_token=round(1000 * floor / self.tokens, 3),
+                           read_floor_s=round(self.tokens * read_bytes / bandwidth, 4))
         reference = None
         for path in paths:
             if path == "fast_compiled" and self.device.type != "cuda":
@@ -306,6 +313,7 @@ def load_and_quantization(folder: Path, device: torch.device, dtype, quantizatio
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+        decoder = None
         try:
             cold = drop_cache and drop_page_cache()
             seconds, model = timed(lambda: load_qwen2_vl(folder, device, dtype, quantization), device)
@@ -325,13 +333,56 @@ def load_and_quantization(folder: Path, device: torch.device, dtype, quantizatio
             else:
                 measured["drift_vs_unquantised_same_tokens"] = {"min_cosine": round(float(c.min()), 6),
                                                                 "mean_cosine": round(float(c.mean()), 6)}
-            decoder.release()
-            del model, decoder, run
         except Exception as e:  # noqa: BLE001 - recorded in the JSON
             measured = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            if decoder is not None:
+                decoder.release()
+            model = decoder = run = None
+            free_device_memory(device)
         results[name] = measured
         log(f"{name}: {json.dumps(measured)}")
     return results
+
+
+def shallow(architecture: dict, layers: int) -> dict:
+    """The architecture with `layers` decoder layers and a 2-block vision tower (same widths)."""
+    small = json.loads(json.dumps(architecture))
+    for config in (small, small.get("text_config")):
+        if isinstance(config, dict) and "num_hidden_layers" in config:
+            config["num_hidden_layers"] = config["max_window_layers"] = layers
+            if config.get("layer_types"):  # saved by newer transformers: one entry per layer
+                config["layer_types"] = config["layer_types"][:1] * layers
+    small["vision_config"]["depth"] = 2
+    return small
+
+
+def exactness(architecture: dict, device: torch.device, tokens: int, seed: int, image_size: int,
+              prompt_tokens: int, layers: int = 4) -> dict:
+    """generate against the fast path in float32 on a shallow copy of the architecture.
+
+    bf16 runs of the two paths round differently (the attention kernels differ), so a nearly tied
+    draw can flip a token and everything after it; in float32 the same seed must give the same tokens,
+    which checks that the fast path (its CUDA graph included) draws the same random numbers.
+    """
+    model = random_qwen2_vl(shallow(architecture, layers), device, torch.float32)
+    reasoner = Reasoner(model, compile=False)
+    inputs = synthetic_inputs(model, device, image_size=image_size, prompt_tokens=prompt_tokens, seed=seed)
+    plain_tokens, plain_states = reasoner.sample(inputs, seed, max_new_tokens=tokens, min_new_tokens=tokens,
+                                                 fast=False)
+    fast_tokens, fast_states = reasoner.sample(inputs, seed, max_new_tokens=tokens, min_new_tokens=tokens)
+    result = {"layers": layers, "dtype": "float32", "cuda_graph": reasoner.decoder._graph is not None,
+              **compare(fast_states, fast_tokens, plain_states, plain_tokens)}
+    reasoner.release()
+    return result
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Drop what Python still holds (compiled code included) and return cached blocks to the driver."""
+    gc.collect()
+    if device.type == "cuda":
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
 
 
 def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 128, repeats: int = 3,
@@ -354,29 +405,37 @@ def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 1
     if vlm:
         load_s, reasoner = timed(lambda: Reasoner.from_pretrained(vlm, device=device, dtype=dtype), device)
         inputs = two_shot_inputs(reasoner)
+        architecture = reasoner.model.config.to_dict()
         source = {"model": str(vlm), "load_s": round(load_s, 3)}
     else:
         architecture = json.loads(Path(config).read_text()) if config else QWEN2_VL_7B
         build_s, model = timed(lambda: random_qwen2_vl(architecture, device, dtype), device)
         reasoner = Reasoner(model)
-        inputs = synthetic_inputs(model, device, image_size=image_size, prompt_tokens=prompt_tokens, seed=seed)
+        del model
+        inputs = synthetic_inputs(reasoner.model, device, image_size=image_size, prompt_tokens=prompt_tokens,
+                                  seed=seed)
         source = {"model": f"random weights, {'config ' + config if config else 'Qwen2-VL-7B architecture'}",
                   "build_s": round(build_s, 3)}
     bench = Bench(reasoner, inputs, tokens, repeats, seed, log)
     bench.results.update(source)
     results = bench.run(paths, leak_runs, on_result=write)
-    write(results)
     folder = Path(vlm) if vlm else None
     if save_random and not vlm:
         folder = Path(save_random)
         seconds, _ = timed(lambda: reasoner.model.save_pretrained(folder, safe_serialization=True), device)
         results["save_random_s"] = round(seconds, 3)
+    reference_tokens, reference_states = bench.sampler("fast")[0](tokens, seed)
+    reference = {"tokens": reference_tokens, "states": reference_states, "eos_token_ids": reasoner.eos_token_ids}
+    del bench, reasoner
+    free_device_memory(device)
+    try:
+        results["exactness"] = exactness(architecture, device, tokens, seed, image_size, prompt_tokens)
+    except Exception as e:  # noqa: BLE001 - recorded in the JSON
+        results["exactness"] = {"error": f"{type(e).__name__}: {e}"}
+    log(f"exactness: {json.dumps(results['exactness'])}")
+    free_device_memory(device)
+    write(results)
     if folder is not None and (quantize or save_random):
-        reference_tokens, reference_states = bench.sampler("fast")[0](tokens, seed)
-        reference = {"tokens": reference_tokens, "states": reference_states, "eos_token_ids": reasoner.eos_token_ids}
-        del bench, reasoner
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         results.update(load_and_quantization(folder, device, dtype, quantize, inputs, tokens, seed, reference,
                                              drop_cache, log))
         write(results)

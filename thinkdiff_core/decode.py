@@ -44,15 +44,20 @@ def cache_length(prompt_tokens: int, new_tokens: int) -> int:
 
 
 def sample_paper(logits: torch.Tensor, eos_mask: torch.Tensor, temperature: torch.Tensor,
-                 top_p_floor: torch.Tensor) -> torch.Tensor:
+                 top_p_floor: torch.Tensor, reciprocal: bool = False) -> torch.Tensor:
     """One token per row, as transformers samples with min_new_tokens not yet reached.
 
     The processors in generate's order: EOS to -inf, divide by temperature, drop the smallest-probability
     tokens whose cumulative mass is <= 1 - top_p (keeping at least one), softmax; then what
     torch.multinomial(probs, 1) does (an Exp(1) draw per entry, argmax of probs / draw) without its
     validity checks, which read values back to the host.
+
+    transformers divides by temperature as a Python float, which CUDA computes as a product with its
+    float32 reciprocal and the CPU as a division; with `reciprocal`, `temperature` holds that
+    reciprocal and is multiplied in, so both devices round as transformers does.
     """
-    scores = logits.masked_fill(eos_mask, float("-inf")) / temperature
+    scores = logits.masked_fill(eos_mask, float("-inf"))
+    scores = scores * temperature if reciprocal else scores / temperature
     sorted_scores, order = torch.sort(scores, descending=False)
     remove_sorted = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= top_p_floor
     remove_sorted[..., -1:] = False
@@ -124,7 +129,7 @@ class _Buffers:
     forced: torch.Tensor  # [max_tokens]: tokens to feed instead of sampled ones (teacher forcing)
     forcing: torch.Tensor  # [] bool
     eos_mask: torch.Tensor  # [vocab] bool
-    temperature: torch.Tensor  # [] float32
+    temperature: torch.Tensor  # [] float32: T, or float32 1/T on CUDA (see sample_paper)
     top_p_floor: torch.Tensor  # [] float32: 1 - top_p
 
 
@@ -155,6 +160,7 @@ class FastDecoder:
         self._buffers: _Buffers | None = None
         self._graph = None
         self._graph_key = None
+        self._stream = None  # warm-up and capture stream, one per device
         self._forward_takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     # -- public -------------------------------------------------------------------------------
@@ -172,7 +178,10 @@ class FastDecoder:
         buffers = self._prepare(cache_length(prompt_tokens, new_tokens), new_tokens, device)
         buffers.eos_mask.zero_()
         buffers.eos_mask[eos_token_ids] = True
-        buffers.temperature.fill_(temperature)
+        if device.type == "cuda":
+            buffers.temperature.copy_(torch.tensor(1.0) / torch.tensor(temperature))  # float32 on the host
+        else:
+            buffers.temperature.fill_(temperature)
         buffers.top_p_floor.fill_(1 - top_p)
         buffers.forcing.fill_(forced_tokens is not None)
         if forced_tokens is not None:
@@ -228,7 +237,7 @@ class FastDecoder:
         # Vector 0 comes from the last prompt position; the logits are those generate samples from.
         state = captured["state"]
         token = sample_paper(output.logits[:, -1].float(), buffers.eos_mask, buffers.temperature,
-                             buffers.top_p_floor)
+                             buffers.top_p_floor, reciprocal=buffers.keys.is_cuda)
         token = torch.where(buffers.forcing, buffers.forced[:1], token)
         buffers.states[0] = state[0]
         buffers.tokens[0] = token[0]
@@ -250,7 +259,8 @@ class FastDecoder:
             x = decoder_layer_step(layer, x, keys, values, cos, sin, b.slot, visible, self.heads, self.kv_heads,
                                    self._inputs, self._output)
         state = self.norm(x).view(1, -1)
-        token = sample_paper(self.lm_head(state).float(), b.eos_mask, b.temperature, b.top_p_floor)
+        token = sample_paper(self.lm_head(state).float(), b.eos_mask, b.temperature, b.top_p_floor,
+                             reciprocal=b.keys.is_cuda)
         token = torch.where(b.forcing, b.forced.index_select(0, b.step), token)
         b.states.index_copy_(0, b.step, state)
         b.tokens.index_copy_(0, b.step, token)
@@ -318,7 +328,11 @@ class FastDecoder:
         self._graph = None
         self._compile_layer_step()
         device = b.keys.device
-        stream = torch.cuda.Stream(device)
+        if self._stream is None or self._stream.device != device:
+            # Kept: cuBLAS keeps a workspace per stream, and torch.cuda.graph's own default stream
+            # belongs to whichever GPU captured first in the process.
+            self._stream = torch.cuda.Stream(device)
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(device))
         # Warm-up steps consume random numbers and write junk into the buffers; the run's prefill
         # resets the counters and reseeds, and the junk lands in slots the run overwrites first.
@@ -341,7 +355,7 @@ class FastDecoder:
             try:
                 # thread_local: only this thread's calls can break the capture (ComfyUI's server
                 # thread may touch CUDA meanwhile).
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                     self._step(b)
             except Exception as e:  # noqa: BLE001 - the eager step computes the same, only slower
                 logger.warning("ThinkDiff: capturing the decode step as a CUDA graph failed (%s: %s); "
