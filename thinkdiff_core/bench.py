@@ -40,6 +40,7 @@ QWEN2_VL_7B = {
                       "temporal_patch_size": 2},
 }
 PROMPT_TOKENS = 612
+TEMPERATURE, TOP_P = 0.6, 0.9  # the paper's sampling, for every path
 IMAGE_SIZE = 448
 PATHS = ("generate", "fast", "fast_compiled")
 
@@ -185,12 +186,12 @@ class Bench:
         """A function (tokens, seed, forced) -> (token_ids, states) for one path, and its decoder if any."""
         r = self.reasoner
         if path == "generate":
-            return (lambda n, seed, forced=None: r.sample(self.inputs, seed, max_new_tokens=n, min_new_tokens=n,
-                                                          fast=False)), None
+            return (lambda n, seed, forced=None: r.sample(self.inputs, seed, TEMPERATURE, TOP_P, max_new_tokens=n,
+                                                          min_new_tokens=n, fast=False)), None
         decoder = FastDecoder(r.model, compile=path == "fast_compiled")
 
         def run(n, seed, forced=None):
-            return decoder.run(self.inputs, n, seed, 0.6, 0.9, r.eos_token_ids, forced)
+            return decoder.run(self.inputs, n, seed, TEMPERATURE, TOP_P, r.eos_token_ids, forced)
         return run, decoder
 
     def measure(self, path: str):
@@ -318,7 +319,10 @@ def load_and_quantization(folder: Path, device: torch.device, dtype, quantizatio
             cold = drop_cache and drop_page_cache()
             seconds, model = timed(lambda: load_qwen2_vl(folder, device, dtype, quantization), device)
             decoder = FastDecoder(model)
-            run = lambda n, s, forced=None: decoder.run(inputs, n, s, 0.6, 0.9, eos, forced)  # noqa: E731
+
+            def run(n, s, forced=None):
+                return decoder.run(inputs, n, s, TEMPERATURE, TOP_P, eos, forced)
+
             run(tokens, seed)
             warm, _ = timed(lambda: run(tokens, seed), device)
             _, states = run(tokens, seed, reference["tokens"])
