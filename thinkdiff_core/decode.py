@@ -13,7 +13,8 @@ with EOS masked, temperature then top-p sampling, the final-norm state of every 
 What changes is the bookkeeping. The cache length is bucketed, so one captured graph serves every
 prompt of a bucket; on CUDA the whole step (every layer's kernels plus the sampler) is one graph
 replay with no host synchronisation between tokens; states and tokens land in device buffers read
-once at the end. Optionally each decoder layer is compiled (one layer's code, reused by all).
+once at the end. Optionally each decoder layer is compiled (one layer's code, reused by all); by
+default in a background thread, so the first run decodes with the eager graph instead of waiting.
 
 Text generated after the prompt has the same M-RoPE position on all three axes, so its rotary
 embedding is ordinary 1-D RoPE at that position (`next_position` continues from the prompt's).
@@ -21,8 +22,11 @@ embedding is ordinary 1-D RoPE at that position (`next_position` continues from 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,6 +76,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rotary_cos_sin(position: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype):
+    """1-D rotary cos and sin at `position` ([1] int64), each [1, 1, 1, head_dim] in `dtype`."""
+    freqs = position.float()[:, None] * inv_freq.float()
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return ((angles.cos() * scaling).to(dtype).view(1, 1, 1, -1),
+            (angles.sin() * scaling).to(dtype).view(1, 1, 1, -1))
+
+
 def layer_inputs(layer, x, cos, sin, heads: int, kv_heads: int, head_dim: int):
     """A decoder layer's query, key and value for one position, rotary embedding applied.
 
@@ -113,6 +125,68 @@ def decoder_layer_step(layer, x, key_cache, value_cache, cos, sin, slot, visible
     return output(layer, x, attended)
 
 
+def compile_layer_pieces():
+    """layer_inputs and layer_output compiled whole; one layer's code serves all layers (equal shapes)."""
+    return (torch.compile(layer_inputs, fullgraph=True, dynamic=False),
+            torch.compile(layer_output, fullgraph=True, dynamic=False))
+
+
+class BackgroundCompilation:
+    """Compiles the layer pieces in a thread by running them once on a private copy of one decoder layer.
+
+    The copy (one layer's weights, ~0.5 GB for Qwen2-VL-7B, freed when done) keeps the thread
+    independent of the model, which may move or be freed meanwhile; the thread draws no random
+    numbers, so runs decoding meanwhile draw what their seeds give. Its inputs are made as the decode
+    step makes them, so the compiled code's guards hold for the real layers.
+    """
+
+    def __init__(self, layer, inv_freq: torch.Tensor, scaling: float, heads: int, kv_heads: int, head_dim: int,
+                 cache_len: int):
+        self.pieces = None
+        self.error: Exception | None = None
+        self.seconds: float | None = None
+        weight = next(layer.parameters())
+        shapes = dict(hidden=weight.shape[-1], heads=heads, kv_heads=kv_heads, head_dim=head_dim, cache_len=cache_len)
+        # Copied outside inference mode: the copies' tensor flags must be the originals' for the guards.
+        scratch = (copy.deepcopy(layer), inv_freq.detach().clone())
+        self._thread = threading.Thread(target=self._compile, args=(*scratch, scaling, shapes),
+                                        name="ThinkDiff decode compilation", daemon=True)
+        self._thread.start()
+
+    def _compile(self, layer, inv_freq, scaling, shapes) -> None:
+        started = time.perf_counter()
+        try:
+            pieces = compile_layer_pieces()
+            weight = next(layer.parameters())
+            device, dtype = weight.device, weight.dtype
+            with torch.inference_mode(), torch.cuda.device(device):
+                stream = torch.cuda.Stream(device)
+                with torch.cuda.stream(stream):
+                    x = torch.zeros(1, shapes["hidden"], dtype=dtype, device=device).view(1, 1, -1)
+                    cos, sin = rotary_cos_sin(torch.zeros(1, dtype=torch.long, device=device), inv_freq, scaling,
+                                              dtype)
+                    cache = torch.zeros(1, shapes["kv_heads"], shapes["cache_len"], shapes["head_dim"], dtype=dtype,
+                                        device=device)
+                    slot = torch.zeros(1, dtype=torch.long, device=device)
+                    visible = torch.arange(shapes["cache_len"], device=device).view(1, 1, 1, -1) <= slot
+                    decoder_layer_step(layer, x, cache, cache.clone(), cos, sin, slot, visible, shapes["heads"],
+                                       shapes["kv_heads"], *pieces)
+                stream.synchronize()
+            self.pieces = pieces
+        except Exception as e:  # noqa: BLE001 - reported by the decoder, which stays eager
+            self.error = e
+        finally:
+            self.seconds = time.perf_counter() - started
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the thread; True when it finished."""
+        self._thread.join(timeout)
+        return self.done()
+
+
 @dataclass
 class _Buffers:
     """Everything one decode step reads and writes, allocated once per cache length."""
@@ -137,15 +211,22 @@ class FastDecoder:
     """Runs the paper's sampling on a Qwen2-VL model with a static cache; CUDA graphs on CUDA.
 
     `compile=True` compiles the decoder layer step with torch.compile (fused norms and rotary, fewer
-    kernels); it falls back to eager with a warning where compilation fails (e.g. no Triton).
+    kernels) for the CUDA graph; it falls back to eager with a warning where compilation fails (e.g.
+    no Triton). With `compile_in_background` (the default) compilation runs in a thread and runs
+    decode with the eager graph until it is done; the next run then captures the compiled step. The
+    two round differently in bf16, so a seed's tokens can change once, at that switch, where a draw
+    is nearly tied. Otherwise the first run waits for compilation.
     Call `release()` when the model moves or is unloaded: the cache and graph hold device memory
     and the graph holds the weights' addresses (a moved model is also detected and recaptured).
     """
 
-    def __init__(self, model, compile: bool = False, cuda_graph: bool | None = None):
+    def __init__(self, model, compile: bool = False, cuda_graph: bool | None = None,
+                 compile_in_background: bool = True):
         self.model = model
         self.compile = compile
         self.cuda_graph = cuda_graph
+        self.compile_in_background = compile_in_background
+        self.compile_seconds: float | None = None  # how long compilation took, once done
         decoder = model.get_decoder()
         self.layers = list(decoder.layers)
         self.norm = decoder.norm
@@ -161,6 +242,7 @@ class FastDecoder:
         self._graph = None
         self._graph_key = None
         self._stream = None  # warm-up and capture stream, one per device
+        self._compilation: BackgroundCompilation | None = None
         self._forward_takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     # -- public -------------------------------------------------------------------------------
@@ -203,8 +285,15 @@ class FastDecoder:
         return tokens, states
 
     def release(self) -> None:
-        """Free the cache and the captured graph."""
+        """Free the cache and the captured graph (a compilation under way goes on; it holds no model memory)."""
         self._graph = self._graph_key = self._buffers = None
+
+    def wait_for_compilation(self, timeout: float | None = None) -> bool:
+        """Wait for a background compilation under way; True when the next run uses compiled layers."""
+        if self._compilation is not None:
+            self._compilation.wait(timeout)
+            self._adopt_compilation()
+        return self.compiled
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -249,11 +338,7 @@ class FastDecoder:
     def _step(self, b: _Buffers) -> None:
         """Feed `b.token`; record the state it produces and the next token. Device tensors only."""
         x = self.embed(b.token).view(1, 1, -1)
-        freqs = b.position.float()[:, None] * self.rotary.inv_freq.float()
-        angles = torch.cat((freqs, freqs), dim=-1)
-        scaling = self.rotary.attention_scaling
-        cos = (angles.cos() * scaling).to(x.dtype).view(1, 1, 1, -1)
-        sin = (angles.sin() * scaling).to(x.dtype).view(1, 1, 1, -1)
+        cos, sin = rotary_cos_sin(b.position, self.rotary.inv_freq, self.rotary.attention_scaling, x.dtype)
         visible = b.slot_ids <= b.slot
         for layer, keys, values in zip(self.layers, b.keys, b.values):
             x = decoder_layer_step(layer, x, keys, values, cos, sin, b.slot, visible, self.heads, self.kv_heads,
@@ -311,22 +396,46 @@ class FastDecoder:
     def compiled(self) -> bool:
         return self._inputs is not layer_inputs
 
-    def _compile_layer_step(self) -> None:
-        if self.compile and not self.compiled:
-            # One layer's code, reused by all layers (their shapes are equal): seconds to compile, not minutes.
-            self._inputs = torch.compile(layer_inputs, fullgraph=True, dynamic=False)
-            self._output = torch.compile(layer_output, fullgraph=True, dynamic=False)
+    def _start_compilation(self, b: _Buffers) -> None:
+        if self.compile_in_background:
+            if self._compilation is None:
+                self._compilation = BackgroundCompilation(
+                    self.layers[0], self.rotary.inv_freq, self.rotary.attention_scaling, self.heads, self.kv_heads,
+                    self.head_dim, b.keys.shape[3])
+        else:
+            self._inputs, self._output = compile_layer_pieces()  # compiled by the warm-up steps
+
+    def _adopt_compilation(self) -> None:
+        """Use the background compilation's layers once it is done, or give compilation up if it failed."""
+        compilation = self._compilation
+        if compilation is None or not compilation.done():
+            return
+        self._compilation = None
+        self.compile_seconds = compilation.seconds
+        if compilation.pieces is not None:
+            self._inputs, self._output = compilation.pieces
+        else:
+            self._give_up_compiling(compilation.error)
+
+    def _give_up_compiling(self, error: Exception) -> None:
+        logger.warning("ThinkDiff: compiling the decode step failed (%s: %s); using eager layers",
+                       type(error).__name__, error)
+        self.compile = False
+        self._inputs, self._output = layer_inputs, layer_output
 
     def _weights_key(self) -> tuple:
         return tuple(p.data_ptr() for p in self.model.parameters())
 
     def _ensure_graph(self, b: _Buffers):
-        """The captured step for these buffers, recaptured when the weights moved; None if capture failed."""
-        key = self._weights_key()  # new buffers always come with release(), which drops the graph
-        if self._graph is not None and self._graph_key == key:
+        """The captured step for these buffers, recaptured when the weights moved or compiled layers became
+        ready; None if capture failed."""
+        self._adopt_compilation()
+        weights = self._weights_key()  # new buffers always come with release(), which drops the graph
+        if self._graph is not None and self._graph_key == (weights, self.compiled):
             return self._graph
         self._graph = None
-        self._compile_layer_step()
+        if self.compile and not self.compiled:
+            self._start_compilation(b)
         device = b.keys.device
         if self._stream is None or self._stream.device != device:
             # Kept: cuBLAS keeps a workspace per stream, and torch.cuda.graph's own default stream
@@ -344,9 +453,7 @@ class FastDecoder:
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager layers
                 if not self.compiled:
                     raise
-                logger.warning("ThinkDiff: compiling the decode step failed (%s: %s); using eager layers",
-                               type(e).__name__, e)
-                self._inputs, self._output = layer_inputs, layer_output
+                self._give_up_compiling(e)
                 with torch.cuda.stream(stream):
                     self._warm_step(b)
             torch.cuda.current_stream(device).wait_stream(stream)
@@ -354,7 +461,7 @@ class FastDecoder:
             self._park(b)
             try:
                 # thread_local: only this thread's calls can break the capture (ComfyUI's server
-                # thread may touch CUDA meanwhile).
+                # thread and the compilation thread may touch CUDA meanwhile).
                 with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                     self._step(b)
             except Exception as e:  # noqa: BLE001 - the eager step computes the same, only slower
@@ -362,7 +469,7 @@ class FastDecoder:
                                "decoding without it", type(e).__name__, e)
                 self.cuda_graph = False
                 return None
-        self._graph, self._graph_key = graph, key
+        self._graph, self._graph_key = graph, (weights, self.compiled)
         return graph
 
     def _warm_step(self, b: _Buffers) -> None:

@@ -99,7 +99,10 @@ def draw(params: dict, log=print, progress: bool = True) -> tuple[dict, dict]:
     if params["variant"] == "lvlm":
         items = load_items(params["items"])
         with timings("load_vlm_s"):
-            reasoner = Reasoner.from_pretrained(params["vlm"], device=params["device"], quantization=params["quantize"])
+            # One reasoning run would be over before a background compilation of the decode step is.
+            compile = None if len(params["seeds"]) > 1 else False
+            reasoner = Reasoner.from_pretrained(params["vlm"], device=params["device"], quantization=params["quantize"],
+                                                compile=compile)
         with timings("load_aligner_s"):
             aligner = load_aligner(params["aligner"], device=reasoner.device)
         if aligner.in_features != reasoner.hidden_size:

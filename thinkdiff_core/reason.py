@@ -162,8 +162,9 @@ class Reasoner:
 
     def __init__(self, model, processor=None, fast: bool = True, compile: bool | None = None):
         """`fast`: sample with the static-cache path (`decode.FastDecoder`) whenever the token count is
-        fixed, as in the paper; `compile`: compile its decoder layer (default: on CUDA when Triton is
-        installed). `processor` may be None for callers that pass prepared inputs to `sample`."""
+        fixed, as in the paper; `compile`: compile its decoder layer, in the background while the first
+        run decodes uncompiled (default: on CUDA when Triton is installed). `processor` may be None for
+        callers that pass prepared inputs to `sample`."""
         from transformers import GenerationConfig
 
         self.model = model.eval()
