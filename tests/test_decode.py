@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from thinkdiff_core import decode
-from thinkdiff_core.decode import (BackgroundCompilation, FastDecoder, cache_length, compile_layer_pieces,
-                                   decoder_layer_step, sample_paper)
+from thinkdiff_core.decode import (BackgroundCompilation, FastDecoder, attention_bias, cache_length,
+                                   compile_layer_pieces, decoder_layer_step, sample_paper)
 
 N = 48  # tokens per run: long enough for many sampled steps, short enough for a quick suite
 
@@ -80,6 +80,16 @@ def test_forced_tokens_give_the_states_of_those_tokens(reasoner, car_images):
         plain(reasoner, inputs, 0, forced_tokens=tokens)
 
 
+def test_attention_bias_is_what_sdpa_makes_of_the_boolean_mask():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=generator, dtype=torch.bfloat16) for n in (3, 16, 16))
+    slot_ids, slot = torch.arange(16).view(1, 1, 1, 16), torch.tensor([6])
+    bias = attention_bias(slot_ids, slot, q.dtype)
+    assert bias.dtype == torch.bfloat16 and (bias[..., :7] == 0).all() and bias[..., 7:].isneginf().all()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=slot_ids <= slot)
+    assert torch.equal(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias), expected)
+
+
 def test_cache_length_buckets():
     assert cache_length(280, 128) == 1024
     assert cache_length(896, 128) == 1024
@@ -146,9 +156,9 @@ def test_compiled_layer_parts_are_one_graph_each_for_all_layers_and_equal_eager(
             values = torch.randn(1, decoder.kv_heads, length, head_dim, generator=generator)
             cos, sin = torch.randn(2, 1, 1, 1, head_dim, generator=generator)
             slot = torch.tensor([5])
-            visible = (torch.arange(length) <= slot).view(1, 1, 1, length)
+            bias = attention_bias(torch.arange(length).view(1, 1, 1, length), slot, x.dtype)
             copies, original = (keys.clone(), values.clone()), keys.clone()
-            args = cos, sin, slot, visible, decoder.heads, decoder.kv_heads
+            args = cos, sin, slot, bias, decoder.heads, decoder.kv_heads
             expected = decoder_layer_step(layer, x, keys, values, *args)
             got = decoder_layer_step(layer, x, *copies, *args, decoder._inputs, decoder._output)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -92,10 +92,14 @@ def layer_inputs(layer, x, cos, sin, heads: int, kv_heads: int, head_dim: int):
     """
     attn = layer.self_attn
     h = layer.input_layernorm(x)
-    q = attn.q_proj(h).view(1, 1, heads, head_dim).transpose(1, 2)
-    k = attn.k_proj(h).view(1, 1, kv_heads, head_dim).transpose(1, 2)
-    v = attn.v_proj(h).view(1, 1, kv_heads, head_dim).transpose(1, 2)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+    # One position: [1, 1, n * head_dim] viewed as [1, n, 1, head_dim] is the usual transpose.
+    q = attn.q_proj(h).view(1, heads, 1, head_dim)
+    k = attn.k_proj(h).view(1, kv_heads, 1, head_dim)
+    v = attn.v_proj(h).view(1, kv_heads, 1, head_dim)
+    # Rotary on queries and keys together: the same elementwise products, half the eager kernels.
+    qk = torch.cat((q, k), dim=1)
+    qk = qk * cos + rotate_half(qk) * sin
+    return qk[:, :heads], qk[:, heads:], v
 
 
 def layer_output(layer, x, attended):
@@ -104,12 +108,19 @@ def layer_output(layer, x, attended):
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
-def decoder_layer_step(layer, x, key_cache, value_cache, cos, sin, slot, visible, heads: int, kv_heads: int,
+def attention_bias(slot_ids: torch.Tensor, slot: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 for the cache slots up to `slot`, -inf after: what sdpa makes of a boolean mask, made once per
+    token instead of once per layer."""
+    return torch.zeros(slot_ids.shape, dtype=dtype, device=slot_ids.device).masked_fill_(slot_ids > slot,
+                                                                                           float("-inf"))
+
+
+def decoder_layer_step(layer, x, key_cache, value_cache, cos, sin, slot, bias, heads: int, kv_heads: int,
                        inputs=layer_inputs, output=layer_output):
     """One Qwen2-VL decoder layer on the single position `slot`; writes its key and value into the cache.
 
-    key_cache, value_cache: [1, kv_heads, cache_len, head_dim]; slot: [1] int64; visible:
-    [1, 1, 1, cache_len] bool (the filled slots). `inputs` and `output` may be compiled versions of
+    key_cache, value_cache: [1, kv_heads, cache_len, head_dim]; slot: [1] int64; bias:
+    [1, 1, 1, cache_len] from attention_bias. `inputs` and `output` may be compiled versions of
     layer_inputs and layer_output: the cache write and attention stay outside compiled code, so
     nothing compiled mutates its inputs.
     """
@@ -120,7 +131,7 @@ def decoder_layer_step(layer, x, key_cache, value_cache, cos, sin, slot, visible
     # One query position: the query heads that share a key/value head attend as one group, so the
     # cache is read once instead of being repeated per query head.
     grouped = q.reshape(1, kv_heads, heads // kv_heads, head_dim)
-    attended = F.scaled_dot_product_attention(grouped, key_cache, value_cache, attn_mask=visible,
+    attended = F.scaled_dot_product_attention(grouped, key_cache, value_cache, attn_mask=bias,
                                               scale=head_dim ** -0.5)
     return output(layer, x, attended)
 
@@ -168,8 +179,9 @@ class BackgroundCompilation:
                     cache = torch.zeros(1, shapes["kv_heads"], shapes["cache_len"], shapes["head_dim"], dtype=dtype,
                                         device=device)
                     slot = torch.zeros(1, dtype=torch.long, device=device)
-                    visible = torch.arange(shapes["cache_len"], device=device).view(1, 1, 1, -1) <= slot
-                    decoder_layer_step(layer, x, cache, cache.clone(), cos, sin, slot, visible, shapes["heads"],
+                    bias = attention_bias(torch.arange(shapes["cache_len"], device=device).view(1, 1, 1, -1), slot,
+                                          dtype)
+                    decoder_layer_step(layer, x, cache, cache.clone(), cos, sin, slot, bias, shapes["heads"],
                                        shapes["kv_heads"], *pieces)
                 stream.synchronize()
             self.pieces = pieces
@@ -339,9 +351,9 @@ class FastDecoder:
         """Feed `b.token`; record the state it produces and the next token. Device tensors only."""
         x = self.embed(b.token).view(1, 1, -1)
         cos, sin = rotary_cos_sin(b.position, self.rotary.inv_freq, self.rotary.attention_scaling, x.dtype)
-        visible = b.slot_ids <= b.slot
+        bias = attention_bias(b.slot_ids, b.slot, x.dtype)
         for layer, keys, values in zip(self.layers, b.keys, b.values):
-            x = decoder_layer_step(layer, x, keys, values, cos, sin, b.slot, visible, self.heads, self.kv_heads,
+            x = decoder_layer_step(layer, x, keys, values, cos, sin, b.slot, bias, self.heads, self.kv_heads,
                                    self._inputs, self._output)
         state = self.norm(x).view(1, -1)
         token = sample_paper(self.lm_head(state).float(), b.eos_mask, b.temperature, b.top_p_floor,
