@@ -7,7 +7,8 @@ import torch
 
 from thinkdiff_core import Reasoner
 from thinkdiff_core.__main__ import main
-from thinkdiff_core.bench import QWEN2_VL_7B, language_model_bytes, random_qwen2_vl, shallow, synthetic_inputs
+from thinkdiff_core.bench import (QWEN2_VL_7B, kernel_kind, language_model_bytes, random_qwen2_vl, shallow,
+                                  synthetic_inputs)
 
 
 def test_bench_on_a_folder_compares_generate_and_the_fast_path(tiny_models, tmp_path, capsys):
@@ -25,6 +26,12 @@ def test_bench_on_a_folder_compares_generate_and_the_fast_path(tiny_models, tmp_
     assert fast["vs_generate_same_tokens"]["min_cosine"] > 0.99999
     assert fast["cuda_graph"] is False and fast["leak"] == {"runs": 2}
     assert printed["fast_compiled"] == {"skipped": "compilation is used with CUDA graphs only"}
+    profile = fast["step_profile"]
+    assert profile["what"] == "CPU ops, self time" and "graph_replay" not in profile
+    step = profile["step"]
+    assert step["ms_by_kind"]["matmul"] > 0 and step["launched_per_step"] > 0
+    assert sum(step["ms_by_kind"].values()) == pytest.approx(step["ms_per_step"], abs=1e-3)
+    assert step["top"][0]["ms_per_step"] >= step["top"][-1]["ms_per_step"]
     # float32, 4 layers of the same widths: the same seed gives the same tokens.
     assert printed["exactness"]["same_tokens"] and printed["exactness"]["layers"] == 4
 
@@ -118,3 +125,13 @@ def test_bench_measures_the_compiled_path_first_eager_then_compiled(reasoner, ca
     assert [decoder.compile for decoder in made] == [True]
     assert measured["compile_succeeded"] and measured["compiled"] and measured["cuda_graph"]
     assert measured["compile_s"] > 0 and measured["first_compiled_call_s"] > 0 and measured["warm_s"] > 0
+    profile = bench.step_profile(made[0], inputs["input_ids"].shape[1])
+    assert profile["graph_replay"]["ms_by_kind"]["matmul"] > 0 and profile["step"]["ms_by_kind"]["matmul"] > 0
+
+
+
+def test_kernel_kinds():
+    assert [kernel_kind(name) for name in ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "sm90_xmma_gemm_bf16bf16",
+                                          "gemv2T_kernel_val<int, int, __nv_bfloat16>", "aten::addmm",
+                                          "void cub::DeviceRadixSortOnesweepKernel", "triton_poi_fused_add_mul_0")] \
+        == ["attention", "matmul", "matmul", "matmul", "sort", "other"]

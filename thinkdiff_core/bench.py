@@ -166,6 +166,65 @@ def goals(measured: dict) -> dict:
     return met
 
 
+# Kernel (or CPU op) names by kind; the first kind whose mark a lower-cased name contains.
+KERNEL_KINDS = (
+    ("attention", ("fmha", "attention", "flash", "mem_eff")),
+    ("matmul", ("gemm", "gemv", "xmma", "nvjet", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("sort", ("sort", "radix")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(mark in low for mark in marks)), "other")
+
+
+def step_profile(decoder: FastDecoder, prompt_tokens: int, steps: int = 8) -> dict:
+    """Where a decode step's time goes: device time per kind of kernel, kernels per step, the top kernels.
+
+    Profiles the launched step and, when captured, the graph replay (on the CPU: CPU ops, self time).
+    Call after a run: the steps continue from the prompt's end, in cache slots and state rows the next
+    run overwrites, with the random generator restored afterwards.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from .decode import cuda_indices
+
+    b = decoder._buffers
+    device = b.keys.device
+    cuda = device.type == "cuda"
+    launches = {"step": lambda: decoder._step(b)}
+    if decoder._graph is not None:
+        launches["graph_replay"] = decoder._graph.replay
+    result = {"what": "CUDA kernels, device time" if cuda else "CPU ops, self time", "steps": steps}
+    for name, launch in launches.items():
+        with torch.inference_mode(), torch.random.fork_rng(devices=cuda_indices(device)):
+            b.slot.fill_(prompt_tokens)
+            b.step.fill_(1)
+            launch()
+            synchronize(device)
+            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as profiler:
+                for _ in range(steps):
+                    launch()
+                synchronize(device)
+        rows = []
+        for event in profiler.key_averages():
+            us = (getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)) \
+                if cuda else event.self_cpu_time_total
+            if us > 0:
+                rows.append((event.key, us / 1000 / steps, event.count / steps))
+        by_kind = {}
+        for key, ms, _ in rows:
+            by_kind[kernel_kind(key)] = by_kind.get(kernel_kind(key), 0.0) + ms
+        rows.sort(key=lambda row: -row[1])
+        result[name] = {"ms_per_step": round(sum(ms for _, ms, _ in rows), 4),
+                        "launched_per_step": round(sum(count for _, _, count in rows), 1),
+                        "ms_by_kind": {kind: round(ms, 4) for kind, ms in sorted(by_kind.items())},
+                        "top": [{"name": key[:100], "ms_per_step": round(ms, 4), "per_step": round(count, 1)}
+                                for key, ms, count in rows[:12]]}
+    return result
+
+
 def memory(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
@@ -260,6 +319,11 @@ class Bench:
                     if path == leak_path and leak_runs:
                         measured["leak"] = self.leak_check(run, decoder, leak_runs)
                     measured["goals"] = goals(measured)
+                if decoder is not None:
+                    try:  # last: a profiler that does not work here costs only this entry
+                        measured["step_profile"] = step_profile(decoder, results["prompt_tokens"])
+                    except Exception as e:  # noqa: BLE001 - recorded in the JSON
+                        measured["step_profile"] = {"error": f"{type(e).__name__}: {e}"}
             except Exception as e:  # noqa: BLE001 - recorded in the JSON
                 results[path] = {**results.get(path, {}), "error": f"{type(e).__name__}: {e}"}
                 self.log(f"{path}: {results[path]['error']}")
