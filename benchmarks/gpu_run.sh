@@ -27,12 +27,12 @@ python3 -c "import bitsandbytes" 2>/dev/null && quantize=(--quantize 8bit 4bit)
 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
 export TORCHINDUCTOR_CACHE_DIR
 export TORCH_LOGS=recompiles  # a recompile (per layer, per prompt length) would show in bench.log
-timeout 420 python3 -m thinkdiff_core bench --out "$out/bench.json" --save-random /tmp/qwen2-vl-7b-random \
+timeout 400 python3 -m thinkdiff_core bench --out "$out/bench.json" --save-random /tmp/qwen2-vl-7b-random \
   --drop-page-cache "${quantize[@]}" "$@" > /dev/null 2> "$out/bench.log"
 echo "bench exit $?" >> "$out/bench.log"
 rm -rf /tmp/qwen2-vl-7b-random
 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
-timeout 120 python3 -m thinkdiff_core bench --paths fast_compiled fast --repeats 1 --leak-runs 0 \
+timeout 150 python3 -m thinkdiff_core bench --paths fast_compiled fast --repeats 1 --leak-runs 0 \
   --out "$out/bench_new_process.json" "$@" > /dev/null 2>> "$out/bench.log"
 echo "new-process bench exit $?" >> "$out/bench.log"
 tail -n 40 "$out/bench.log"
