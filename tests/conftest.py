@@ -109,13 +109,15 @@ class EmulatedGraphs:
     """torch.cuda's graph API on the CPU, enough to check the fast path's capture-and-replay protocol.
 
     Capturing records nothing and must change nothing (a real capture launches no kernels), so the
-    buffers are restored after the captured step; a replay runs the step again.
+    buffers are restored after the captured step; a replay runs the step again. `failing_captures`
+    captures fail as a capture broken by another thread's CUDA call does.
     """
 
     def __init__(self, monkeypatch, decoder):
         from contextlib import contextmanager, nullcontext
 
         self.captures = 0
+        self.failing_captures = 0
         emulation = self
 
         class Graph:
@@ -130,6 +132,9 @@ class EmulatedGraphs:
             yield
             for name, tensor in saved.items():
                 fields[name].copy_(tensor)
+            if emulation.failing_captures:
+                emulation.failing_captures -= 1
+                raise RuntimeError("operation not permitted when stream is capturing")
 
         class Stream:
             device = torch.device("cpu")
@@ -146,7 +151,7 @@ class EmulatedGraphs:
         monkeypatch.setattr(torch.cuda, "current_stream", lambda _device: Stream())
         monkeypatch.setattr(torch.cuda, "stream", lambda _stream: nullcontext())
         monkeypatch.setattr(torch.cuda, "device", lambda _device: nullcontext())
-        monkeypatch.setattr(decoder, "_use_graph", lambda _device: True)
+        monkeypatch.setattr(decoder, "_use_graph", lambda _device: decoder.cuda_graph is not False)
 
 
 @pytest.fixture

@@ -242,3 +242,35 @@ def test_a_failed_background_compilation_leaves_the_eager_graph(reasoner, car_im
     tokens_again, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
     assert graphs.captures == 1 and torch.equal(tokens_again, tokens)
     assert torch.equal(tokens, plain(reasoner, inputs, 0)[0])
+
+
+def test_a_failed_capture_decodes_eagerly_and_gives_graphs_up(reasoner, car_images, emulated_graphs, caplog):
+    decoder = FastDecoder(reasoner.model)
+    graphs = emulated_graphs(decoder)
+    graphs.failing_captures = 1
+    inputs = two_shot_inputs(reasoner, car_images)
+    for _ in range(2):
+        tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
+        assert torch.equal(tokens, plain(reasoner, inputs, 0)[0])
+    assert graphs.captures == 1 and decoder.cuda_graph is False
+    assert ("capturing the decode step as a CUDA graph failed (RuntimeError: operation not permitted when stream "
+            "is capturing); decoding without it") in caplog.text
+
+
+def test_a_capture_failed_during_background_compilation_is_tried_again(reasoner, car_images, emulated_graphs,
+                                                                        monkeypatch, caplog):
+    decoder = FastDecoder(reasoner.model, compile=True)
+    graphs = emulated_graphs(decoder)
+    graphs.failing_captures = 1
+    gate = threading.Event()
+    compile_once = BackgroundCompilation._compile
+    monkeypatch.setattr(BackgroundCompilation, "_compile", lambda self, *args: (gate.wait(), compile_once(self, *args)))
+    inputs = two_shot_inputs(reasoner, car_images)
+    tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
+    assert torch.equal(tokens, plain(reasoner, inputs, 0)[0])
+    assert "failed while its layers compile" in caplog.text and decoder._graph is None
+    gate.set()
+    assert decoder.wait_for_compilation(timeout=600)
+    tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
+    assert torch.equal(tokens, plain(reasoner, inputs, 0)[0])
+    assert graphs.captures == 2 and decoder._graph is not None and decoder.compiled

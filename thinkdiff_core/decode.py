@@ -160,11 +160,12 @@ class BackgroundCompilation:
         shapes = dict(hidden=weight.shape[-1], heads=heads, kv_heads=kv_heads, head_dim=head_dim, cache_len=cache_len)
         # Copied outside inference mode: the copies' tensor flags must be the originals' for the guards.
         scratch = (copy.deepcopy(layer), inv_freq.detach().clone())
-        self._thread = threading.Thread(target=self._compile, args=(*scratch, scaling, shapes),
+        copied_on = torch.cuda.current_stream(weight.device)  # the thread's stream waits for the copies
+        self._thread = threading.Thread(target=self._compile, args=(*scratch, scaling, shapes, copied_on),
                                         name="ThinkDiff decode compilation", daemon=True)
         self._thread.start()
 
-    def _compile(self, layer, inv_freq, scaling, shapes) -> None:
+    def _compile(self, layer, inv_freq, scaling, shapes, copied_on) -> None:
         started = time.perf_counter()
         try:
             pieces = compile_layer_pieces()
@@ -172,6 +173,7 @@ class BackgroundCompilation:
             device, dtype = weight.device, weight.dtype
             with torch.inference_mode(), torch.cuda.device(device):
                 stream = torch.cuda.Stream(device)
+                stream.wait_stream(copied_on)
                 with torch.cuda.stream(stream):
                     x = torch.zeros(1, shapes["hidden"], dtype=dtype, device=device).view(1, 1, -1)
                     cos, sin = rotary_cos_sin(torch.zeros(1, dtype=torch.long, device=device), inv_freq, scaling,
@@ -477,9 +479,14 @@ class FastDecoder:
                 with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                     self._step(b)
             except Exception as e:  # noqa: BLE001 - the eager step computes the same, only slower
-                logger.warning("ThinkDiff: capturing the decode step as a CUDA graph failed (%s: %s); "
-                               "decoding without it", type(e).__name__, e)
-                self.cuda_graph = False
+                if self._compilation is not None:
+                    # The compilation thread's CUDA calls may have broken this capture: the next run tries again.
+                    logger.warning("ThinkDiff: capturing the decode step as a CUDA graph failed while its layers "
+                                   "compile (%s: %s); this run decodes without it", type(e).__name__, e)
+                else:
+                    logger.warning("ThinkDiff: capturing the decode step as a CUDA graph failed (%s: %s); "
+                                   "decoding without it", type(e).__name__, e)
+                    self.cuda_graph = False
                 return None
         self._graph, self._graph_key = graph, (weights, self.compiled)
         return graph
