@@ -257,6 +257,7 @@ class FastDecoder:
         self._graph_key = None
         self._stream = None  # warm-up and capture stream, one per device
         self._compilation: BackgroundCompilation | None = None
+        self._failed_compilations = 0
         self._forward_takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     # -- public -------------------------------------------------------------------------------
@@ -420,7 +421,8 @@ class FastDecoder:
             self._inputs, self._output = compile_layer_pieces()  # compiled by the warm-up steps
 
     def _adopt_compilation(self) -> None:
-        """Use the background compilation's layers once it is done, or give compilation up if it failed."""
+        """Use the background compilation's layers once it is done. A failed one is tried once more (a
+        capture in this thread may have broken its CUDA calls), then compilation is given up."""
         compilation = self._compilation
         if compilation is None or not compilation.done():
             return
@@ -428,6 +430,10 @@ class FastDecoder:
         self.compile_seconds = compilation.seconds
         if compilation.pieces is not None:
             self._inputs, self._output = compilation.pieces
+        elif self._failed_compilations == 0:
+            self._failed_compilations += 1
+            logger.warning("ThinkDiff: compiling the decode step failed (%s: %s); trying once more",
+                           type(compilation.error).__name__, compilation.error)
         else:
             self._give_up_compiling(compilation.error)
 
@@ -444,12 +450,12 @@ class FastDecoder:
         """The captured step for these buffers, recaptured when the weights moved or compiled layers became
         ready; None if capture failed."""
         self._adopt_compilation()
+        if self.compile and not self.compiled:
+            self._start_compilation(b)
         weights = self._weights_key()  # new buffers always come with release(), which drops the graph
         if self._graph is not None and self._graph_key == (weights, self.compiled):
             return self._graph
         self._graph = None
-        if self.compile and not self.compiled:
-            self._start_compilation(b)
         device = b.keys.device
         if self._stream is None or self._stream.device != device:
             # Kept: cuBLAS keeps a workspace per stream, and torch.cuda.graph's own default stream
