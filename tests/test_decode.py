@@ -247,7 +247,7 @@ def test_a_background_compilation_failing_twice_leaves_the_eager_graph(reasoner,
 
 
 def test_a_failed_capture_decodes_eagerly_and_gives_graphs_up(reasoner, car_images, emulated_graphs, caplog):
-    decoder = FastDecoder(reasoner.model)
+    decoder = FastDecoder(reasoner.model, compile=True)
     graphs = emulated_graphs(decoder)
     graphs.failing_captures = 1
     inputs = two_shot_inputs(reasoner, car_images)
@@ -255,6 +255,7 @@ def test_a_failed_capture_decodes_eagerly_and_gives_graphs_up(reasoner, car_imag
         tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
         assert torch.equal(tokens, plain(reasoner, inputs, 0)[0])
     assert graphs.captures == 1 and decoder.cuda_graph is False
+    assert decoder._compilation is None  # compiled layers only serve a captured step
     assert ("capturing the decode step as a CUDA graph failed (RuntimeError: operation not permitted when stream "
             "is capturing); decoding without it") in caplog.text
 
@@ -263,16 +264,24 @@ def test_a_capture_failed_during_background_compilation_is_tried_again(reasoner,
                                                                         monkeypatch, caplog):
     decoder = FastDecoder(reasoner.model, compile=True)
     graphs = emulated_graphs(decoder)
-    graphs.failing_captures = 1
     gate = threading.Event()
     compile_once = BackgroundCompilation._compile
     monkeypatch.setattr(BackgroundCompilation, "_compile", lambda self, *args: (gate.wait(), compile_once(self, *args)))
     inputs = two_shot_inputs(reasoner, car_images)
+    expected = plain(reasoner, inputs, 0)[0]
+    decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)  # captured; compilation started after
+    assert graphs.captures == 1 and decoder._graph is not None and not decoder._compilation.done()
+
+    layer = decoder.layers[0].mlp.up_proj
+    layer.weight.data = layer.weight.data.clone()  # the model moved: capture again, while compiling
+    graphs.failing_captures = 1
     tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
-    assert torch.equal(tokens, plain(reasoner, inputs, 0)[0])
+    assert torch.equal(tokens, expected)
     assert "failed while its layers compile" in caplog.text and decoder._graph is None
+    assert decoder.cuda_graph is not False
+
     gate.set()
     assert decoder.wait_for_compilation(timeout=600)
     tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
-    assert torch.equal(tokens, plain(reasoner, inputs, 0)[0])
-    assert graphs.captures == 2 and decoder._graph is not None and decoder.compiled
+    assert torch.equal(tokens, expected)
+    assert graphs.captures == 3 and decoder._graph is not None and decoder.compiled

@@ -411,15 +411,6 @@ class FastDecoder:
     def compiled(self) -> bool:
         return self._inputs is not layer_inputs
 
-    def _start_compilation(self, b: _Buffers) -> None:
-        if self.compile_in_background:
-            if self._compilation is None:
-                self._compilation = BackgroundCompilation(
-                    self.layers[0], self.rotary.inv_freq, self.rotary.attention_scaling, self.heads, self.kv_heads,
-                    self.head_dim, b.keys.shape[3])
-        else:
-            self._inputs, self._output = compile_layer_pieces()  # compiled by the warm-up steps
-
     def _adopt_compilation(self) -> None:
         """Use the background compilation's layers once it is done. A failed one is tried once more (a
         capture in this thread may have broken its CUDA calls), then compilation is given up."""
@@ -448,10 +439,20 @@ class FastDecoder:
 
     def _ensure_graph(self, b: _Buffers):
         """The captured step for these buffers, recaptured when the weights moved or compiled layers became
-        ready; None if capture failed."""
+        ready; None if capture failed. Starts the background compilation when it is wanted."""
         self._adopt_compilation()
-        if self.compile and not self.compiled:
-            self._start_compilation(b)
+        graph = self._captured_step(b)
+        if graph is not None and self.compile and not self.compiled and self.compile_in_background \
+                and self._compilation is None:
+            # Started after the capture: the thread's CUDA calls cannot break a capture that is over.
+            self._compilation = BackgroundCompilation(
+                self.layers[0], self.rotary.inv_freq, self.rotary.attention_scaling, self.heads, self.kv_heads,
+                self.head_dim, b.keys.shape[3])
+        return graph
+
+    def _captured_step(self, b: _Buffers):
+        if self.compile and not self.compiled and not self.compile_in_background:
+            self._inputs, self._output = compile_layer_pieces()  # compiled by the warm-up steps
         weights = self._weights_key()  # new buffers always come with release(), which drops the graph
         if self._graph is not None and self._graph_key == (weights, self.compiled):
             return self._graph
