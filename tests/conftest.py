@@ -142,11 +142,19 @@ class EmulatedGraphs:
             def wait_stream(self, _stream):
                 pass
 
+            def wait_event(self, _event):
+                pass
+
             def synchronize(self):
                 pass
 
         monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
         monkeypatch.setattr(torch.cuda, "graph", graph)
+        class Event:
+            def record(self, _stream=None):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
         monkeypatch.setattr(torch.cuda, "Stream", lambda _device: Stream())
         monkeypatch.setattr(torch.cuda, "current_stream", lambda _device: Stream())
         monkeypatch.setattr(torch.cuda, "stream", lambda _stream: nullcontext())

@@ -22,6 +22,7 @@ embedding is ordinary 1-D RoPE at that position (`next_position` continues from 
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import inspect
 import logging
@@ -148,8 +149,17 @@ class BackgroundCompilation:
     The copy (one layer's weights, ~0.5 GB for Qwen2-VL-7B, freed when done) keeps the thread
     independent of the model, which may move or be freed meanwhile; the thread draws no random
     numbers, so runs decoding meanwhile draw what their seeds give. Its inputs are made as the decode
-    step makes them, so the compiled code's guards hold for the real layers.
+    step makes them, so the compiled code's guards hold for the real layers. No graph is captured while
+    one runs (`running()`): Inductor's autotuning synchronises the whole device, which would break a
+    capture, and a broken capture leaves older PyTorch's allocator unusable.
     """
+
+    THREAD_NAME = "ThinkDiff decode compilation"
+
+    @classmethod
+    def running(cls) -> bool:
+        """Whether any decoder's compilation thread is running in this process."""
+        return any(thread.name == cls.THREAD_NAME and thread.is_alive() for thread in threading.enumerate())
 
     def __init__(self, layer, inv_freq: torch.Tensor, scaling: float, heads: int, kv_heads: int, head_dim: int,
                  cache_len: int):
@@ -160,12 +170,15 @@ class BackgroundCompilation:
         shapes = dict(hidden=weight.shape[-1], heads=heads, kv_heads=kv_heads, head_dim=head_dim, cache_len=cache_len)
         # Copied outside inference mode: the copies' tensor flags must be the originals' for the guards.
         scratch = (copy.deepcopy(layer), inv_freq.detach().clone())
-        copied_on = torch.cuda.current_stream(weight.device)  # the thread's stream waits for the copies
-        self._thread = threading.Thread(target=self._compile, args=(*scratch, scaling, shapes, copied_on),
-                                        name="ThinkDiff decode compilation", daemon=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(weight.device))  # the thread's stream waits for the copies
+        # The caller's context goes along: newer PyTorch keeps compiler settings in context variables.
+        self._thread = threading.Thread(target=contextvars.copy_context().run,
+                                        args=(self._compile, *scratch, scaling, shapes, copied),
+                                        name=self.THREAD_NAME, daemon=True)
         self._thread.start()
 
-    def _compile(self, layer, inv_freq, scaling, shapes, copied_on) -> None:
+    def _compile(self, layer, inv_freq, scaling, shapes, copied) -> None:
         started = time.perf_counter()
         try:
             pieces = compile_layer_pieces()
@@ -173,19 +186,21 @@ class BackgroundCompilation:
             device, dtype = weight.device, weight.dtype
             with torch.inference_mode(), torch.cuda.device(device):
                 stream = torch.cuda.Stream(device)
-                stream.wait_stream(copied_on)
-                with torch.cuda.stream(stream):
-                    x = torch.zeros(1, shapes["hidden"], dtype=dtype, device=device).view(1, 1, -1)
-                    cos, sin = rotary_cos_sin(torch.zeros(1, dtype=torch.long, device=device), inv_freq, scaling,
-                                              dtype)
-                    cache = torch.zeros(1, shapes["kv_heads"], shapes["cache_len"], shapes["head_dim"], dtype=dtype,
-                                        device=device)
-                    slot = torch.zeros(1, dtype=torch.long, device=device)
-                    bias = attention_bias(torch.arange(shapes["cache_len"], device=device).view(1, 1, 1, -1), slot,
-                                          dtype)
-                    decoder_layer_step(layer, x, cache, cache.clone(), cos, sin, slot, bias, shapes["heads"],
-                                       shapes["kv_heads"], *pieces)
-                stream.synchronize()
+                stream.wait_event(copied)
+                try:
+                    with torch.cuda.stream(stream):
+                        x = torch.zeros(1, shapes["hidden"], dtype=dtype, device=device).view(1, 1, -1)
+                        cos, sin = rotary_cos_sin(torch.zeros(1, dtype=torch.long, device=device), inv_freq,
+                                                  scaling, dtype)
+                        cache = torch.zeros(1, shapes["kv_heads"], shapes["cache_len"], shapes["head_dim"],
+                                            dtype=dtype, device=device)
+                        slot = torch.zeros(1, dtype=torch.long, device=device)
+                        bias = attention_bias(torch.arange(shapes["cache_len"], device=device).view(1, 1, 1, -1),
+                                              slot, dtype)
+                        decoder_layer_step(layer, x, cache, cache.clone(), cos, sin, slot, bias, shapes["heads"],
+                                           shapes["kv_heads"], *pieces)
+                finally:
+                    stream.synchronize()  # before the copy's memory goes back to the allocator, error or not
             self.pieces = pieces
         except Exception as e:  # noqa: BLE001 - reported by the decoder, which stays eager
             self.error = e
@@ -412,8 +427,8 @@ class FastDecoder:
         return self._inputs is not layer_inputs
 
     def _adopt_compilation(self) -> None:
-        """Use the background compilation's layers once it is done. A failed one is tried once more (a
-        capture in this thread may have broken its CUDA calls), then compilation is given up."""
+        """Use the background compilation's layers once it is done. A failed one is tried once more (it
+        may have run out of memory while another model was loaded), then compilation is given up."""
         compilation = self._compilation
         if compilation is None or not compilation.done():
             return
@@ -444,10 +459,12 @@ class FastDecoder:
         graph = self._captured_step(b)
         if graph is not None and self.compile and not self.compiled and self.compile_in_background \
                 and self._compilation is None:
-            # Started after the capture: the thread's CUDA calls cannot break a capture that is over.
-            self._compilation = BackgroundCompilation(
-                self.layers[0], self.rotary.inv_freq, self.rotary.attention_scaling, self.heads, self.kv_heads,
-                self.head_dim, b.keys.shape[3])
+            try:
+                self._compilation = BackgroundCompilation(
+                    self.layers[0], self.rotary.inv_freq, self.rotary.attention_scaling, self.heads, self.kv_heads,
+                    self.head_dim, b.keys.shape[3])
+            except Exception as e:  # noqa: BLE001 - e.g. no memory for the layer's copy: decoding goes on
+                self._give_up_compiling(e)
         return graph
 
     def _captured_step(self, b: _Buffers):
@@ -457,6 +474,8 @@ class FastDecoder:
         if self._graph is not None and self._graph_key == (weights, self.compiled):
             return self._graph
         self._graph = None
+        if BackgroundCompilation.running():
+            return None  # this run decodes without a graph; the next captures one
         device = b.keys.device
         if self._stream is None or self._stream.device != device:
             # Kept: cuBLAS keeps a workspace per stream, and torch.cuda.graph's own default stream
@@ -481,19 +500,16 @@ class FastDecoder:
             graph = torch.cuda.CUDAGraph()
             self._park(b)
             try:
-                # thread_local: only this thread's calls can break the capture (ComfyUI's server
-                # thread and the compilation thread may touch CUDA meanwhile).
-                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                # thread_local: only this thread's calls can break the capture (ComfyUI's server thread
+                # may touch CUDA meanwhile). The outer stream context restores this thread's stream
+                # also when the capture fails (torch.cuda.graph's own does not then).
+                with torch.cuda.stream(stream), \
+                        torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                     self._step(b)
             except Exception as e:  # noqa: BLE001 - the eager step computes the same, only slower
-                if self._compilation is not None:
-                    # The compilation thread's CUDA calls may have broken this capture: the next run tries again.
-                    logger.warning("ThinkDiff: capturing the decode step as a CUDA graph failed while its layers "
-                                   "compile (%s: %s); this run decodes without it", type(e).__name__, e)
-                else:
-                    logger.warning("ThinkDiff: capturing the decode step as a CUDA graph failed (%s: %s); "
-                                   "decoding without it", type(e).__name__, e)
-                    self.cuda_graph = False
+                logger.warning("ThinkDiff: capturing the decode step as a CUDA graph failed (%s: %s); "
+                               "decoding without it", type(e).__name__, e)
+                self.cuda_graph = False
                 return None
         self._graph, self._graph_key = graph, (weights, self.compiled)
         return graph
