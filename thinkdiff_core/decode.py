@@ -241,10 +241,12 @@ class FastDecoder:
 
     `compile=True` compiles the decoder layer step with torch.compile (fused norms and rotary, fewer
     kernels) for the CUDA graph; it falls back to eager with a warning where compilation fails (e.g.
-    no Triton). With `compile_in_background` (the default) compilation runs in a thread and runs
-    decode with the eager graph until it is done; the next run then captures the compiled step. The
-    two round differently in bf16, so a seed's tokens can change once, at that switch, where a draw
-    is nearly tied. Otherwise the first run waits for compilation.
+    no Triton). With `compile_in_background` (the default) compilation starts in a thread once the
+    first run has captured the uncompiled step, and runs replay that graph until it is done; the next
+    run then captures the compiled step. The two round differently in bf16, so a seed's tokens can
+    change once, at that switch, where a draw is nearly tied. Otherwise the first run waits for
+    compilation.
+
     Call `release()` when the model moves or is unloaded: the cache and graph hold device memory
     and the graph holds the weights' addresses (a moved model is also detected and recaptured).
     """
