@@ -47,7 +47,8 @@ def readable_t5(tmp_path_factory, tiny_models):
     torch.manual_seed(0)
     rng = random.Random(0)
     words = " ".join(CORPUS).split()
-    chars = [t for t in tokenizer.get_vocab() if len(t) == 1 and t.isprintable()]
+    # Sorted: the order of get_vocab()'s dict changes from process to process.
+    chars = sorted(t for t in tokenizer.get_vocab() if len(t) == 1 and t.isprintable())
 
     def text():
         if rng.random() < 0.5:
