@@ -34,6 +34,8 @@ def test_bench_on_a_folder_compares_generate_and_the_fast_path(tiny_models, tmp_
     assert step["top"][0]["ms_per_step"] >= step["top"][-1]["ms_per_step"]
     # float32, 4 layers of the same widths: the same seed gives the same tokens.
     assert printed["exactness"]["same_tokens"] and printed["exactness"]["layers"] == 4
+    assert fast["goals"]["states_within_bf16_tolerance"] and fast["goals"]["same_draws_as_generate_float32"]
+    assert fast["goals"]["4x_faster_than_generate"] == (fast["speedup_vs_generate"] >= 4)
 
 
 def test_bench_with_random_weights_saves_loads_and_measures_quantisation_drift(tiny_models, tmp_path, capsys):
