@@ -21,6 +21,12 @@ PRECISION_TOOLTIP = "bf16 as the paper (the aligners were trained on bf16 featur
 QUANTIZED = {"8-bit (bitsandbytes)": "8bit", "4-bit (bitsandbytes)": "4bit"}
 VLM_PRECISION_TOOLTIP = (PRECISION_TOOLTIP + ". 8-bit / 4-bit need bitsandbytes, load straight onto the GPU and stay "
                          "there; their states drift from the bf16 ones the aligner was trained on")
+# How the VLM decodes: the Reasoner's `compile` setting.
+DECODINGS = {"compiled": None, "uncompiled": False}
+DECODING_TOOLTIP = ("compiled: the fastest reasoning, on NVIDIA GPUs with Triton, once a one-time compilation that "
+                    "starts after the first run has finished; that first run decodes uncompiled and rounds "
+                    "differently, so its answer for a seed can differ from later runs'. uncompiled: every run "
+                    "decodes alike (a seed always gives the same answer), more slowly")
 
 
 class ThinkDiffVLM:
@@ -111,6 +117,7 @@ class ThinkDiffLoadVLM:
         return {"required": {
             "model": (list(folders.vlm_folders()), {"tooltip": "A Qwen2-VL Hugging Face folder"}),
             "precision": ([*PRECISIONS, *QUANTIZED], {"default": "bf16", "tooltip": VLM_PRECISION_TOOLTIP}),
+            "decoding": (list(DECODINGS), {"default": "compiled", "tooltip": DECODING_TOOLTIP, "advanced": True}),
         }}
 
     @classmethod
@@ -121,7 +128,7 @@ class ThinkDiffLoadVLM:
             return _validate(folders.vlm_folders(), model, "Qwen2-VL folder", folders.VLM_KEYS)
         return _validate(folders.vlm_folders(), model, "Qwen2-VL folder", folders.VLM_KEYS, precision)
 
-    def load(self, model, precision):
+    def load(self, model, precision, decoding="compiled"):
         quantization = QUANTIZED.get(precision)
         path = _find(folders.vlm_folders(), model, "Qwen2-VL folder", folders.VLM_KEYS,
                      None if quantization else precision)
@@ -135,7 +142,9 @@ class ThinkDiffLoadVLM:
                                                     dtype=PRECISIONS[precision])
             return ThinkDiffVLM(reasoner, model, quantized=quantization is not None)
 
-        return (_load_once(("vlm", path, precision), build),)
+        loaded = _load_once(("vlm", path, precision), build)
+        loaded.reasoner.compile = DECODINGS[decoding]  # switched in place: no reload
+        return (loaded,)
 
 
 class ThinkDiffLoadVisionEncoder:

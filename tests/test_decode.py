@@ -300,3 +300,23 @@ def test_no_memory_for_the_compilation_copy_leaves_the_eager_graph(reasoner, car
     assert "compiling the decode step failed (OutOfMemoryError: CUDA out of memory. Tried to allocate 466.00 MiB); " \
            "using eager layers" in caplog.text
     assert not decoder.compile and decoder._graph is not None and graphs.captures == 1
+
+
+def test_compilation_switched_off_and_on_between_runs(reasoner, car_images, emulated_graphs, monkeypatch):
+    compilations = []
+
+    def counted():
+        compilations.append(1)
+        return compile_layer_pieces()
+
+    monkeypatch.setattr(decode, "compile_layer_pieces", counted)
+    decoder = FastDecoder(reasoner.model, compile=True, compile_in_background=False)
+    graphs = emulated_graphs(decoder)
+    inputs = two_shot_inputs(reasoner, car_images)
+    expected = plain(reasoner, inputs, 0)[0]
+    for compile, captures in ((True, 1), (False, 2), (True, 3)):
+        decoder.compile = compile
+        tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
+        assert torch.equal(tokens, expected)
+        assert decoder.compiled == compile and graphs.captures == captures
+    assert len(compilations) == 1  # switching back reuses the compiled layers

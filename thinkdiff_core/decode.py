@@ -245,7 +245,7 @@ class FastDecoder:
     first run has captured the uncompiled step, and runs replay that graph until it is done; the next
     run then captures the compiled step. The two round differently in bf16, so a seed's tokens can
     change once, at that switch, where a draw is nearly tied. Otherwise the first run waits for
-    compilation.
+    compilation. `compile` may be switched between runs; compiled layers are kept for switching back.
 
     Call `release()` when the model moves or is unloaded: the cache and graph hold device memory
     and the graph holds the weights' addresses (a moved model is also detected and recaptured).
@@ -268,7 +268,8 @@ class FastDecoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.vocab_size = self.lm_head.weight.shape[0]
-        self._inputs, self._output = layer_inputs, layer_output
+        self._inputs, self._output = layer_inputs, layer_output  # the layer pieces in use
+        self._compiled_pieces = None  # once compiled; in use while `compile` is on
         self._buffers: _Buffers | None = None
         self._graph = None
         self._graph_key = None
@@ -325,7 +326,7 @@ class FastDecoder:
         if self._compilation is not None:
             self._compilation.wait(timeout)
             self._adopt_compilation()
-        return self.compiled
+        return self.compile and self._compiled_pieces is not None
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -437,7 +438,7 @@ class FastDecoder:
         self._compilation = None
         self.compile_seconds = compilation.seconds
         if compilation.pieces is not None:
-            self._inputs, self._output = compilation.pieces
+            self._compiled_pieces = compilation.pieces
         elif self._failed_compilations == 0:
             self._failed_compilations += 1
             logger.warning("ThinkDiff: compiling the decode step failed (%s: %s); trying once more",
@@ -449,6 +450,7 @@ class FastDecoder:
         logger.warning("ThinkDiff: compiling the decode step failed (%s: %s); using eager layers",
                        type(error).__name__, error)
         self.compile = False
+        self._compiled_pieces = None
         self._inputs, self._output = layer_inputs, layer_output
 
     def _weights_key(self) -> tuple:
@@ -458,8 +460,13 @@ class FastDecoder:
         """The captured step for these buffers, recaptured when the weights moved or compiled layers became
         ready; None if capture failed. Starts the background compilation when it is wanted."""
         self._adopt_compilation()
+        if self.compile and self._compiled_pieces is None and not self.compile_in_background:
+            self._compiled_pieces = compile_layer_pieces()  # compiled by the warm-up steps
+        # `compile` may have been switched since the last run: the pieces follow it.
+        self._inputs, self._output = self._compiled_pieces if self.compile and self._compiled_pieces \
+            else (layer_inputs, layer_output)
         graph = self._captured_step(b)
-        if graph is not None and self.compile and not self.compiled and self.compile_in_background \
+        if graph is not None and self.compile and self._compiled_pieces is None and self.compile_in_background \
                 and self._compilation is None:
             try:
                 self._compilation = BackgroundCompilation(
@@ -470,8 +477,6 @@ class FastDecoder:
         return graph
 
     def _captured_step(self, b: _Buffers):
-        if self.compile and not self.compiled and not self.compile_in_background:
-            self._inputs, self._output = compile_layer_pieces()  # compiled by the warm-up steps
         weights = self._weights_key()  # new buffers always come with release(), which drops the graph
         if self._graph is not None and self._graph_key == (weights, self.compiled):
             return self._graph

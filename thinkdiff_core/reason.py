@@ -170,8 +170,8 @@ class Reasoner:
         self.model = model.eval()
         self.processor = processor
         self.fast = fast
-        self.compile = compile
         self._decoder: FastDecoder | None = None
+        self.compile = compile
         # The released generation_config.json asks for top_k=1, top_p=0.001 and a repetition
         # penalty; transformers fills unset sampling options from it. The paper's sampler (vLLM)
         # never read it, so only the special token ids are kept.
@@ -304,12 +304,24 @@ class Reasoner:
         return self._generate_plain(inputs, seed, temperature, top_p, max_new_tokens, min_new_tokens, on_token)
 
     @property
+    def compile(self) -> bool | None:
+        return self._compile
+
+    @compile.setter
+    def compile(self, value: bool | None) -> None:
+        """May change between runs: the decoder switches without losing what it compiled."""
+        self._compile = value
+        if self._decoder is not None:
+            self._decoder.compile = self._compiles()
+
+    def _compiles(self) -> bool:
+        # Compiled layers only serve the CUDA graph (the decoder uses none elsewhere) and need Triton.
+        return importlib.util.find_spec("triton") is not None if self._compile is None else self._compile
+
+    @property
     def decoder(self) -> FastDecoder:
         if self._decoder is None:
-            compile = self.compile
-            if compile is None:
-                compile = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
-            self._decoder = FastDecoder(self.model, compile=compile)
+            self._decoder = FastDecoder(self.model, compile=self._compiles())
         return self._decoder
 
     def release(self) -> None:
