@@ -35,4 +35,5 @@ TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
 timeout 150 python3 -m thinkdiff_core bench --paths fast_compiled fast --repeats 1 --leak-runs 0 \
   --out "$out/bench_new_process.json" "$@" > /dev/null 2>> "$out/bench.log"
 echo "new-process bench exit $?" >> "$out/bench.log"
-tail -n 40 "$out/bench.log"
+tail -n 20 "$out/bench.log"
+python3 -m thinkdiff_core.bench "$out/bench.json" "$out/bench_new_process.json"

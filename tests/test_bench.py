@@ -7,7 +7,7 @@ import torch
 
 from thinkdiff_core import Reasoner
 from thinkdiff_core.__main__ import main
-from thinkdiff_core.bench import (QWEN2_VL_7B, kernel_kind, language_model_bytes, random_qwen2_vl, shallow,
+from thinkdiff_core.bench import (QWEN2_VL_7B, kernel_kind, language_model_bytes, random_qwen2_vl, shallow, summary,
                                   synthetic_inputs)
 
 
@@ -36,6 +36,12 @@ def test_bench_on_a_folder_compares_generate_and_the_fast_path(tiny_models, tmp_
     assert printed["exactness"]["same_tokens"] and printed["exactness"]["layers"] == 4
     assert fast["goals"]["states_within_bf16_tolerance"] and fast["goals"]["same_draws_as_generate_float32"]
     assert fast["goals"]["4x_faster_than_generate"] == (fast["speedup_vs_generate"] >= 4)
+    lines = summary(printed)
+    assert lines[0].startswith("cpu: floor None s") and lines[1].startswith("  generate: first_call_s=")
+    unmet = ", ".join(goal for goal, met in fast["goals"].items() if not met) or "none"
+    assert lines[2].startswith("  fast: first_call_s=") and lines[2].endswith(f" | goals unmet: {unmet}")
+    assert lines[3] == "  fast_compiled: skipped=compilation is used with CUDA graphs only"
+    assert lines[4].startswith("  exactness: {")
 
 
 def test_bench_with_random_weights_saves_loads_and_measures_quantisation_drift(tiny_models, tmp_path, capsys):

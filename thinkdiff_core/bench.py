@@ -527,3 +527,30 @@ def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 1
                                              drop_cache, log))
         write(results)
     return results
+
+
+def summary(results: dict) -> list[str]:
+    """The headline numbers of one bench JSON, a line each: what a short device log should end with."""
+    lines = [f"{results.get('device')}: floor {results.get('floor_s')} s "
+             f"({results.get('copy_bandwidth_tb_s')} TB/s copy), prompt {results.get('prompt_tokens')} tokens"]
+    keys = ("first_call_s", "warm_s", "decode_ms_per_token", "x_floor", "speedup_vs_generate", "peak_gib",
+            "compile_s", "first_compiled_call_s", "error", "skipped")
+    for path in PATHS:
+        if path in results:
+            measured = results[path]
+            numbers = " ".join(f"{key}={measured[key]}" for key in keys if measured.get(key) is not None)
+            unmet = [goal for goal, met in measured.get("goals", {}).items() if not met]
+            verdict = f" | goals unmet: {', '.join(unmet) or 'none'}" if "goals" in measured else ""
+            lines.append(f"  {path}: {numbers}{verdict}")
+    for stage in ("exactness", "load", "8bit", "4bit"):
+        if stage in results:
+            lines.append(f"  {stage}: {json.dumps(results[stage])}")
+    return lines
+
+
+if __name__ == "__main__":  # python -m thinkdiff_core.bench RESULT.json ...: the summary of each
+    import sys
+
+    for name in sys.argv[1:]:
+        print(name)
+        print("\n".join(summary(json.loads(Path(name).read_text()))))
