@@ -4,8 +4,9 @@
 #      2-shot 612-token prompt, 128 tokens; leak check; the random model saved, loaded back from disk
 #      (page cache dropped) and, when bitsandbytes is there, loaded 8-bit and 4-bit (drift measured);
 #      a float32 4-layer copy checks that both paths draw the same tokens for a seed;
-#   2. a second process, with its own empty compile cache: the first call of the path the nodes use
-#      (fast_compiled) as a new user sees it, nothing warmed by generate, compiling in the background.
+#   2. a second process as ComfyUI runs it (its default allocator, cudaMallocAsync) with its own empty
+#      compile cache: the first call of the path the nodes use (fast_compiled) as a new user sees it,
+#      nothing warmed by generate, compiling in the background.
 # Results go to $OUT (or benchmarks/out): bench.json, bench_new_process.json, bench.log, gpu.txt.
 # Extra arguments go to both bench runs (a CPU dry run of this script: --config <tiny>/vlm/config.json
 # --device cpu --image-size 56 --prompt-tokens 40 --tokens 8).
@@ -32,7 +33,7 @@ timeout 400 python3 -m thinkdiff_core bench --out "$out/bench.json" --save-rando
 echo "bench exit $?" >> "$out/bench.log"
 rm -rf /tmp/qwen2-vl-7b-random
 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
-timeout 150 python3 -m thinkdiff_core bench --paths fast_compiled fast --repeats 1 --leak-runs 0 \
+PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 150 python3 -m thinkdiff_core bench --paths fast_compiled fast --repeats 1 --leak-runs 0 \
   --out "$out/bench_new_process.json" "$@" > /dev/null 2>> "$out/bench.log"
 echo "new-process bench exit $?" >> "$out/bench.log"
 tail -n 20 "$out/bench.log"
