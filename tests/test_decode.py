@@ -144,7 +144,7 @@ def test_compiled_layer_parts_are_one_graph_each_for_all_layers_and_equal_eager(
     import torch._dynamo
 
     decoder = FastDecoder(reasoner.model, compile=True)
-    decoder._inputs, decoder._output = compile_layer_pieces()
+    inputs, output = compile_layer_pieces()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     generator = torch.Generator().manual_seed(0)
@@ -160,7 +160,7 @@ def test_compiled_layer_parts_are_one_graph_each_for_all_layers_and_equal_eager(
             copies, original = (keys.clone(), values.clone()), keys.clone()
             args = cos, sin, slot, bias, decoder.heads, decoder.kv_heads
             expected = decoder_layer_step(layer, x, keys, values, *args)
-            got = decoder_layer_step(layer, x, *copies, *args, decoder._inputs, decoder._output)
+            got = decoder_layer_step(layer, x, *copies, *args, inputs, output)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(copies, (keys, values))
             changed = (keys != original).any(dim=-1)[0]  # [kv_heads, length]: only slot 5 was written

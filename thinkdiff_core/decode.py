@@ -210,10 +210,8 @@ class BackgroundCompilation:
     def done(self) -> bool:
         return not self._thread.is_alive()
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the thread; True when it finished."""
+    def wait(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
-        return self.done()
 
 
 @dataclass
@@ -268,8 +266,7 @@ class FastDecoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.vocab_size = self.lm_head.weight.shape[0]
-        self._inputs, self._output = layer_inputs, layer_output  # the layer pieces in use
-        self._compiled_pieces = None  # once compiled; in use while `compile` is on
+        self._compiled_pieces = None  # once compiled; in use while `compile` is on (see _pieces)
         self._buffers: _Buffers | None = None
         self._graph = None
         self._graph_key = None
@@ -326,7 +323,7 @@ class FastDecoder:
         if self._compilation is not None:
             self._compilation.wait(timeout)
             self._adopt_compilation()
-        return self.compile and self._compiled_pieces is not None
+        return self.compiled
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -373,9 +370,10 @@ class FastDecoder:
         x = self.embed(b.token).view(1, 1, -1)
         cos, sin = rotary_cos_sin(b.position, self.rotary.inv_freq, self.rotary.attention_scaling, x.dtype)
         bias = attention_bias(b.slot_ids, b.slot, x.dtype)
+        inputs, output = self._pieces
         for layer, keys, values in zip(self.layers, b.keys, b.values):
             x = decoder_layer_step(layer, x, keys, values, cos, sin, b.slot, bias, self.heads, self.kv_heads,
-                                   self._inputs, self._output)
+                                   inputs, output)
         state = self.norm(x).view(1, -1)
         token = sample_paper(self.lm_head(state).float(), b.eos_mask, b.temperature, b.top_p_floor,
                              reciprocal=b.keys.is_cuda)
@@ -427,7 +425,12 @@ class FastDecoder:
 
     @property
     def compiled(self) -> bool:
-        return self._inputs is not layer_inputs
+        return self.compile and self._compiled_pieces is not None
+
+    @property
+    def _pieces(self):
+        """The layer pieces the step runs: compiled while `compile` is on and they exist, else eager."""
+        return self._compiled_pieces if self.compiled else (layer_inputs, layer_output)
 
     def _adopt_compilation(self) -> None:
         """Use the background compilation's layers once it is done. A failed one is tried once more (it
@@ -451,7 +454,6 @@ class FastDecoder:
                        type(error).__name__, error)
         self.compile = False
         self._compiled_pieces = None
-        self._inputs, self._output = layer_inputs, layer_output
 
     def _weights_key(self) -> tuple:
         return tuple(p.data_ptr() for p in self.model.parameters())
@@ -462,11 +464,8 @@ class FastDecoder:
         self._adopt_compilation()
         if self.compile and self._compiled_pieces is None and not self.compile_in_background:
             self._compiled_pieces = compile_layer_pieces()  # compiled by the warm-up steps
-        # `compile` may have been switched since the last run: the pieces follow it.
-        self._inputs, self._output = self._compiled_pieces if self.compile and self._compiled_pieces \
-            else (layer_inputs, layer_output)
         graph = self._captured_step(b)
-        if graph is not None and self.compile and self._compiled_pieces is None and self.compile_in_background \
+        if graph is not None and self.compile and not self.compiled and self.compile_in_background \
                 and self._compilation is None:
             try:
                 self._compilation = BackgroundCompilation(
