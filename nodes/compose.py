@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import comfy.model_management as mm
@@ -32,10 +34,35 @@ def paper_t5_tokens(batches: list[list[tuple]], length: int = PAPER_T5_LENGTH) -
     return result
 
 
+def check_attention_mask(extras: dict, text_shape: torch.Size) -> None:
+    """A FLUX attention bias covers the text-slot tokens, then the reference grid of
+    `attention_mask_img_shape` (Apply Style Model's layout); anything else is refused by name."""
+    mask = extras["attention_mask"]
+    reference = math.prod(extras.get("attention_mask_img_shape", (1, 1)))
+    side = text_shape[1] + reference
+    if mask.ndim != 3 or tuple(mask.shape[1:]) != (side, side) or mask.shape[0] not in (1, text_shape[0]):
+        raise ValueError(f"the conditioning's attention_mask is {list(mask.shape)} but its {text_shape[1]} tokens "
+                         f"and {reference} reference positions need [{text_shape[0]}, {side}, {side}]")
+
+
+def widen_attention_mask(mask: torch.Tensor, n_text: int, n_added: int) -> torch.Tensor:
+    """Room in a FLUX attention bias for `n_added` tokens appended after the first `n_text`, as Apply
+    Style Model makes it: float16, old entries kept, the new tokens' bias 0 (seen fully, as with a
+    strength of 1; `strength` scales the tokens themselves)."""
+    if mask.dtype == torch.bool:  # True = attend: an additive bias of 0, False of -inf
+        mask = torch.zeros(mask.shape, dtype=torch.float16, device=mask.device).masked_fill(~mask, float("-inf"))
+    side = mask.shape[-1] + n_added
+    old = torch.cat([torch.arange(n_text), torch.arange(n_text + n_added, side)]).to(mask.device)
+    widened = torch.zeros((mask.shape[0], side, side), dtype=torch.float16, device=mask.device)
+    widened[:, old[:, None], old[None, :]] = mask.to(torch.float16)
+    return widened
+
+
 class ThinkDiffCompose:
     DESCRIPTION = ("ThinkDiff-CLIP: BLIP-2 reads each image (65 tokens), the CLIP-variant aligner maps them into T5 "
                    "space, and they are joined in order with the text's own T5 tokens (pooled = CLIP-L of the text). "
-                   "With a conditioning input instead of text, the image tokens are appended to it.")
+                   "With a conditioning input instead of text, the image tokens are appended to it (an attention mask, e.g. "
+                   "Apply Style Model's attn_bias, is widened for them).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("conditioning",)
@@ -86,8 +113,7 @@ class ThinkDiffCompose:
                 raise ValueError(f"aligner '{aligner.name}' outputs {aligner.out_features}-d tokens but the text "
                                  f"conditioning is {cond.shape[-1]}-d; use FLUX's CLIP (DualCLIPLoader, type flux)")
             if "attention_mask" in extras:
-                raise ValueError("the conditioning carries an attention mask (e.g. from Apply Style Model with "
-                                 "attn_bias); append ThinkDiff's image tokens before such nodes")
+                check_attention_mask(extras, cond.shape)
 
         managed.load(vision.patcher, aligner.patcher)
         composed = image_tokens(vision.encoder, aligner.module, pictures(batches)) * strength
@@ -103,5 +129,8 @@ class ThinkDiffCompose:
             extras = dict(extras)  # never mutate the input conditioning
             if "pooled_output" in extras:
                 extras["pooled_output"] = extras["pooled_output"].to(device=device, dtype=dtype)
+            if "attention_mask" in extras:
+                extras["attention_mask"] = widen_attention_mask(extras["attention_mask"], cond.shape[1],
+                                                                images.shape[1]).to(device)
             result.append([torch.cat(parts, dim=1), extras])
         return (result,)

@@ -103,9 +103,44 @@ def test_appending_to_a_conditioning_keeps_it_and_its_extras(host, parts, cars):
     assert given[0][0].shape == (1, 256, 32) and set(given[0][1]) == {"pooled_output", "guidance"}  # not mutated
     with pytest.raises(ValueError, match="give either text or a conditioning input, not both"):
         compose(host, parts, image_1=cars[0], conditioning=given, text="a hat")
-    masked = [[text_cond, {"pooled_output": pooled, "attention_mask": torch.zeros(1, 256, 256)}]]
-    with pytest.raises(ValueError, match="carries an attention mask"):
-        compose(host, parts, image_1=cars[0], conditioning=masked)
+
+
+def quadrant_widened(mask, n_text, n_added):
+    """Apply Style Model's layout, block by block: text and reference regions kept, new columns 0."""
+    side = mask.shape[-1] + n_added
+    widened = torch.zeros(mask.shape[0], side, side, dtype=torch.float16)
+    t, n = n_text, n_added
+    widened[:, :t, :t] = mask[:, :t, :t]
+    widened[:, :t, t + n:] = mask[:, :t, t:]
+    widened[:, t + n:, :t] = mask[:, t:, :t]
+    widened[:, t + n:, t + n:] = mask[:, t:, t:]
+    return widened
+
+
+def test_an_attention_mask_is_widened_for_the_appended_tokens(host, parts, cars):
+    text_cond, pooled = torch.randn(1, 20, 32), torch.randn(1, 32)
+    # A Redux-style bias: 20 text tokens, then a 2x3 reference grid; some entries -inf.
+    bias = torch.randn(1, 26, 26).half()
+    bias[0, 3, 21:] = float("-inf")
+    given = [[text_cond, {"pooled_output": pooled, "attention_mask": bias, "attention_mask_img_shape": (2, 3)}]]
+    (entry,) = compose(host, parts, image_1=cars[0], image_2=cars[1], conditioning=given)
+    cond, extras = entry
+    assert cond.shape == (1, 20 + 130, 32)
+    assert extras["attention_mask"].dtype == torch.float16 and extras["attention_mask_img_shape"] == (2, 3)
+    assert torch.equal(extras["attention_mask"], quadrant_widened(bias, 20, 130))
+    assert given[0][1]["attention_mask"] is bias and bias.shape == (1, 26, 26)  # not mutated
+
+    allowed = torch.rand(1, 21, 21) > 0.3  # boolean: True attends
+    given = [[text_cond, {"pooled_output": pooled, "attention_mask": allowed}]]
+    (entry,) = compose(host, parts, image_1=cars[0], conditioning=given)
+    as_bias = torch.zeros(1, 21, 21, dtype=torch.float16).masked_fill(~allowed, float("-inf"))
+    assert torch.equal(entry[1]["attention_mask"], quadrant_widened(as_bias, 20, 65))
+
+    wrong = [[text_cond, {"pooled_output": pooled, "attention_mask": torch.zeros(1, 20, 20)}]]
+    with pytest.raises(ValueError) as error:
+        compose(host, parts, image_1=cars[0], conditioning=wrong)
+    assert str(error.value) == ("the conditioning's attention_mask is [1, 20, 20] but its 20 tokens and 1 reference "
+                                "positions need [1, 21, 21]")
 
 
 def test_batches_count_as_several_images_even_beyond_the_sockets(host, parts, cars):
