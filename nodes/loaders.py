@@ -11,7 +11,7 @@ import comfy.model_management as mm
 
 from ..thinkdiff_core import Reasoner, VisionEncoder, load_aligner
 from ..thinkdiff_core.aligner import VARIANT_NAMES, VARIANTS
-from ..thinkdiff_core.reason import FP16_REFUSAL
+from ..thinkdiff_core.reason import FP16_REFUSAL, quantized_size
 from . import folders, managed
 
 CATEGORY = "ThinkDiff"
@@ -135,7 +135,10 @@ class ThinkDiffLoadVLM:
 
         def build():
             if quantization:  # quantised on the compute device, where it stays
-                reasoner = Reasoner.from_pretrained(path, device=mm.get_torch_device(), dtype=torch.bfloat16,
+                device = mm.get_torch_device()
+                # Models ComfyUI keeps there (FLUX from a previous run) make room first, as for its own loads.
+                mm.free_memory(quantized_size(path, quantization) + mm.minimum_inference_memory(), device)
+                reasoner = Reasoner.from_pretrained(path, device=device, dtype=torch.bfloat16,
                                                     quantization=quantization)
             else:
                 reasoner = Reasoner.from_pretrained(path, device=mm.unet_offload_device(),

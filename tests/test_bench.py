@@ -7,6 +7,7 @@ import torch
 
 from thinkdiff_core import Reasoner
 from thinkdiff_core.__main__ import main
+from thinkdiff_core.reason import quantized_size
 from thinkdiff_core.bench import (QWEN2_VL_7B, kernel_kind, language_model_bytes, random_qwen2_vl, shallow, summary,
                                   synthetic_inputs)
 
@@ -99,6 +100,24 @@ def test_quantised_loading_keeps_vision_and_head_and_matches_plain_sampling(tiny
     _, forced = quantised.sample(inputs, seed=0, max_new_tokens=16, min_new_tokens=16, forced_tokens=tokens)
     cosine = torch.nn.functional.cosine_similarity(forced, states, dim=-1)
     assert 0.9 < cosine.min() < 0.99999  # drifts, but stays close
+
+
+def loaded_bytes(model):
+    """A quantised model's weights as they lie in memory, the quantisation scales included."""
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    for parameter in model.parameters():
+        for scale in (getattr(getattr(parameter, "quant_state", None), "absmax", None), getattr(parameter, "SCB", None)):
+            if scale is not None:
+                total += scale.numel() * scale.element_size()
+    return total
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_the_quantised_size_is_known_before_loading(tiny_models, quantization):
+    pytest.importorskip("bitsandbytes")
+    estimate = quantized_size(tiny_models["vlm"], quantization)
+    loaded = Reasoner.from_pretrained(tiny_models["vlm"], device="cpu", dtype="bfloat16", quantization=quantization)
+    assert estimate == pytest.approx(loaded_bytes(loaded.model), rel=0.02)
 
 
 def test_quantisation_errors_name_the_choice_and_the_package(tiny_models, monkeypatch):

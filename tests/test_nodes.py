@@ -10,7 +10,7 @@ import comfy.model_management as mm
 import comfy.utils
 from thinkdiff_core import Reasoner, load_aligner
 from thinkdiff_core.prompt import to_rgb
-from thinkdiff_core.reason import FP16_REFUSAL, final_norm
+from thinkdiff_core.reason import FP16_REFUSAL, final_norm, quantized_size
 
 NODE_IDS = ["ThinkDiffCompose", "ThinkDiffLoadAligner", "ThinkDiffLoadVLM", "ThinkDiffLoadVisionEncoder",
             "ThinkDiffReason"]
@@ -149,11 +149,16 @@ def test_ten_queued_runs_leave_one_cache_alive(host, loaded, cars):
     assert alive and all(buffers is vlm.reasoner._decoder._buffers for buffers in alive)
 
 
-def test_quantised_vlm_loads_through_the_node_and_stays_put(host, cars):
+def test_quantised_vlm_loads_through_the_node_and_stays_put(host, cars, monkeypatch):
     pytest.importorskip("bitsandbytes")
     loader = node(host, "ThinkDiffLoadVLM")
     assert type(loader).VALIDATE_INPUTS(model="Qwen-VL/Qwen2-VL-tiny", precision="4-bit (bitsandbytes)") is True
+    # It is made on the GPU, so models ComfyUI keeps there are asked to make room first.
+    freed = []
+    monkeypatch.setattr(mm, "free_memory", lambda needed, device, *rest, **options: freed.append((needed, device)))
     (vlm,) = loader.load("Qwen-VL/Qwen2-VL-tiny", "4-bit (bitsandbytes)")
+    folder = host.models / "LLM" / "Qwen-VL" / "Qwen2-VL-tiny"
+    assert freed == [(quantized_size(folder, "4bit") + mm.minimum_inference_memory(), mm.get_torch_device())]
     layer = vlm.reasoner.model.get_decoder().layers[0]
     assert type(layer.mlp.up_proj).__name__ == "Linear4bit"
     assert vlm.patcher.load_device == vlm.patcher.offload_device == mm.get_torch_device()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,6 +134,30 @@ def quantization_config(quantization: str, dtype: torch.dtype):
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                               llm_int8_skip_modules=keep)
+
+
+# Bytes per weight of a quantised language-model layer: int8 (8-bit; one float32 scale per row is
+# negligible) or two nf4 values per byte plus a float32 scale per block of 64 (4-bit).
+QUANTIZED_BYTES_PER_WEIGHT = {"8bit": 1.0, "4bit": 0.5 + 4 / 64}
+
+
+def quantized_size(folder: str | os.PathLike, quantization: str, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of weights a Qwen2-VL folder takes once loaded with `quantization`, read from its
+    safetensors headers: the language model's linear weights quantised, everything else in `dtype`."""
+    from safetensors import safe_open
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    element = torch.tensor([], dtype=dtype).element_size()
+    total = 0.0
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as tensors:
+            for name in tensors.keys():
+                shape = tensors.get_slice(name).get_shape()
+                weights = math.prod(shape)
+                quantized = len(shape) == 2 and ".layers." in name and "visual" not in name
+                total += weights * (QUANTIZED_BYTES_PER_WEIGHT[quantization] if quantized else element)
+    return int(total)
 
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
