@@ -6,8 +6,6 @@ import math
 
 import torch
 
-import comfy.model_management as mm
-
 from ..thinkdiff_core.compose import PAPER_T5_LENGTH, image_tokens
 from . import managed
 from .images import collect, pictures
@@ -117,7 +115,7 @@ class ThinkDiffCompose:
 
         managed.load(vision.patcher, aligner.patcher)
         composed = image_tokens(vision.encoder, aligner.module, pictures(batches)) * strength
-        device, dtype = mm.intermediate_device(), mm.intermediate_dtype()
+        device, dtype = managed.intermediate()
         composed = composed.unsqueeze(0).to(device=device, dtype=dtype)
         result = []
         for cond, extras in conditioning:

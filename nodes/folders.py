@@ -17,6 +17,7 @@ import folder_paths
 VLM_KEYS = ("LLM", "thinkdiff")
 ALIGNER_KEY = "thinkdiff"
 VISION_KEYS = ("thinkdiff", "clip_vision")
+MAX_SAFETENSORS_HEADER = 100_000_000  # bytes: the safetensors library's own limit
 MAX_DEPTH = 2  # models/LLM/<group>/<model>/config.json, as other VLM packs lay them out
 ALIGNER_KEY_PREFIX = "mm_projector."
 BLIP2_VISION_KEY = "vision_model.encoder.layers.0.self_attn.qkv.weight"  # EVA's fused qkv, not CLIP vision's
@@ -58,13 +59,20 @@ def _model_type(folder: str) -> str | None:
 
 
 def safetensors_keys(path: str) -> set[str] | None:
-    """The tensor names in a .safetensors header (a few KB read), or None if it cannot be read."""
+    """The tensor names in a .safetensors header (a few KB read), or None if it cannot be read.
+
+    Other packs' folders (clip_vision) may hold anything, e.g. a Git LFS pointer or a truncated
+    download, whose first bytes read as a huge header length: such files are skipped, never raised on.
+    """
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            return set(json.loads(f.read(length))) - {"__metadata__"}
+            if length > min(MAX_SAFETENSORS_HEADER, os.fstat(f.fileno()).st_size - 8):
+                return None
+            header = json.loads(f.read(length))
     except (OSError, ValueError, struct.error):
         return None
+    return set(header) - {"__metadata__"} if isinstance(header, dict) else None
 
 
 def _model_folders(keys, model_type: str) -> dict[str, str]:

@@ -88,10 +88,15 @@ def _find(models: dict[str, str], name: str, what: str, keys, precision: str | N
     return models[name]
 
 
-def _validate(*find_args) -> bool | str:
-    """VALIDATE_INPUTS' answer: True, or the message ComfyUI shows before anything runs."""
+def _validate(models: dict[str, str], name: str | None, what: str, keys, precision: str | None = None) -> bool | str:
+    """VALIDATE_INPUTS' answer: True, or the message ComfyUI shows before anything runs.
+
+    An input given by a link is None while ComfyUI validates; it is checked when the loader runs.
+    """
+    if name is None:
+        return True if precision is None else _check_precision(precision)
     try:
-        _find(*find_args)
+        _find(models, name, what, keys, precision)
     except (ValueError, FileNotFoundError) as error:
         return str(error)
     return True
@@ -114,11 +119,16 @@ class ThinkDiffLoadVLM:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "model": (list(folders.vlm_folders()), {"tooltip": "A Qwen2-VL Hugging Face folder"}),
-            "precision": ([*PRECISIONS, *QUANTIZED], {"default": "bf16", "tooltip": VLM_PRECISION_TOOLTIP}),
-            "decoding": (list(DECODINGS), {"default": "compiled", "tooltip": DECODING_TOOLTIP, "advanced": True}),
-        }}
+        return {
+            "required": {
+                "model": (list(folders.vlm_folders()), {"tooltip": "A Qwen2-VL Hugging Face folder"}),
+                "precision": ([*PRECISIONS, *QUANTIZED], {"default": "bf16", "tooltip": VLM_PRECISION_TOOLTIP}),
+            },
+            # Optional: API prompts saved before it existed still run (ComfyUI fills in no defaults).
+            "optional": {
+                "decoding": (list(DECODINGS), {"default": "compiled", "tooltip": DECODING_TOOLTIP, "advanced": True}),
+            },
+        }
 
     @classmethod
     def VALIDATE_INPUTS(cls, model, precision):

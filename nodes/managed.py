@@ -44,6 +44,15 @@ def manage(module: torch.nn.Module, on_move=None, movable: bool = True) -> comfy
                                             load_device=mm.get_torch_device(), offload_device=offload)
 
 
+def intermediate() -> tuple[torch.device, torch.dtype]:
+    """Where and in what dtype node outputs (conditioning) live, as ComfyUI's own encoders put them.
+
+    `intermediate_dtype` appeared in ComfyUI in March 2026; earlier releases keep float32.
+    """
+    dtype = getattr(mm, "intermediate_dtype", None)
+    return mm.intermediate_device(), dtype() if dtype is not None else torch.float32
+
+
 def load(*patchers: comfy.model_patcher.ModelPatcher) -> None:
     """Put the modules on the compute device, evicting others if needed.
 

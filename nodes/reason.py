@@ -98,8 +98,9 @@ class ThinkDiffReason:
         if aligner.in_features != vlm.hidden_size:
             raise ValueError(aligner.mismatch(vlm.hidden_size, f"the VLM '{vlm.name}' (hidden size {vlm.hidden_size})"))
 
-        key = (weakref.ref(vlm), weakref.ref(aligner), weakref.ref(clip), words, instruction, seed, temperature,
-               top_p, max_new_tokens, fingerprint(batches))
+        # The loader switches `compile` in place on the same VLM, so it is part of the key.
+        key = (weakref.ref(vlm), vlm.reasoner.compile, weakref.ref(aligner), weakref.ref(clip), words, instruction,
+               seed, temperature, top_p, max_new_tokens, fingerprint(batches))
         if self._last is not None and self._last[0] == key:
             return self._last[1]
 
@@ -119,7 +120,7 @@ class ThinkDiffReason:
                                      top_p=top_p, max_new_tokens=max_new_tokens, on_token=on_token)
         with torch.inference_mode():
             aligned = aligner.module(result.hidden_states)
-        device, dtype = mm.intermediate_device(), mm.intermediate_dtype()
+        device, dtype = managed.intermediate()
         conditioning = [[aligned.unsqueeze(0).to(device=device, dtype=dtype),
                          {"pooled_output": pooled.to(device=device, dtype=dtype)}]]
         output = {"ui": {"text": [result.text]}, "result": (conditioning, result.text)}

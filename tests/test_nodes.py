@@ -63,7 +63,8 @@ def test_loaders_list_models_in_comfyui_folders_and_extra_paths(host):
     precision = host.runtime.get_node_info("ThinkDiffLoadVLM")["input_types"]["required"]["precision"]
     assert precision[0] == ["bf16", "fp32", "8-bit (bitsandbytes)", "4-bit (bitsandbytes)"]
     assert precision[1]["default"] == "bf16"
-    decoding = host.runtime.get_node_info("ThinkDiffLoadVLM")["input_types"]["required"]["decoding"]
+    # Optional, so API prompts from before it existed still run.
+    decoding = host.runtime.get_node_info("ThinkDiffLoadVLM")["input_types"]["optional"]["decoding"]
     assert decoding[0] == ["compiled", "uncompiled"] and decoding[1]["default"] == "compiled"
 
 
@@ -249,6 +250,12 @@ def test_same_inputs_do_not_run_the_vlm_again(host, loaded, cars, monkeypatch):
     reason(host, loaded, instance, image_1=cars[0], image_2=cars[1], seed=1)
     reason(host, loaded, instance, image_1=cars[1], image_2=cars[1], seed=1)
     assert len(calls) == 3
+    try:  # the loader switches decoding on the same VLM object: that is a change too
+        node(host, "ThinkDiffLoadVLM").load("Qwen-VL/Qwen2-VL-tiny", "fp32", "uncompiled")
+        reason(host, loaded, instance, image_1=cars[1], image_2=cars[1], seed=1)
+        assert len(calls) == 4
+    finally:
+        vlm.reasoner.compile = None
     assert not hasattr(type(instance), "IS_CHANGED") and not getattr(type(instance), "NOT_IDEMPOTENT", False)
 
 
@@ -317,6 +324,48 @@ def test_missing_and_corrupt_model_files(host):
     (weightless / "config.json").write_text('{"model_type": "qwen2_vl"}')
     with pytest.raises(FileNotFoundError, match="Qwen2-VL-half-downloaded has config.json but no weight files"):
         vlm_loader.load("Qwen2-VL-half-downloaded", "bf16")
+
+
+def test_linked_names_are_checked_when_the_loader_runs(host):
+    # While ComfyUI validates, an input fed by a link is None.
+    vlm_loader = type(node(host, "ThinkDiffLoadVLM"))
+    assert vlm_loader.VALIDATE_INPUTS(model=None, precision="bf16") is True
+    assert vlm_loader.VALIDATE_INPUTS(model=None, precision="fp16") == FP16_REFUSAL
+    assert vlm_loader.VALIDATE_INPUTS(model="Qwen-VL/Qwen2-VL-tiny", precision=None) is True
+    assert type(node(host, "ThinkDiffLoadAligner")).VALIDATE_INPUTS(aligner_name=None) is True
+    assert type(node(host, "ThinkDiffLoadVisionEncoder")).VALIDATE_INPUTS(vision_name=None, precision="fp32") is True
+
+
+def test_unreadable_files_in_shared_folders_are_skipped(host):
+    clip_vision = host.models / "clip_vision"
+    clip_vision.mkdir(exist_ok=True)
+    # A Git LFS pointer (its first 8 bytes read as a header of ~8e18 bytes), a truncated download, a JSON list.
+    (clip_vision / "lfs_pointer.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 3944517836\n")
+    (clip_vision / "truncated.safetensors").write_bytes((1000).to_bytes(8, "little") + b'{"vision_model.')
+    (clip_vision / "list.safetensors").write_bytes((2).to_bytes(8, "little") + b"[]")
+    (host.models / "thinkdiff" / "lfs_aligner.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    try:
+        names = type(node(host, "ThinkDiffLoadVisionEncoder")).INPUT_TYPES()["required"]["vision_name"][0]
+        assert names == ["blip2-tiny", "blip2_vision.safetensors"]
+        # Aligners are listed however broken, so that loading one says what is wrong with it.
+        aligner_loader = node(host, "ThinkDiffLoadAligner")
+        assert "lfs_aligner.safetensors" in type(aligner_loader).INPUT_TYPES()["required"]["aligner_name"][0]
+        with pytest.raises(ValueError, match="lfs_aligner.safetensors: not a readable .safetensors file"):
+            aligner_loader.load("lfs_aligner.safetensors")
+    finally:
+        for name in ("lfs_pointer", "truncated", "list"):
+            (clip_vision / f"{name}.safetensors").unlink()
+        (host.models / "thinkdiff" / "lfs_aligner.safetensors").unlink()
+
+
+def test_conditioning_follows_comfyuis_intermediate_dtype_where_it_has_one(host, loaded, cars, monkeypatch):
+    monkeypatch.setattr(mm, "intermediate_dtype", lambda: torch.bfloat16)
+    conditioning, _ = reason(host, loaded, image_1=cars[0], image_2=cars[1])["result"]
+    assert conditioning[0][0].dtype == conditioning[0][1]["pooled_output"].dtype == torch.bfloat16
+    monkeypatch.delattr(mm, "intermediate_dtype")  # ComfyUI releases before March 2026
+    conditioning, _ = reason(host, loaded, image_1=cars[0], image_2=cars[1])["result"]
+    assert conditioning[0][0].dtype == conditioning[0][1]["pooled_output"].dtype == torch.float32
 
 
 def test_fp16_is_refused_with_the_reason(host):
