@@ -61,9 +61,31 @@ def test_bench_with_random_weights_saves_loads_and_measures_quantisation_drift(t
         assert 0.9 < drift["min_cosine"] < 1.0 and drift["min_cosine"] <= drift["mean_cosine"]
 
 
-def test_bench_refuses_quantisation_without_a_folder(capsys):
-    assert main(["bench", "--device", "cpu", "--quantize", "4bit"]) == 2
-    assert "--quantize loads from a folder" in capsys.readouterr().err
+@pytest.mark.parametrize("arguments, message", [
+    (["--device", "cpu"], "without a CUDA GPU, give --vlm FOLDER or --config config.json: the default builds "
+                          "Qwen2-VL-7B (about 33 GB in float32), which is meant for a GPU"),
+    (["--device", "cpu", "--config", "{vlm}/config.json", "--quantize", "4bit"],
+     "--quantize loads from a folder: give --vlm, or --save-random DIR to save the random model"),
+    (["--vlm", "{vlm}", "--device", "cpu", "--tokens", "0"], "--tokens and --repeats must be at least 1, got 0 and 3"),
+    (["--vlm", "{vlm}", "--device", "cpu", "--quantize", "8bit"],
+     "--quantize needs bitsandbytes, an optional dependency: pip install bitsandbytes"),
+])
+def test_bench_refuses_bad_arguments_before_building_anything(tiny_models, capsys, monkeypatch, arguments, message):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    monkeypatch.setattr(Reasoner, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    arguments = [argument.format(vlm=tiny_models["vlm"]) for argument in arguments]
+    assert main(["bench", *arguments]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_bench_on_cuda_without_a_gpu_says_so(capsys):
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "error: --device cuda: no CUDA GPU is available here\n"
 
 
 def test_synthetic_inputs_have_the_issues_shape_for_qwen2_vl_7b():

@@ -1,7 +1,10 @@
 import ast
+import json
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 from conftest import PACK_FILES, REPO
 
@@ -61,3 +64,47 @@ def test_the_readme_shows_the_two_commands_the_ci_runs():
     ci = (REPO / ".ci" / "run").read_text()
     assert "python -m thinkdiff_core demo" in readme
     assert "python -m pytest tests" in readme and "python -m pytest tests" in ci
+
+
+FRONTEND_STUBS = {
+    # What the extension uses of ComfyUI's frontend: app.registerExtension, and ComfyWidgets.STRING adding
+    # a text-box widget (with an inputEl) to node.widgets.
+    "scripts/app.js": "export const app = { extensions: [], registerExtension(e) { this.extensions.push(e); } };\n",
+    "scripts/widgets.js": (
+        "export const ComfyWidgets = { STRING(node, name, [type, options], app) {\n"
+        "  const widget = { name, type: 'customtext', value: '', options: { ...options }, inputEl: { style: {} } };\n"
+        "  (node.widgets ??= []).push(widget); return { widget }; } };\n"),
+}
+SIMULATED_RUNS = """
+import { app } from "./scripts/app.js";
+await import("./extensions/ThinkDiff/thinkdiff.js");
+class Node { constructor() { this.size = [300, 100]; this.widgets = [{ name: "seed" }]; }
+  computeSize() { return [300, 220]; } setSize(size) { this.size = size; } }
+for (const name of ["ThinkDiffReason", "KSampler"]) {
+  for (const extension of app.extensions) await extension.beforeRegisterNodeDef(Node, { name });
+}
+const node = new Node();
+node.onExecuted({ text: ["a red car,", "parked"] });
+node.onExecuted({ text: ["the second answer"] });
+const answer = node.widgets.filter((w) => w.name === "vlm_answer");
+console.log(JSON.stringify({ count: answer.length, value: answer[0].value, serialize: answer[0].serialize,
+  optionSerialize: answer[0].options.serialize, multiline: answer[0].options.multiline,
+  readOnly: answer[0].inputEl.readOnly, height: node.size[1], widgets: node.widgets.length }));
+"""
+
+
+def test_the_answer_widget_shows_the_text_and_is_never_saved(tmp_path):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed")
+    for name, text in FRONTEND_STUBS.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "extensions" / "ThinkDiff").mkdir(parents=True)
+    shutil.copy(REPO / "web" / "thinkdiff.js", tmp_path / "extensions" / "ThinkDiff" / "thinkdiff.js")
+    (tmp_path / "package.json").write_text('{"type": "module"}')
+    (tmp_path / "run.js").write_text(SIMULATED_RUNS)
+    out = subprocess.run([node, "run.js"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == {"count": 1, "value": "the second answer", "serialize": False,
+                                      "optionSerialize": False, "multiline": True, "readOnly": True, "height": 220,
+                                      "widgets": 2}

@@ -12,6 +12,7 @@ states; a leak check over repeated runs; optionally load throughput and quantisa
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -275,12 +276,17 @@ class Bench:
             compilation = {"compile_s": decoder.compile_seconds and round(decoder.compile_seconds, 3),
                            "compile_wait_after_first_call_s": round(waited, 3), "compiled_after_wait": compiled,
                            "first_compiled_call_s": round(switch, 4)}
-        warm = [timed(lambda: run(self.tokens, self.seed), self.device) for _ in range(self.repeats)]
-        prefill = statistics.median(timed(lambda: run(1, self.seed), self.device)[0] for _ in range(self.repeats))
-        seconds = statistics.median(t for t, _ in warm)
+        # Each full run is paired with a prefill-only run just after it, so that the decode time is
+        # a difference of neighbours (two separate medians drift apart on a busy machine).
+        warm, prefills = [], []
+        for _ in range(self.repeats):
+            warm.append(timed(lambda: run(self.tokens, self.seed), self.device))
+            prefills.append(timed(lambda: run(1, self.seed), self.device)[0])
+        seconds, prefill = statistics.median(t for t, _ in warm), statistics.median(prefills)
+        decode = statistics.median(t - p for (t, _), p in zip(warm, prefills))
         tokens, states = warm[-1][1]
         result = {"first_call_s": round(first, 4), "warm_s": round(seconds, 4), "prefill_s": round(prefill, 4),
-                  "decode_ms_per_token": round(1000 * (seconds - prefill) / max(self.tokens - 1, 1), 3),
+                  "decode_ms_per_token": round(1000 * decode / max(self.tokens - 1, 1), 3),
                   **compilation, **memory(self.device)}
         if decoder is not None:
             result["cuda_graph"] = decoder._graph is not None
@@ -476,11 +482,20 @@ def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 1
     """Everything above; writes the JSON to `out` after each stage (a cut-off run keeps what it measured)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available here")
+    if device.type != "cuda" and not (vlm or config):
+        raise ValueError("without a CUDA GPU, give --vlm FOLDER or --config config.json: the default builds "
+                         "Qwen2-VL-7B (about 33 GB in float32), which is meant for a GPU")
+    if tokens < 1 or repeats < 1:
+        raise ValueError(f"--tokens and --repeats must be at least 1, got {tokens} and {repeats}")
     for quantization in quantize:
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"--quantize takes {' or '.join(QUANTIZATIONS)}, got {quantization!r}")
     if quantize and not (vlm or save_random):
         raise ValueError("--quantize loads from a folder: give --vlm, or --save-random DIR to save the random model")
+    if quantize and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--quantize needs bitsandbytes, an optional dependency: pip install bitsandbytes")
 
     def write(results):
         if out:

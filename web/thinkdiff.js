@@ -1,5 +1,6 @@
 // Shows ThinkDiff Reason's answer (the VLM's text) on the node after it runs.
 import { app } from "../../scripts/app.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const NODE = "ThinkDiffReason";
 const WIDGET = "vlm_answer";
@@ -7,9 +8,16 @@ const WIDGET = "vlm_answer";
 function showAnswer(node, text) {
   let widget = node.widgets?.find((w) => w.name === WIDGET);
   if (!widget) {
-    widget = node.addWidget("text", WIDGET, "", () => {}, { multiline: true, serialize: false });
+    // A multiline STRING widget is a text box that wraps the whole answer (a canvas "text" widget
+    // would draw one truncated line).
+    widget = ComfyWidgets.STRING(node, WIDGET, ["STRING", { multiline: true }], app).widget;
     widget.serialize = false; // never part of widgets_values, so saved workflows keep INPUT_TYPES' layout
-    if (widget.inputEl) widget.inputEl.readOnly = true;
+    widget.options = { ...widget.options, serialize: false };
+    if (widget.inputEl) {
+      widget.inputEl.readOnly = true;
+      widget.inputEl.style.opacity = 0.7;
+    }
+    node.setSize?.([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
   }
   widget.value = text;
   node.setDirtyCanvas?.(true, true);
