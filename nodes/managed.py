@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 import comfy.model_management as mm
 import comfy.model_patcher
+
+logger = logging.getLogger(__name__)
 
 
 class DeviceTracked(torch.nn.Module):
@@ -19,6 +23,7 @@ class DeviceTracked(torch.nn.Module):
         self.module = module
         self.device = device
         self.on_move = on_move
+        self.warned_off_device = False
 
     def _apply(self, fn, recurse=True):
         # Every .to()/.cuda()/.cpu() passes here: state tied to the old placement (e.g. a captured
@@ -57,6 +62,19 @@ def load(*patchers: comfy.model_patcher.ModelPatcher) -> None:
     """Put the modules on the compute device, evicting others if needed.
 
     Full loads only: partial (lowvram) loading works only for comfy.ops layers, and plain torch
-    layers left behind would sit on the wrong device.
+    layers left behind would sit on the wrong device. ComfyUI's --novram still loads nothing onto
+    the GPU; the modules then run where they are, which is said once per module.
     """
     mm.load_models_gpu(list(patchers), force_full_load=True)
+    for patcher in patchers:
+        tracked = patcher.model
+        device = next(tracked.module.parameters()).device
+        if not same_device(device, patcher.load_device) and not tracked.warned_off_device:
+            logger.warning("ThinkDiff: ComfyUI left %s on %s instead of %s (e.g. --novram), so it runs there, "
+                           "much more slowly", type(tracked.module).__name__, device, patcher.load_device)
+            tracked.warned_off_device = True
+
+
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index or 0) == (b.index or 0)  # cuda == cuda:0

@@ -368,6 +368,21 @@ def test_conditioning_follows_comfyuis_intermediate_dtype_where_it_has_one(host,
     assert conditioning[0][0].dtype == conditioning[0][1]["pooled_output"].dtype == torch.float32
 
 
+def test_a_model_comfyui_leaves_off_the_gpu_runs_where_it_is_and_says_so_once(host, loaded, cars, monkeypatch,
+                                                                             caplog):
+    vlm, aligner = loaded
+    # As with --novram: ComfyUI's loader keeps plain torch modules where they are.
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, **options: None)
+    monkeypatch.setattr(vlm.patcher, "load_device", torch.device("cuda"))
+    monkeypatch.setattr(vlm.patcher.model, "warned_off_device", False)
+    first = reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=5)["result"][0]
+    second = reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=6)["result"][0]
+    warnings = [r.getMessage() for r in caplog.records if "instead of" in r.getMessage()]
+    assert warnings == ["ThinkDiff: ComfyUI left Qwen2VLForConditionalGeneration on cpu instead of cuda "
+                        "(e.g. --novram), so it runs there, much more slowly"]
+    assert first[0][0].shape == second[0][0].shape == (1, 8, 32)
+
+
 def test_fp16_is_refused_with_the_reason(host):
     loader = node(host, "ThinkDiffLoadVLM")
     assert type(loader).VALIDATE_INPUTS(model="Qwen-VL/Qwen2-VL-tiny", precision="fp16") == FP16_REFUSAL
