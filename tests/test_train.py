@@ -12,7 +12,11 @@ from safetensors import safe_open
 
 from conftest import REPO
 from thinkdiff_core import load_aligner
-from thinkdiff_core.train import BRIEF_INSTRUCTIONS, LVLMData, learning_rate, prepare_lvlm, train
+from thinkdiff_core.train import (BRIEF_INSTRUCTIONS, CLIPData, LVLMData, batch_keys, blip_caption, is_validation,
+                                  learning_rate, prepare_lvlm, split_caption, train)
+
+QUIET_STEP = dict(steps=1, batch_size=2, lr=0.0, min_lr=0.0, warmup_lr=0.0, warmup_steps=0, save_every=1,
+                  log=lambda _: None)  # one step that leaves the aligner as it started
 
 
 @pytest.fixture(scope="module")
@@ -129,13 +133,107 @@ def test_overfitting_eight_samples_trains_only_the_aligner(prepared, readable_t5
     assert header == "step,loss,lr,samples_per_s,val_loss"
 
 
-def test_the_norm_starts_from_the_t5_encoders_final_norm(prepared, tiny_models, tmp_path):
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed precision per process: start and leave it unset, as its own test cases do."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_t5_is_held_in_the_precision_and_the_norm_starts_from_its_stored_encoder_norm(
+        prepared, tiny_models, tmp_path, fresh_accelerate_state, precision):
     from transformers import T5ForConditionalGeneration
 
-    result = train("lvlm", tiny_models["flan_t5"], prepared, tmp_path, steps=1, batch_size=2, lr=0.0, min_lr=0.0,
-                   warmup_lr=0.0, warmup_steps=0, val_fraction=0, save_every=1, log=lambda _: None)
-    encoder_norm = T5ForConditionalGeneration.from_pretrained(tiny_models["flan_t5"]).encoder.final_layer_norm.weight
-    torch.testing.assert_close(result["aligner"][3].weight, encoder_norm)
+    shutil.copytree(tiny_models["flan_t5"], tmp_path / "t5")
+    t5 = T5ForConditionalGeneration.from_pretrained(tiny_models["flan_t5"])
+    with torch.no_grad():  # a norm that bf16 cannot hold exactly (the tiny one is all ones)
+        t5.encoder.final_layer_norm.weight.add_(torch.linspace(0.001, 0.1, t5.config.d_model))
+    t5.save_pretrained(tmp_path / "t5")
+    result = train("lvlm", tmp_path / "t5", prepared, tmp_path / "run", precision=precision, cpu=True, **QUIET_STEP)
+    expected = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert {p.dtype for p in result["t5"].parameters()} == {expected}  # `wo` too, which from_pretrained keeps fp32
+    assert math.isfinite(result["last"]["loss"])
+    torch.testing.assert_close(result["aligner"][3].weight, t5.encoder.final_layer_norm.weight, rtol=0, atol=0)
+
+
+def test_the_clip_aligner_starts_as_blip2_inits_it_and_the_lvlm_one_as_pytorch(images, prepared, tiny_models,
+                                                                               tmp_path):
+    clip = train("clip", tiny_models["flan_t5"], images, tmp_path / "clip", vision=tiny_models["blip2"],
+                 **QUIET_STEP)["aligner"]
+    for linear in (clip[0], clip[2]):  # Blip2PreTrainedModel._init_weights: N(0, 0.02), zero bias
+        assert torch.count_nonzero(linear.bias) == 0
+        assert abs(linear.weight.mean().item()) < 0.003 and 0.018 < linear.weight.std().item() < 0.022
+    lvlm = train("lvlm", tiny_models["flan_t5"], prepared, tmp_path / "lvlm", **QUIET_STEP)["aligner"]
+    for linear in (lvlm[0], lvlm[2]):  # nn.Linear's own: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias too
+        bound = linear.in_features ** -0.5
+        assert torch.count_nonzero(linear.bias) == linear.out_features and linear.bias.abs().max() <= bound
+        assert linear.weight.abs().max() <= bound and linear.weight.std() > 0.9 * bound / math.sqrt(3)
+
+
+def test_all_samples_train_by_default(prepared, tiny_models, tmp_path):
+    assert is_validation("img6", 0.02)  # a 2% hold-out would take one of the eight samples
+    result = train("lvlm", tiny_models["flan_t5"], prepared, tmp_path, val_every=1, **QUIET_STEP)
+    assert result["last"]["val_loss"] == ""  # nothing held out, so nothing validated (as the authors)
+
+
+def test_each_process_draws_its_own_batch_of_batch_size_samples():
+    keys = [f"k{i:02d}" for i in range(20)]
+    batches = [batch_keys(keys, 4, 42, 7, process, 3) for process in range(3)]
+    assert [len(b) for b in batches] == [4, 4, 4] and len(set(sum(batches, []))) == 12
+    assert batches == [batch_keys(keys, 4, 42, 7, process, 3) for process in range(3)]  # so resuming is exact
+    assert batch_keys(keys, 4, 42, 8, 0, 3) != batches[0]
+    small = [batch_keys(keys[:5], 4, 0, 0, process, 2) for process in range(2)]  # fewer than 4 x 2 samples
+    assert all(len(b) == len(set(b)) == 4 for b in small) and set(sum(small, [])) == set(keys[:5])
+
+
+def test_captions_are_normalised_as_blips_caption_processor():
+    assert blip_caption('A Dog: "Rex" (3) runs!  Fast...\n') == "a dog rex 3 runs fast"
+    assert blip_caption("It's a well-known, red car? Yes") == "it's a well-known, red car? yes"
+    assert blip_caption("red\tcar  ~#*;") == "red\tcar"  # only runs of two or more whitespace collapse
+    assert blip_caption("~#*;") == ""
+    words = [f"w{i}" for i in range(60)]
+    assert blip_caption(" ".join(words)) == " ".join(words[:50])
+
+
+def test_captions_split_at_a_random_word_and_one_word_ones_are_all_target():
+    rng, reference = random.Random(3), random.Random(3)
+    cut = reference.randint(1, 4)
+    words = ["a", "red", "car", "on", "grass"]
+    assert split_caption("a red car on grass", rng) == (" ".join(words[:cut]), " ".join(words[cut:]))
+    assert split_caption("car", rng) == ("", "car") and split_caption("", rng) == ("", "")
+    assert rng.random() == reference.random()  # a one-word caption draws nothing
+
+
+def test_clip_data_keeps_one_word_captions_and_skips_images_without_one(tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    from thinkdiff_core.vision import VisionEncoder
+
+    for n, caption in enumerate(["Dog.", "A RED car: fast!", None]):
+        Image.new("RGB", (40, 30), (80 * n, 0, 0)).save(tmp_path / f"img{n}.png")
+        if caption is not None:
+            (tmp_path / f"img{n}.txt").write_text(caption)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["flan_t5"])
+    data = CLIPData(tmp_path, VisionEncoder.from_pretrained(tiny_models["blip2"], device="cpu"), tokenizer)
+    assert {key: caption for key, (_, caption) in data.samples.items()} == {"img0": "dog", "img1": "a red car fast"}
+    batch = data.batch(["img0"], random.Random(0), "cpu")
+    assert batch["prefix_ids"][0].tolist() == tokenizer("").input_ids  # T5 reads an empty start: only </s>
+    labels = batch["labels"][0]
+    assert labels[labels != -100].tolist() == tokenizer("dog").input_ids
+
+
+def test_a_folder_that_is_no_flan_t5_is_named(prepared, tiny_models, tmp_path):
+    with pytest.raises(ValueError) as error:
+        train("lvlm", tiny_models["vlm"], prepared, tmp_path / "run", steps=1, log=lambda _: None)
+    assert str(error.value) == (f"{tiny_models['vlm']}: not a Flan-T5 folder (its config.json has model_type "
+                                "'qwen2_vl'); --t5 expects one with model_type 't5', such as google/flan-t5-xxl")
+    with pytest.raises(FileNotFoundError, match="no config.json; --t5 expects a Flan-T5 folder"):
+        train("lvlm", tmp_path, prepared, tmp_path / "run", steps=1, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_resuming_continues_the_same_run(prepared, tiny_models, tmp_path):
@@ -159,7 +257,10 @@ def test_resuming_continues_the_same_run(prepared, tiny_models, tmp_path):
     assert resumed["last"]["lr"] == whole["last"]["lr"] == learning_rate(19, 20, 1e-2, 1e-3, 1e-6, 5)
     rows = (tmp_path / "cut" / "log.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr,samples_per_s,val_loss" and rows[-1].startswith("20,")
-    assert whole["last"]["val_loss"] != ""  # a held-out split is evaluated
+    assert whole["last"]["val_loss"] != ""  # the optional held-out split is evaluated
+    messages.clear()
+    train("lvlm", tiny_models["flan_t5"], prepared, tmp_path / "cut", resume=True, log=messages.append, **options)
+    assert messages == [f"{tmp_path / 'cut'} is already at step 20 of --steps 20: nothing to train"]
 
 
 def test_clip_variant_trains_on_captioned_images(images, tiny_models, tmp_path):
@@ -194,14 +295,20 @@ def test_prepare_and_train_commands(images, tiny_models, tmp_path):
     assert "prepared 3 new samples" in prepared.stdout
     trained = subprocess.run(run + ["train", "--variant", "lvlm", "--t5", str(tiny_models["flan_t5"]), "--data",
                                     str(tmp_path / "prepared"), "--out", str(tmp_path / "run"), "--steps", "3",
-                                    "--batch-size", "2", "--val-fraction", "0", "--save-every", "3", "--cpu"],
-                             cwd=REPO, capture_output=True, text=True, timeout=600)
+                                    "--batch-size", "2", "--val-fraction", "0", "--save-every", "3", "--cpu",
+                                    "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr
+    assert f"--resume: no checkpoint in {tmp_path / 'run'} (no trainer.json), starting from step 0\n" in trained.stdout
     assert "step 3/3 loss" in trained.stdout and (tmp_path / "run" / "aligner.safetensors").is_file()
     missing = subprocess.run(run + ["train", "--variant", "lvlm", "--t5", str(tiny_models["flan_t5"]), "--data",
                                     str(tmp_path), "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True,
                              text=True)
     assert missing.returncode == 2 and "no prepared shards" in missing.stderr
+    no_steps = subprocess.run(run + ["train", "--variant", "lvlm", "--t5", str(tiny_models["flan_t5"]), "--data",
+                                     str(tmp_path / "prepared"), "--out", str(tmp_path / "y"), "--steps", "0"],
+                              cwd=REPO, capture_output=True, text=True)
+    assert no_steps.returncode == 2 and "error: --steps must be 1 or more, got 0\n" in no_steps.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing left behind
 
 
 def test_two_processes_with_accelerate_launch(prepared, tiny_models, tmp_path):

@@ -6,13 +6,15 @@
 - `train`: only the aligner learns; a frozen Flan-T5 decoder reads its output as encoder states.
   LVLM: a random split s in [1, min(L-1, 128)]; the aligner reads the first s states and the decoder
   must produce the T5 tokens of the text of generated tokens s..L. CLIP: the aligner reads BLIP-2's 65
-  tokens per image, the T5 encoder reads the caption up to a random word, and the decoder must produce
-  the rest. AdamW (lr 1e-4, linear warm-up from 1e-6 over 2000 steps, cosine to 8e-5, weight decay
-  0.05 except biases and the norm), bf16 autocast, the aligner's norm initialised from the T5 encoder's
-  final norm. Multi-GPU through `accelerate launch` (DDP); the batch size is per process.
+  tokens per image, the T5 encoder reads the caption (normalised as BLIP's `blip_caption`) up to a
+  random word, and the decoder must produce the rest. AdamW (lr 1e-4, linear warm-up from 1e-6 over
+  2000 steps, cosine to 8e-5, weight decay 0.05 except biases and the norm), bf16 autocast over a bf16
+  T5, the aligner's norm initialised from the T5 encoder's final norm. Multi-GPU through
+  `accelerate launch` (DDP); the batch size is per process, as the authors' per-GPU batch. All data
+  trains (the authors hold nothing out); `val_fraction` can hold a fixed share out.
 
-Every step's batch, split points and dropout come from (seed, step), so a resumed run continues
-exactly where it stopped.
+Every step's batch, split points and dropout come from (seed, step, process index), so a resumed run
+(on as many processes) continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tarfile
 import time
@@ -89,6 +92,32 @@ def image_caption_samples(source: str | os.PathLike):
         caption_path = path.with_suffix(".txt")
         yield (path.relative_to(source).with_suffix("").as_posix(), Image.open(path),
                caption_path.read_text().strip() if caption_path.is_file() else None)
+
+
+def blip_caption(caption: str, max_words: int = 50) -> str:
+    """The authors' caption normalisation (LAVIS's `blip_caption` processor): lowercase, . ! " ( ) * # : ; ~ to
+    spaces, runs of two or more whitespace characters to one space, at most max_words space-separated words."""
+    caption = re.sub(r'[.!"()*#:;~]', " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    return " ".join(caption.split(" ")[:max_words])
+
+
+def split_caption(caption: str, rng: random.Random) -> tuple[str, str]:
+    """(start, rest) at a random space; a one-word caption is all rest, with an empty start (as the authors)."""
+    words = caption.split(" ")
+    if len(words) < 2:
+        return "", caption
+    cut = rng.randint(1, len(words) - 1)
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+def batch_keys(keys: list[str], batch_size: int, seed: int, step: int, process_index: int = 0,
+               num_processes: int = 1) -> list[str]:
+    """This process's batch_size keys at `step`: slices of one draw shared by all processes, so that processes get
+    different samples whenever there are batch_size x processes keys or more (and a batch never repeats one)."""
+    size = min(batch_size, len(keys))
+    drawn = random.Random(f"{seed}/{step}").sample(keys, min(batch_size * num_processes, len(keys)))
+    return [drawn[(process_index * size + i) % len(drawn)] for i in range(size)]
 
 
 def is_validation(key: str, fraction: float) -> bool:
@@ -221,23 +250,18 @@ class LVLMData:
 
 
 class CLIPData:
-    """Images with captions; each caption is split at a random word: T5 reads the start, the decoder the rest."""
+    """Images with normalised captions, each split at a random word: T5 reads the start, the decoder the rest."""
 
     def __init__(self, source, vision, t5_tokenizer, max_text_tokens: int = 32):
-        self.samples = {key: (image.convert("RGB"), caption) for key, image, caption in image_caption_samples(source)
-                        if caption and len(caption.split()) >= 2}
+        self.samples = {key: (image.convert("RGB"), blip_caption(caption))
+                        for key, image, caption in image_caption_samples(source) if caption is not None}
         if not self.samples:
-            raise ValueError(f"{source}: no image with a caption of two words or more (captions: same-stem .txt)")
+            raise ValueError(f"{source}: no image with a caption (captions: same-stem .txt, or .txt/.json in .tar)")
         self.keys = sorted(self.samples)
         self.vision, self.t5_tokenizer, self.max_text_tokens = vision, t5_tokenizer, max_text_tokens
 
     def batch(self, keys: list[str], rng: random.Random, device) -> dict:
-        firsts, rests = [], []
-        for key in keys:
-            words = self.samples[key][1].split()
-            cut = rng.randint(1, len(words) - 1)
-            firsts.append(" ".join(words[:cut]))
-            rests.append(" ".join(words[cut:]))
+        firsts, rests = map(list, zip(*(split_caption(self.samples[key][1], rng) for key in keys)))
         features = self.vision.encode([self.samples[key][0] for key in keys])  # frozen: [b, 65, 1408]
         prefix = self.t5_tokenizer(firsts, padding="longest", truncation=True, max_length=self.max_text_tokens,
                                    return_tensors="pt")
@@ -277,32 +301,66 @@ def save_aligner(aligner: Aligner, path: Path, variant: str, step: int) -> None:
     temporary.replace(path)
 
 
+def check_t5_folder(folder: Path) -> None:
+    """Fail early and clearly on a folder that is no T5 (transformers would fail deep inside the model's code)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json; --t5 expects a Flan-T5 folder (google/flan-t5-xxl)")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type != "t5":
+        raise ValueError(f"{folder}: not a Flan-T5 folder (its config.json has model_type {model_type!r}); --t5 "
+                         f"expects one with model_type 't5', such as google/flan-t5-xxl")
+
+
+def stored_encoder_norm(folder: Path, t5) -> torch.Tensor:
+    """The T5 encoder's final norm as stored (fp32 for Flan-T5): the authors copied it before casting T5 to bf16."""
+    from safetensors import safe_open
+
+    name = "encoder.final_layer_norm.weight"
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    return t5.encoder.final_layer_norm.weight  # a folder of .bin files: as loaded
+
+
 def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_size: int | None = None,
           lr: float = 1e-4, min_lr: float = 8e-5, warmup_lr: float = 1e-6, warmup_steps: int = 2000,
           weight_decay: float = 0.05, max_split: int = 128, max_text_tokens: int | None = None,
-          val_fraction: float = 0.02, val_every: int = 1000, save_every: int = 5000, log_every: int = 10,
+          val_fraction: float = 0.0, val_every: int = 1000, save_every: int = 5000, log_every: int = 10,
           seed: int = 42, precision: str | None = None, resume: bool = False, cpu: bool | None = None,
           log=print) -> dict:
     """Train an aligner. Checkpoints: out/aligner.safetensors (+ one per save step), out/state (to resume).
 
-    Returns the last logged values ("last"), the trained aligner and the frozen T5."""
+    batch_size is per process; precision "bf16" (the default on GPU) also holds the frozen T5 in bf16, as the
+    authors did. Returns the last logged values ("last"), the trained aligner and the frozen T5."""
+    import transformers
     from accelerate import Accelerator
     from accelerate.utils import is_tensorboard_available
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
+    from .versions import release
+
     if variant not in ("lvlm", "clip"):
         raise ValueError(f"variant must be lvlm or clip, got {variant!r}")
+    if steps < 1:
+        raise ValueError(f"--steps must be 1 or more, got {steps}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch-size must be 1 or more, got {batch_size}")
+    t5_folder = Path(t5)
+    check_t5_folder(t5_folder)
     cpu = not torch.cuda.is_available() if cpu is None else cpu
     precision = precision or ("fp32" if cpu else "bf16")
     out = Path(out)
     tensorboard = bool(is_tensorboard_available())  # logs to out/ as well when TensorBoard is installed
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu,
                               log_with="tensorboard" if tensorboard else None, project_dir=str(out))
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    t5_folder = Path(t5)
     t5_tokenizer = AutoTokenizer.from_pretrained(t5_folder, local_files_only=True)
-    t5 = T5ForConditionalGeneration.from_pretrained(t5_folder, local_files_only=True).to(accelerator.device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype_option = "dtype" if release(transformers) >= (4, 56) else "torch_dtype"
+    t5 = T5ForConditionalGeneration.from_pretrained(t5_folder, local_files_only=True, **{dtype_option: dtype})
+    # .to(dtype) as well: from_pretrained keeps T5's `wo` layers in fp32, the authors cast every layer to bf16.
+    t5 = t5.to(accelerator.device, dtype)
     t5.requires_grad_(False).train()  # frozen, but in training mode (dropout) as in the authors' runner
 
     if variant == "lvlm":
@@ -322,11 +380,17 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
     val_keys = [k for k in dataset.keys if is_validation(k, val_fraction)]
     if not train_keys:
         raise ValueError(f"no training samples in {data} (all {len(dataset.keys)} held out for validation)")
+    if accelerator.is_main_process:  # only now, so that bad arguments or data leave no empty folder behind
+        out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(seed)
-    aligner = Aligner(d_in, t5.config.d_model)
-    with torch.no_grad():  # the paper: the norm starts as the T5 encoder's final norm
-        aligner[3].weight.copy_(t5.encoder.final_layer_norm.weight)
+    aligner = Aligner(d_in, t5.config.d_model)  # LVLM: PyTorch's default init (the authors skip post_init there)
+    with torch.no_grad():
+        if variant == "clip":  # the authors' CLIP model is a Blip2PreTrainedModel: its _init_weights, range 0.02
+            for linear in (aligner[0], aligner[2]):
+                linear.weight.normal_(0.0, 0.02)
+                linear.bias.zero_()
+        aligner[3].weight.copy_(stored_encoder_norm(t5_folder, t5))  # the paper: the T5 encoder's final norm
     no_decay = [p for name, p in aligner.named_parameters() if name.endswith("bias") or name.startswith("3.")]
     decay = [p for name, p in aligner.named_parameters() if not (name.endswith("bias") or name.startswith("3."))]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -338,15 +402,21 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
     if resume and progress_file.is_file():
         accelerator.load_state(str(state_dir))
         step = json.loads(progress_file.read_text())["step"]
-        log(f"resumed at step {step}")
-    elif accelerator.is_main_process and log_file.exists():
-        log_file.unlink()
+        if accelerator.is_main_process:
+            log(f"resumed at step {step}" if step < steps else
+                f"{out} is already at step {step} of --steps {steps}: nothing to train")
+    else:
+        if resume and accelerator.is_main_process:
+            log(f"--resume: no checkpoint in {out} (no trainer.json), starting from step 0")
+        if accelerator.is_main_process and log_file.exists():
+            log_file.unlink()
 
-    def batch_at(step_number: int, keys: list[str]):
-        rng = random.Random(f"{seed}/{step_number}")
-        chosen = rng.sample(keys, min(batch_size, len(keys)))
-        mine = chosen[accelerator.process_index::accelerator.num_processes] or chosen[:1]
-        return dataset.batch(mine, rng, accelerator.device)
+    def batch_at(step_number: int) -> dict:
+        index = accelerator.process_index
+        rng = random.Random(f"{seed}/{step_number}/{index}")  # split points: this process's own
+        torch.manual_seed(rng.getrandbits(63))  # dropout: its own per process too, as the authors seed + rank
+        keys = batch_keys(train_keys, batch_size, seed, step_number, index, accelerator.num_processes)
+        return dataset.batch(keys, rng, accelerator.device)
 
     def validation_loss() -> float | None:
         if not val_keys:
@@ -367,8 +437,7 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, min_lr, warmup_lr, warmup_steps)
-        batch = batch_at(step, train_keys)
-        torch.manual_seed(seed * 1_000_003 + step)  # dropout, reproducible on resume
+        batch = batch_at(step)
         with accelerator.autocast():
             loss = t5_loss(t5, aligner, batch)
         accelerator.backward(loss)
