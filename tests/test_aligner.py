@@ -1,4 +1,6 @@
+import json
 import math
+import re
 import subprocess
 import sys
 
@@ -94,6 +96,10 @@ def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path):
         load_aligner(path)
     assert str(path) in str(error.value)
     assert not marker.exists()
+    # torch's diagnosis is kept, its advice to load with weights_only=False or allowlist the code is not.
+    assert re.search(r"Only weights are accepted\. Details: Unsupported global: GLOBAL (builtins\.)?exec was not an "
+                     r"allowed global by default\.$", str(error.value))
+    assert "weights_only" not in str(error.value) and "safe_globals" not in str(error.value)
 
 
 def test_errors_name_the_file_and_what_was_expected(tmp_path):
@@ -131,6 +137,15 @@ def test_errors_name_the_file_and_what_was_expected(tmp_path):
     with pytest.raises(CheckpointError, match="truncated.pth: not a readable PyTorch checkpoint"):
         load_aligner(truncated)
 
+    text = tmp_path / "README.md"
+    text.write_text("# ThinkDiff\n")
+    with pytest.raises(CheckpointError, match=r"README\.md: not a PyTorch checkpoint or safetensors file \(expected "
+                                              r"the official \.pth or a \.safetensors aligner\)"):
+        load_aligner(text)
+
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder; expected an aligner file"):
+        load_aligner(tmp_path)
+
     not_a_dict = tmp_path / "tensor.pth"
     torch.save(torch.zeros(3), not_a_dict)
     with pytest.raises(CheckpointError, match=r"tensor\.pth: expected a dict"):
@@ -146,7 +161,8 @@ def test_convert_keeps_only_the_aligner_with_metadata(tmp_path, official_pth):
     out = tmp_path / "thinkdiff_lvlm.safetensors"
     result = subprocess.run([sys.executable, "-m", "thinkdiff_core", "convert", str(official_pth), str(out)],
                             cwd=REPO, capture_output=True, text=True, check=True)
-    assert '"output_bytes"' in result.stdout and '"input_bytes"' in result.stdout
+    report = json.loads(result.stdout)
+    assert report["output_bytes"] and report["input_bytes"] and (report["d_in"], report["d_out"]) == (D_IN, D_OUT)
     with safe_open(str(out), framework="pt") as f:
         assert sorted(f.keys()) == sorted(official_weights())
         assert f.metadata()["d_in"] == str(D_IN) and f.metadata()["d_out"] == str(D_OUT)
@@ -163,6 +179,10 @@ def test_convert_guesses_the_variant_from_d_in(tmp_path, tiny_models):
          "mm_projector.3.weight": torch.ones(8)}
     torch.save(w, tmp_path / "clip.pth")
     assert convert_to_safetensors(tmp_path / "clip.pth", tmp_path / "clip.safetensors")["variant"] == "clip"
+    with pytest.raises(ValueError, match=r"clip\.pth: the aligner takes 1408-d inputs, the ThinkDiff-CLIP \(BLIP-2 "
+                                         r"ViT-g features\) width, not the lvlm variant's; leave --variant out"):
+        convert_to_safetensors(tmp_path / "clip.pth", tmp_path / "lvlm.safetensors", variant="lvlm")
+    assert not (tmp_path / "lvlm.safetensors").exists()
 
 
 def test_convert_cli_reports_errors_without_a_traceback(tmp_path):

@@ -9,6 +9,7 @@ from PIL import Image
 from conftest import REPO
 from thinkdiff_core import cobsat
 from thinkdiff_core.cobsat import ITEMS, Run, build_prompt, parse_option, questions, run_cobsat
+from thinkdiff_core.judge import SYSTEM_PROMPT
 from thinkdiff_core.render import load_flux
 
 PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -147,6 +148,47 @@ def test_bad_input_is_a_clear_error(data, tmp_path):
         Run(tmp_path, tmp_path / "out")
 
 
+def test_shots_are_limited_by_the_prompt_lists(data, tmp_path):
+    """theta_list[shots + 1] of a 10-item permutation is the shared attribute, as in the benchmark's load_inputs."""
+    for shot in (0, 9, 12):
+        with pytest.raises(ValueError, match=fr"--shots must be between 1 and 8 \(CoBSAT's prompts draw the "
+                                             fr"demonstrations, the query and the shared attribute from 10 items\), "
+                                             fr"got {shot}$"):
+            Run(data, tmp_path, shot=shot, tasks="1", limit=1)
+    prompt = Run(data, tmp_path, shot=8, tasks="1", limit=1).prompts[0]
+    assert len(prompt.images) == 8 and len(prompt.words) == 9
+    assert prompt.truth["obj"] == ITEMS["object"][LISTS[0]["theta_list"][9]]
+    with pytest.raises(ValueError, match="--limit must be at least 1, got 0"):
+        Run(data, tmp_path, tasks="1", limit=0)
+
+
+def test_cobsat_command_refuses_too_many_shots(data, capsys):
+    from thinkdiff_core.__main__ import main
+
+    assert main(["cobsat", "--data", str(data), "--shots", "12", "--vlm", "x", "--aligner", "x", "--flux", "x"]) == 2
+    assert capsys.readouterr().err.startswith("error: --shots must be between 1 and 8")
+
+
+def test_mistakes_are_refused_before_reasoning(data, tmp_path, tiny_models, monkeypatch):
+    from thinkdiff_core.reason import Reasoner
+
+    monkeypatch.setattr(Reasoner, "from_pretrained", lambda *a, **k: pytest.fail("the VLM loaded before the check"))
+    paths = {"vlm": tiny_models["vlm"], "aligner": tiny_models["aligner"], "flux": tiny_models["flux"],
+             "judge": tiny_models["vlm"]}
+    for changes, message in [
+        ({"aligner": tiny_models["aligner_clip"]}, f"aligner {tiny_models['aligner_clip']} takes 48-d states but the "
+                                                   f"VLM {tiny_models['vlm']} has hidden size 64"),
+        ({"steps": 0}, "--steps must be at least 1, got 0"),
+        ({"size": 100}, "--size must be a positive multiple of 16"),
+        ({"flux": tmp_path}, f"{tmp_path} is not a diffusers FLUX folder"),
+        ({"judge": tmp_path}, f"judge: {tmp_path} is not a Hugging Face model folder"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError)) as error:
+            run_cobsat(data, tmp_path, **{**paths, **changes}, tasks="1", limit=1, log=lambda _: None)
+        assert str(error.value).startswith(message)
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def models(reasoner, tiny_models):
     from thinkdiff_core import load_aligner
@@ -211,6 +253,32 @@ def test_judge_runs_a_local_vlm_folder(tiny_models):
     assert isinstance(answer, str) and parse_option(answer) in [-1] + list(range(1, 11))
     with pytest.raises(FileNotFoundError, match="judge: .* is not a Hugging Face model folder"):
         VLMJudge.from_pretrained(tiny_models["vlm"].parent)
+    assert f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>" in judge.prompt("Which colour?")  # CoBSAT's Qwen judge
+
+
+# llava-hf/llava-1.5-13b-hf's chat_template.json
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_a_llava_judge_gets_the_benchmarks_llava_prompt(reasoner):
+    """CoBSAT's LLaVA-1.5 judge ran LLaVA's llava_v1 conversation: "<system> USER: <image>\n<question> ASSISTANT:"."""
+    from types import SimpleNamespace
+
+    from thinkdiff_core.judge import LLAVA_SYSTEM_PROMPT, VLMJudge
+
+    model = SimpleNamespace(config=SimpleNamespace(model_type="llava"))
+    model.eval = lambda: model
+    processor = SimpleNamespace(tokenizer=reasoner.processor.tokenizer, chat_template=LLAVA_CHAT_TEMPLATE)
+    question = questions(1)["detail"]
+    assert VLMJudge(model, processor).prompt(question) == f"{LLAVA_SYSTEM_PROMPT} USER: <image>\n{question} ASSISTANT:"
 
 
 def test_cobsat_command_end_to_end(data, tmp_path, tiny_models):

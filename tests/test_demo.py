@@ -70,3 +70,24 @@ def test_example_is_the_two_shot_car_prompt():
     assert (white, blue, query) == ("white", "blue", "red")
     assert white_car.convert("RGB").getpixel((128, 140)) == (245, 245, 245)  # the car body
     assert blue_car.convert("RGB").getpixel((128, 140)) == (40, 80, 200)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--size", "8"], "--size must be a positive multiple of 16 (FLUX: VAE factor 8 x patch 2), got 8"),
+    (["--device", "cuda"], "--device cuda: no CUDA GPU is usable here"),
+])
+def test_bad_options_are_refused_before_the_tiny_models_are_built(monkeypatch, capsys, options, message):
+    from thinkdiff_core import demo
+    from thinkdiff_core.__main__ import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(demo, "ensure_tiny_models", lambda: pytest.fail("tiny models built before the check"))
+    assert main(["demo", *options]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def test_the_clip_demo_removes_an_earlier_answer(tmp_path, tiny_models):
+    (tmp_path / "answer.txt").write_text("an earlier lvlm run's answer\n")
+    run_demo(tiny_models["vlm"].parent, tmp_path, variant="clip", steps=1, size=16, log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "timings.json"]

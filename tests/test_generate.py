@@ -70,9 +70,141 @@ def test_a_missing_image_is_named(tmp_path, tiny_models):
 def test_lvlm_generation_with_a_4bit_vlm_is_recorded(tmp_path, tiny_models):
     pytest.importorskip("bitsandbytes")
     record = generate({"vlm": str(tiny_models["vlm"]), "aligner": str(tiny_models["aligner"]),
-                       "flux": str(tiny_models["flux"]), "items": ["white", "blue"], "seeds": [0], "steps": 1,
+                       "flux": str(tiny_models["flux"]), "items": ["white", str(ASSETS / "white_car.png"), "blue"],
+                       "seeds": [0], "steps": 1,
                        "size": 64, "max_new_tokens": 4, "quantize": "4bit"}, tmp_path, log=lambda _: None,
                       progress=False)
     assert record["quantize"] == "4bit" and Image.open(tmp_path / "seed_0.png").size == (64, 64)
     with pytest.raises(ValueError, match="quantization must be one of 8bit, 4bit, got '2bit'"):
         generate({**record, "quantize": "2bit"}, tmp_path / "bad", log=lambda _: None, progress=False)
+
+
+def run_main(argv, capsys):
+    from thinkdiff_core.__main__ import main
+
+    code = main([str(arg) for arg in argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Mistakes that can be seen in the arguments and files must be refused before any model loads."""
+    from thinkdiff_core import generate as module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(module.Reasoner, "from_pretrained", refuse)
+    monkeypatch.setattr(module.VisionEncoder, "from_pretrained", refuse)
+    monkeypatch.setattr(module, "load_flux", refuse)
+    return monkeypatch
+
+
+WHITE, BLUE = ASSETS / "white_car.png", ASSETS / "blue_car.png"
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--steps", 0], "--steps must be at least 1, got 0"),
+    (["--steps", -1], "--steps must be at least 1, got -1"),
+    (["--size", 8], "--size must be a positive multiple of 16 (FLUX: VAE factor 8 x patch 2), got 8; e.g. 16 or 32"),
+    (["--size", 0], "--size must be a positive multiple of 16 (FLUX: VAE factor 8 x patch 2), got 0; e.g. 16 or 32"),
+    (["--size", 100], "--size must be a positive multiple of 16 (FLUX: VAE factor 8 x patch 2), got 100; e.g. 96 "
+                      "or 112"),
+    (["--device", "cuda"], "--device cuda: no CUDA GPU is usable here (torch.cuda.is_available() is False); leave "
+                           "--device out or use --device cpu"),
+    (["--device", "gpu"], "--device 'gpu' is not a torch device, e.g. cuda, cuda:1 or cpu (Expected one of cpu"),
+    (["--quantize", "4bit"], "4bit loading needs bitsandbytes, an optional dependency: pip install bitsandbytes"),
+])
+def test_bad_options_are_refused_before_any_model_loads(tiny_models, no_model_loads, capsys, options, message):
+    import importlib.util
+
+    import torch
+
+    no_model_loads.setattr(torch.cuda, "is_available", lambda: False)
+    real_find_spec = importlib.util.find_spec
+    no_model_loads.setattr(importlib.util, "find_spec",
+                           lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    code, err = run_main(["generate", "--vlm", tiny_models["vlm"], "--aligner", tiny_models["aligner"], "--flux",
+                          tiny_models["flux"], "--items", "white", WHITE, "red", *options], capsys)
+    assert code == 2 and err.startswith(f"error: {message}"), err
+
+
+def test_a_missing_gpu_number_is_named(monkeypatch):
+    import torch
+
+    from thinkdiff_core.render import check_options
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="--device cuda:3: this machine has 1 CUDA GPU"):
+        check_options(1, None, "cuda:3")
+    check_options(1, 16, "cuda:0")
+
+
+RULE = "--items go word, image, word, image, ..., then the query word: "
+
+
+@pytest.mark.parametrize("items, message", [
+    (["white", WHITE, "blue", BLUE], RULE + "the last item is an image; add the query word after it"),
+    (["white", WHITE, BLUE, "red"], RULE + f"item 3 ({str(BLUE)!r}) should be a word"),
+    (["white", "red"], RULE + "item 2 ('red') should be an image (a path ending in .png, .jpg, .jpeg, .webp, .bmp)"),
+    (["white", "car.pgn", "red"], RULE + "item 2 ('car.pgn') should be an image"),
+    (["white", "{notes}", "red"], "item 2 ('{notes}') is a file but not an image ending in .png, .jpg"),
+    (["{notes}", WHITE, "red"], "item 1 ('{notes}') is a file but not an image ending in .png, .jpg"),
+    (["white", "{missing}", "red"], "image not found: {missing}"),
+])
+def test_items_follow_the_nodes_word_image_rule(tmp_path, tiny_models, no_model_loads, capsys, items, message):
+    paths = {"notes": tmp_path / "notes.txt", "missing": tmp_path / "car.png"}
+    paths["notes"].write_text("not an image\n")
+    code, err = run_main(["generate", "--vlm", tiny_models["vlm"], "--aligner", tiny_models["aligner"], "--flux",
+                          tiny_models["flux"], "--items", *[str(i).format(**paths) for i in items]], capsys)
+    assert code == 2 and err.startswith(f"error: {message.format(**paths)}"), err
+
+
+def test_bad_model_files_are_refused_before_the_vlm_loads(tmp_path, tiny_models, no_model_loads, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint\n")
+    common = ["generate", "--items", "white", WHITE, "red"]
+    for models, message in [
+        ({"--aligner": notes}, f"{notes}: not a PyTorch checkpoint or safetensors file"),
+        ({"--aligner": tmp_path}, f"{tmp_path} is a folder; expected an aligner file (.safetensors or .pth)"),
+        ({"--aligner": tiny_models["aligner_clip"]}, f"aligner {tiny_models['aligner_clip']} takes 48-d states but "
+                                                     f"the VLM {tiny_models['vlm']} has hidden size 64"),
+        ({"--flux": tmp_path}, f"{tmp_path} is not a diffusers FLUX folder (model_index.json missing)"),
+        ({"--vlm": tmp_path}, f"{tmp_path} is not a Hugging Face model folder: config.json is missing"),
+    ]:
+        models = {"--vlm": tiny_models["vlm"], "--aligner": tiny_models["aligner"], "--flux": tiny_models["flux"],
+                  **models}
+        code, err = run_main(common + [x for pair in models.items() for x in pair], capsys)
+        assert code == 2 and err.startswith(f"error: {message}"), err
+
+
+def test_clip_images_must_be_readable_images(tmp_path, tiny_models, no_model_loads):
+    fake = tmp_path / "cat.png"
+    fake.write_text("not an image\n")
+    with pytest.raises(ValueError, match=f"{fake}: not an image file PIL can read"):
+        generate({"variant": "clip", "vision": str(tiny_models["blip2"]), "aligner": str(tiny_models["aligner_clip"]),
+                  "flux": str(tiny_models["flux"]), "images": [str(fake)]}, tmp_path, log=lambda _: None)
+
+
+def test_a_config_that_is_not_a_run_record_is_named(tmp_path, capsys):
+    notes = tmp_path / "notes.md"
+    notes.write_text("# notes\n")
+    code, err = run_main(["generate", "--config", notes], capsys)
+    assert code == 2 and err == f"error: --config {notes}: not a run.json (not JSON: Expecting value: line 1 " \
+                                "column 1 (char 0))\n"
+    notes.write_text("[1, 2]\n")
+    code, err = run_main(["generate", "--config", notes], capsys)
+    assert code == 2 and err == f"error: --config {notes}: not a run.json (expected a JSON object of parameters)\n"
+    code, err = run_main(["generate", "--config", tmp_path / "nope.json"], capsys)
+    assert code == 2 and err.startswith(f"error: --config {tmp_path / 'nope.json'}: file not found")
+
+
+def test_top_level_help_is_plain_text(capsys):
+    from thinkdiff_core.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    description = capsys.readouterr().out.split("\n\n")[1]
+    assert description.startswith("ThinkDiff without ComfyUI: run the example (demo)")
+    assert "`" not in description and "  " not in description

@@ -1,9 +1,11 @@
 import json
+import re
 
 import pytest
 import torch
 from PIL import Image
 
+from conftest import REPO
 from thinkdiff_core import PAPER_INSTRUCTION, Reasoner
 from thinkdiff_core.reason import final_norm
 
@@ -226,3 +228,12 @@ def test_bfloat16_reasoning_returns_float32_states(tiny_models):
     assert reasoner.model.dtype == torch.bfloat16
     result = reasoner.reason(["a", "b"], max_new_tokens=3)
     assert result.hidden_states.dtype == torch.float32 and torch.isfinite(result.hidden_states).all()
+
+
+def test_an_image_path_given_as_a_word_is_refused(reasoner):
+    path = str(REPO / "workflows" / "white_car.png")
+    with pytest.raises(ValueError, match=re.escape(f"item 2 is the path of an image file; pass the image, e.g. "
+                                                   f"PIL.Image.open({path!r})")):
+        reasoner.reason(["white", path, "red"], max_new_tokens=1)
+    # A word that merely ends like an image name stays a word.
+    assert reasoner.render_prompt(["white", "car.png", "red"])[1] == []

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -108,3 +109,20 @@ def test_flux_folder_loads_with_plain_diffusers(tiny_models):
     assert prompt_embeds.shape == (1, 16, pipe.transformer.config.joint_attention_dim)
     assert pooled.shape == (1, pipe.transformer.config.pooled_projection_dim)
     assert pipe.tokenizer_2("a red car").input_ids[-1] == 1  # T5's </s>
+
+
+def test_cli_refuses_a_file_as_the_folder_and_documents_the_layout(tmp_path, tiny_models, capsys):
+    from thinkdiff_core.__main__ import main
+
+    target = tmp_path / "README.md"
+    target.write_text("# notes\n")
+    assert main(["make-tiny-models", str(target)]) == 2
+    assert capsys.readouterr().err == f"error: {target} exists and is not a folder; give a folder to write the " \
+                                      f"tiny models into\n"
+    assert target.read_text() == "# notes\n"
+    with pytest.raises(SystemExit):
+        main(["make-tiny-models", "--help"])
+    shown = capsys.readouterr().out
+    assert "DIR          folder to write into (created if missing)" in shown
+    for path in tiny_models.values():  # every entry it writes, each on its own line
+        assert f"\n  {path.name}{'/' if path.is_dir() else ''} " in shown

@@ -1,14 +1,29 @@
-"""Command line: `python -m thinkdiff_core {demo,generate,cobsat,bench,prepare-lvlm,train,convert,extract-vision,
-make-tiny-models}`."""
+"""ThinkDiff without ComfyUI: run the example (demo), generate images, evaluate on CoBSAT, measure reasoning
+speed (bench), prepare data for and train aligners, convert aligner checkpoints, extract BLIP-2's vision tower
+and write tiny random models. Each command has its own --help."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import render
 from .bench import PATHS
+
+
+def read_config(path: str) -> dict:
+    """The parameters of a run.json given to --config."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--config {path}: file not found (expected the run.json of an earlier run)")
+    try:
+        params = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path}: not a run.json (not JSON: {e})") from e
+    if not isinstance(params, dict):
+        raise ValueError(f"--config {path}: not a run.json (expected a JSON object of parameters)")
+    return params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer.add_argument("--warmup-steps", type=int, default=2000)
     trainer.add_argument("--weight-decay", type=float, default=0.05)
     trainer.add_argument("--max-text-tokens", type=int, help="T5 target length; default 128 (lvlm), 32 (clip)")
-    trainer.add_argument("--val-fraction", type=float, default=0.02)
+    trainer.add_argument("--val-fraction", type=float, default=0.0,
+                         help="share of samples held out for validation; default 0 (the authors hold none out)")
     trainer.add_argument("--val-every", type=int, default=1000)
     trainer.add_argument("--save-every", type=int, default=5000)
     trainer.add_argument("--log-every", type=int, default=10)
@@ -131,8 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     extract.add_argument("src", help="a Salesforce/blip2-flan-t5-xxl folder")
     extract.add_argument("dst", help="output .safetensors (e.g. models/thinkdiff/blip2_vision.safetensors)")
 
-    tiny = commands.add_parser("make-tiny-models", help="write tiny random models in the released formats")
-    tiny.add_argument("dir")
+    tiny = commands.add_parser(
+        "make-tiny-models", help="write tiny random models in the released formats",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write tiny random models (seconds on a CPU) in the released on-disk formats, for tests and for\n"
+                    "trying every command without downloads; they draw noise. DIR then holds:\n"
+                    "  vlm/              Qwen2-VL folder (Hugging Face layout)\n"
+                    "  blip2/            BLIP-2 folder (Salesforce/blip2-flan-t5-xxl layout)\n"
+                    "  flux/             FLUX.1 diffusers folder\n"
+                    "  flan-t5/          Flan-T5 folder (for train)\n"
+                    "  aligner_lvlm.pth  ThinkDiff-LVLM aligner (official checkpoint layout)\n"
+                    "  aligner_clip.pth  ThinkDiff-CLIP aligner\n"
+                    "demo --models-dir DIR runs on them. Existing vlm/, blip2/, flux/ and flan-t5/ there are replaced.")
+    tiny.add_argument("dir", metavar="DIR", help="folder to write into (created if missing)")
     tiny.add_argument("--seed", type=int, default=0)
 
     args = parser.parse_args(argv)
@@ -145,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "generate":
             from .generate import generate
 
-            params = json.loads(open(args.config).read()) if args.config else {}
+            params = read_config(args.config) if args.config else {}
             options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "out") and v is not None}
             generate({**params, **options}, args.out)
         elif args.command == "cobsat":
@@ -186,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, path in make_tiny_models(args.dir, args.seed).items():
                 print(f"{name}: {path}")
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+    # ImportError: an optional dependency an option needs (bitsandbytes for --quantize).
+    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ T5_NORM_EPS = 1e-6
 # The released aligners, told apart by their input width.
 VARIANTS = {3584: "lvlm", 1408: "clip"}
 VARIANT_NAMES = {"lvlm": "ThinkDiff-LVLM (Qwen2-VL-7B states)", "clip": "ThinkDiff-CLIP (BLIP-2 ViT-g features)"}
+# How every file torch.save writes opens: a zip archive, or (before PyTorch 1.6) its pickled magic number.
+TORCH_HEADERS = (b"PK\x03\x04", pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2))
 
 
 class CheckpointError(ValueError):
@@ -76,13 +79,20 @@ def _read_file(path: Path) -> tuple[dict, dict]:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from e
+    with open(path, "rb") as f:
+        header = f.read(max(map(len, TORCH_HEADERS)))
+    if not any(header.startswith(start) for start in TORCH_HEADERS):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint or safetensors file (expected the official "
+                              f".pth or a .safetensors aligner)")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # Only torch's diagnosis, without its advice to load with weights_only=False or to allowlist the globals.
+        diagnosis = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\s*Please use|\n\n|$)", str(e), re.S)
         raise CheckpointError(
             f"{path}: refused to load. The file holds Python objects other than tensors and plain "
-            f"containers, and loading it would run code. Only weights are accepted "
-            f"(torch.load weights_only=True). Details: {e}"
+            f"containers, and loading it would run code. Only weights are accepted."
+            + (f" Details: {diagnosis.group(1).strip()}" if diagnosis else "")
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
@@ -103,6 +113,8 @@ def aligner_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     {"model": ...}), a bare state dict, and `.safetensors`, all with `mm_projector.*` keys.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; expected an aligner file (.safetensors or .pth)")
     if not path.is_file():
         raise FileNotFoundError(f"aligner checkpoint not found: {path}")
     raw, metadata = _read_file(path)
@@ -171,11 +183,14 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, varia
         raise ValueError(f"output must end in .safetensors, got {dst}")
     weights, _ = aligner_state_dict(src)
     d_out, d_in = weights["0.weight"].shape
+    if variant is not None and VARIANTS.get(d_in, variant) != variant:
+        raise ValueError(f"{src}: the aligner takes {d_in}-d inputs, the {VARIANT_NAMES[VARIANTS[d_in]]} width, "
+                         f"not the {variant} variant's; leave --variant out to take it from the width")
     variant = variant or VARIANTS.get(d_in, "unknown")
     metadata = {"format": "pt", "variant": variant, "d_in": str(d_in), "d_out": str(d_out),
                 "architecture": "mlp2x_gelu_t5_norm"}
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_file({PREFIX + k: v.contiguous() for k, v in weights.items()}, str(dst), metadata=metadata)
     return {"input": str(src), "input_bytes": src.stat().st_size, "output": str(dst),
-            "output_bytes": dst.stat().st_size, **{k: metadata[k] for k in ("variant", "d_in", "d_out")}}
+            "output_bytes": dst.stat().st_size, "variant": variant, "d_in": d_in, "d_out": d_out}
 

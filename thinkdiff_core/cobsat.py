@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from .render import free_memory
+from .render import check_flux_folder, check_options, free_memory
 
 ITEMS = {
     "color": ["yellow", "white", "red", "purple", "pink", "orange", "green", "brown", "blue", "black"],
@@ -48,6 +48,9 @@ TASKS = {
 }
 PROMPTS = 1000
 PROMPT_SEED = 123
+# A prompt list orders the 10 items of a space and the shared attribute is theta_list[shots + 1], as in the
+# benchmark's load_inputs: at most 8 shots (the benchmark runs 2, 4, 6 and 8).
+MAX_SHOTS = 8
 # ThinkDiff-LVLM's CoBSAT accuracy in the paper (2-shot per task; 4-shot only the average).
 PAPER = {2: {1: 0.622, 3: 0.349, 5: 0.237, 7: 0.459, 9: 0.290, 2: 0.511, 4: 0.534, 6: 0.340, 8: 0.534, 10: 0.292}}
 PAPER_AVERAGE = {4: 0.463}
@@ -58,6 +61,11 @@ def spaces(task: int) -> tuple[str, str]:
     """(detail space, object space) of a task, e.g. ("color", "object")."""
     _, x_space, theta_space = TASKS[task]
     return (theta_space, x_space) if x_space in ("object", "animal") else (x_space, theta_space)
+
+
+def is_path(model) -> bool:
+    """Models are given as paths (loaded here, one at a time) or as loaded objects (e.g. in tests)."""
+    return isinstance(model, (str, os.PathLike))
 
 
 def word(item: str) -> str:
@@ -156,11 +164,14 @@ class Run:
     """One CoBSAT evaluation: shot count, tasks, the item limit, and where its files go."""
 
     def __init__(self, data, out, shot: int = 2, tasks="all", limit: int | None = None, seed: int = 0):
+        if not 1 <= shot <= MAX_SHOTS:
+            raise ValueError(f"--shots must be between 1 and {MAX_SHOTS} (CoBSAT's prompts draw the demonstrations, "
+                             f"the query and the shared attribute from 10 items), got {shot}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {limit}")
         self.data, self.out = Path(data), Path(out) / f"shot_{shot}"
         if not (self.data / "datasets").is_dir():
             raise FileNotFoundError(f"no CoBSAT datasets/ folder in {self.data}")
-        if shot < 1:
-            raise ValueError(f"shots must be >= 1, got {shot}")
         self.shot, self.seed = shot, seed
         self.tasks = parse_tasks(tasks) if isinstance(tasks, str) else list(tasks)
         lists = prompt_lists(self.data)
@@ -191,13 +202,20 @@ class Run:
         from safetensors.torch import save_file
 
         from .aligner import load_aligner
-        from .reason import Reasoner
+        from .generate import check_aligner_width, vlm_hidden_size
+        from .reason import Reasoner, check_vlm_folder
 
         pending = [p for p in self.prompts if not self.files(p)["tokens"].is_file()]
         if not pending:
             return 0
-        reasoner = Reasoner.from_pretrained(vlm) if isinstance(vlm, (str, os.PathLike)) else vlm
-        aligner = load_aligner(aligner, device=reasoner.device) if isinstance(aligner, (str, os.PathLike)) else aligner
+        # As generate: the aligner is loaded and matched with the VLM's config before the VLM loads.
+        if is_path(vlm):
+            check_vlm_folder(Path(vlm))
+        loaded = load_aligner(aligner) if is_path(aligner) else aligner
+        check_aligner_width(loaded, vlm_hidden_size(vlm) if is_path(vlm) else vlm.hidden_size,
+                            aligner if is_path(aligner) else "(given)", vlm if is_path(vlm) else "(given)")
+        reasoner = Reasoner.from_pretrained(vlm) if is_path(vlm) else vlm
+        aligner = loaded.to(reasoner.device)
         for n, prompt in enumerate(pending, start=1):
             result = reasoner.reason(prompt.items(), seed=self.seed + prompt.index)
             with torch.inference_mode():
@@ -219,7 +237,7 @@ class Run:
         pending = [p for p in self.prompts if self.files(p)["tokens"].is_file() and not self.files(p)["image"].is_file()]
         if not pending:
             return 0
-        pipe = load_flux(flux) if isinstance(flux, (str, os.PathLike)) else flux
+        pipe = load_flux(flux) if is_path(flux) else flux
         for n, prompt in enumerate(pending, start=1):
             files = self.files(prompt)
             tokens = load_file(str(files["tokens"]))["tokens"]
@@ -320,16 +338,22 @@ class Run:
 def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all", limit: int | None = None,
                seed: int = 0, steps: int = 28, guidance: float = 3.5, size: int = 512, log=print) -> dict:
     """All stages: models are loaded one at a time (paths) or used as given (loaded objects, e.g. in tests)."""
+    from .judge import VLMJudge, check_judge_folder
+
     run = Run(data, out, shot, tasks, limit, seed)
+    # Checked now rather than after hours of reasoning (the VLM and aligner are checked before reasoning).
+    check_options(steps, size)
+    if is_path(flux):
+        check_flux_folder(flux)
+    if is_path(judge):
+        check_judge_folder(Path(judge))
     log(f"CoBSAT {shot}-shot: {len(run.prompts)} prompts over tasks {', '.join(TASKS[t][0] for t in run.tasks)}")
     run.reason(vlm, aligner, log)
     free_memory()
     run.render(flux, steps, guidance, size, log)
     free_memory()
     if run.unjudged():
-        from .judge import VLMJudge
-
-        run.judge(VLMJudge.from_pretrained(judge) if isinstance(judge, (str, os.PathLike)) else judge, log)
+        run.judge(VLMJudge.from_pretrained(judge) if is_path(judge) else judge, log)
     summary = run.summarize()
     log((run.out / "accuracy.md").read_text())
     return summary

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from .generate import check_params, draw
-from .render import GUIDANCE, STEPS
+from .render import GUIDANCE, STEPS, check_options
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_FORMAT = 3  # bump when tiny.py writes something different, so caches are rebuilt
@@ -64,17 +64,18 @@ def run_demo(models_dir: str | os.PathLike | None = None, out_dir: str | os.Path
              variant: str = "lvlm", prompt: str = "", seed: int = 0, steps: int = STEPS,
              guidance: float = GUIDANCE, size: int | None = None, device: str | None = None, log=print) -> dict:
     """Run the example of `variant`; write image.png, timings.json (and answer.txt for lvlm) to `out_dir`."""
+    if variant not in ("lvlm", "clip"):
+        raise ValueError(f"variant must be lvlm or clip, got {variant!r}")
+    check_options(steps, size, device)  # before the tiny models are built or any model loads
     tiny = models_dir is None
     if tiny:
         log("No --models-dir: using tiny random models. Every step runs, but random weights draw noise.")
     models = ensure_tiny_models() if tiny else Path(models_dir)
     if variant == "lvlm":
         params = {"vlm": find_model(models, "vlm"), "aligner": find_model(models, "aligner"), "items": EXAMPLE_ITEMS}
-    elif variant == "clip":
+    else:
         params = {"vision": find_model(models, "vision"), "aligner": find_model(models, "aligner_clip"),
                   "images": EXAMPLE_IMAGES, "prompt": prompt}
-    else:
-        raise ValueError(f"variant must be lvlm or clip, got {variant!r}")
     params = check_params({**params, "variant": variant, "flux": find_model(models, "flux"), "seeds": [seed],
                            "steps": steps, "guidance": guidance, "size": size, "device": device})
     drawn, report = draw(params, log=log, progress=False)
@@ -87,6 +88,8 @@ def run_demo(models_dir: str | os.PathLike | None = None, out_dir: str | os.Path
     if answer is not None:
         (out / "answer.txt").write_text(answer + "\n")
         written.append("answer.txt")
+    else:  # an earlier lvlm run's answer would pass for this image's
+        (out / "answer.txt").unlink(missing_ok=True)
     report = {"variant": variant, "models": "tiny-random" if tiny else str(models),
               **{k: params[k] for k in ("vlm", "vision", "aligner", "flux", "prompt") if params[k] is not None},
               "seed": seed, "steps": steps, "guidance": guidance, "size": image.width, **report}

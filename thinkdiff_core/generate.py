@@ -14,12 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from . import compose, condition
-from .aligner import load_aligner
-from .reason import Reasoner
-from .render import GUIDANCE, SIZE, STEPS, free_memory, load_flux, render
+from .aligner import Aligner, load_aligner
+from .reason import Reasoner, check_vlm_folder, quantization_config
+from .render import GUIDANCE, SIZE, STEPS, check_flux_folder, check_options, free_memory, load_flux, render
 from .vision import VisionEncoder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -37,12 +37,46 @@ def is_image_path(item: str) -> bool:
 def open_image(path: str) -> Image.Image:
     if not Path(path).is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    return Image.open(path)
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError as e:
+        raise ValueError(f"{path}: not an image file PIL can read") from e
 
 
 def load_items(items: list[str]) -> list:
     """Command-line items to the in-context sequence: image paths (by suffix) become images, the rest words."""
     return [open_image(item) if is_image_path(item) else item for item in items]
+
+
+def check_items(items: list[str]) -> None:
+    """The rule of the ComfyUI node (prompt.interleave): word, image, word, image, ..., then the query word."""
+    rule = "--items go word, image, word, image, ..., then the query word"
+    for n, item in enumerate(items, start=1):
+        if not is_image_path(item) and Path(item).is_file():
+            raise ValueError(f"item {n} ({item!r}) is a file but not an image ending in {', '.join(IMAGE_SUFFIXES)}")
+        if n % 2 == 0 and not is_image_path(item):
+            raise ValueError(f"{rule}: item {n} ({item!r}) should be an image (a path ending in "
+                             f"{', '.join(IMAGE_SUFFIXES)})")
+        if n % 2 == 1 and is_image_path(item):
+            raise ValueError(f"{rule}: item {n} ({item!r}) should be a word")
+        if is_image_path(item) and not Path(item).is_file():
+            raise FileNotFoundError(f"image not found: {item}")
+    if len(items) % 2 == 0:
+        raise ValueError(f"{rule}: the last item is an image; add the query word after it")
+
+
+def vlm_hidden_size(folder: str | os.PathLike) -> int:
+    """The hidden size in a VLM folder's config.json, read without loading the model."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config().hidden_size
+
+
+def check_aligner_width(aligner: Aligner, hidden_size: int, aligner_name: str, vlm_name: str) -> None:
+    """The aligner reads the VLM's states: its input width must be the VLM's hidden size."""
+    if aligner.in_features != hidden_size:
+        raise ValueError(f"aligner {aligner_name} takes {aligner.in_features}-d states but the VLM {vlm_name} has "
+                         f"hidden size {hidden_size}")
 
 
 def check_params(params: dict) -> dict:
@@ -58,6 +92,17 @@ def check_params(params: dict) -> dict:
         raise ValueError(f"the {params['variant']} variant needs --{' --'.join(missing)}")
     if not params["seeds"]:
         raise ValueError("give at least one seed")
+    # Everything that can be checked without loading a model, so that a mistake costs seconds, not minutes.
+    check_options(params["steps"], params["size"], params["device"])
+    if params["quantize"] is not None:
+        quantization_config(params["quantize"], torch.bfloat16)  # refuses an unknown mode or a missing bitsandbytes
+    if params["variant"] == "lvlm":
+        check_items(params["items"])
+        check_vlm_folder(Path(params["vlm"]))
+    else:
+        for path in params["images"]:
+            open_image(path).close()
+    check_flux_folder(params["flux"])
     # Absolute paths, so that run.json reruns from any folder.
     for name in ("vlm", "aligner", "vision", "flux"):
         if params[name]:
@@ -98,16 +143,16 @@ def draw(params: dict, log=print, progress: bool = True) -> tuple[dict, dict]:
     conditionings = {}  # seed -> (aligned tokens, answer text or None)
     if params["variant"] == "lvlm":
         items = load_items(params["items"])
+        # The aligner first: a wrong or unreadable one is refused before the VLM's minutes of loading.
+        with timings("load_aligner_s"):
+            aligner = load_aligner(params["aligner"])
+        check_aligner_width(aligner, vlm_hidden_size(params["vlm"]), params["aligner"], params["vlm"])
         with timings("load_vlm_s"):
             # One reasoning run would be over before a background compilation of the decode step is.
             compile = None if len(params["seeds"]) > 1 else False
             reasoner = Reasoner.from_pretrained(params["vlm"], device=params["device"], quantization=params["quantize"],
                                                 compile=compile)
-        with timings("load_aligner_s"):
-            aligner = load_aligner(params["aligner"], device=reasoner.device)
-        if aligner.in_features != reasoner.hidden_size:
-            raise ValueError(f"aligner {params['aligner']} takes {aligner.in_features}-d states but the VLM "
-                             f"{params['vlm']} has hidden size {reasoner.hidden_size}")
+        aligner.to(reasoner.device)
         for seed in params["seeds"]:
             with tqdm(total=params["max_new_tokens"], desc=f"reasoning (seed {seed})", disable=not progress) as bar, \
                     timings("reason_s"):
@@ -121,10 +166,11 @@ def draw(params: dict, log=print, progress: bool = True) -> tuple[dict, dict]:
         timings["reason_tokens_per_s"] = round(len(params["seeds"]) * params["max_new_tokens"] / timings["reason_s"], 2)
         del reasoner, aligner
     else:
+        with timings("load_aligner_s"):
+            aligner = load_aligner(params["aligner"])
         with timings("load_vision_s"):
             vision = VisionEncoder.from_pretrained(params["vision"], device=params["device"])
-        with timings("load_aligner_s"):
-            aligner = load_aligner(params["aligner"], device=vision.device)
+        aligner.to(vision.device)
         with timings("encode_s"):
             tokens = compose.image_tokens(vision, aligner, [open_image(path) for path in params["images"]]).float()
         conditionings = {seed: (tokens, None) for seed in params["seeds"]}

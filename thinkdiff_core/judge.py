@@ -12,10 +12,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-# CoBSAT's system prompt for its Qwen judge.
+# CoBSAT's system prompt for its Qwen judge (evaluation_icl.py).
 SYSTEM_PROMPT = ("You are a professional assistant and always answer my question directly and perfectly without any "
                  "excuses. If I ask you to predict, you should always give me the prediction with the highest "
                  "probability or even random guess.")
+# Its LLaVA-1.5 judge (the paper's) runs LLaVA's own llava_v1 conversation, whose system message is this.
+LLAVA_SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                       "helpful, detailed, and polite answers to the human's questions.")
+SYSTEM_PROMPTS = {"llava": LLAVA_SYSTEM_PROMPT}  # by config model_type; the others get the Qwen judge's
+
+
+def check_judge_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"judge: {folder} is not a Hugging Face model folder (config.json missing)")
 
 
 class VLMJudge:
@@ -23,6 +32,7 @@ class VLMJudge:
         self.model = model.eval()
         self.processor = processor
         self.max_new_tokens = max_new_tokens
+        self.system_prompt = SYSTEM_PROMPTS.get(model.config.model_type, SYSTEM_PROMPT)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
@@ -33,8 +43,7 @@ class VLMJudge:
         from .versions import release
 
         folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"judge: {folder} is not a Hugging Face model folder (config.json missing)")
+        check_judge_folder(folder)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model_class = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
@@ -43,13 +52,17 @@ class VLMJudge:
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
         return cls(model.to(device), processor)
 
-    def ask(self, image: Image.Image, question: str) -> str:
-        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+    def prompt(self, question: str) -> str:
+        """The chat text for one question about one image."""
+        # Content as a list: templates such as llava-hf's render only typed parts, and would drop a plain string.
+        messages = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]},
                     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        prompt = self.processor.tokenizer.apply_chat_template(
+        return self.processor.tokenizer.apply_chat_template(
             messages, chat_template=getattr(self.processor, "chat_template", None), tokenize=False,
             add_generation_prompt=True)
-        inputs = self.processor(text=[prompt], images=[image.convert("RGB")], return_tensors="pt")
+
+    def ask(self, image: Image.Image, question: str) -> str:
+        inputs = self.processor(text=[self.prompt(question)], images=[image.convert("RGB")], return_tensors="pt")
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         with torch.inference_mode():

@@ -7,6 +7,7 @@ image becomes an image slot that the chat template labels "Picture i:" (add_visi
 
 from __future__ import annotations
 
+import os
 from typing import Sequence, Union
 
 from PIL import Image
@@ -33,6 +34,10 @@ def check_items(items: Sequence[Item]) -> None:
         if isinstance(item, str):
             if not item.strip():
                 raise ValueError(f"item {index} is an empty word: every word must contain text")
+            # A path would be read as a word; the model would never see the picture.
+            if os.path.splitext(item)[1].lower() in Image.registered_extensions() and os.path.isfile(item):
+                raise ValueError(f"item {index} is the path of an image file; pass the image, e.g. "
+                                 f"PIL.Image.open({item!r})")
         elif not isinstance(item, Image.Image):
             raise TypeError(f"item {index} is a {type(item).__name__}; expected a str (a word) or a PIL image")
 

@@ -15,6 +15,39 @@ from .versions import release
 GUIDANCE = 3.5
 STEPS = 28
 SIZE = {"lvlm": 512, "clip": 1024}
+# FLUX's latents are 8x smaller than the image and packed in 2x2 patches: sides are multiples of 16.
+SIZE_MULTIPLE = 16
+
+
+def check_options(steps: int, size: int | None, device: str | None = None) -> None:
+    """Refuse rendering options that would only fail (or be silently changed) minutes later, inside diffusers."""
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+    if size is not None and (size < SIZE_MULTIPLE or size % SIZE_MULTIPLE):
+        near = max(SIZE_MULTIPLE, size // SIZE_MULTIPLE * SIZE_MULTIPLE)
+        raise ValueError(f"--size must be a positive multiple of {SIZE_MULTIPLE} (FLUX: VAE factor 8 x patch 2), "
+                         f"got {size}; e.g. {near} or {near + SIZE_MULTIPLE}")
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a torch device, e.g. cuda, cuda:1 or cpu ({e})") from e
+    if parsed.type == "cuda":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus == 0:
+            raise ValueError(f"--device {device}: no CUDA GPU is usable here (torch.cuda.is_available() is "
+                             f"False); leave --device out or use --device cpu")
+        if parsed.index is not None and parsed.index >= gpus:
+            raise ValueError(f"--device {device}: this machine has {gpus} CUDA GPU(s), numbered from 0")
+
+
+def check_flux_folder(folder: str | os.PathLike) -> None:
+    if not (Path(folder) / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a diffusers FLUX folder (model_index.json missing); expected a local "
+            f"copy of black-forest-labs/FLUX.1-dev in diffusers layout"
+        )
 
 
 def free_memory() -> None:
@@ -30,12 +63,7 @@ def load_flux(folder: str | os.PathLike, device: str | torch.device | None = Non
     import diffusers
     from diffusers import FluxPipeline
 
-    folder = Path(folder)
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"{folder} is not a diffusers FLUX folder (model_index.json missing); expected a local "
-            f"copy of black-forest-labs/FLUX.1-dev in diffusers layout"
-        )
+    check_flux_folder(folder)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     dtype_option = "dtype" if release(diffusers) >= (0, 40) else "torch_dtype"  # renamed in diffusers 0.40

@@ -359,6 +359,8 @@ def make_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} exists and is not a folder; give a folder to write the tiny models into")
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"vlm": folder / "vlm", "blip2": folder / "blip2", "flux": folder / "flux", "flan_t5": folder / "flan-t5",
              "aligner": folder / "aligner_lvlm.pth", "aligner_clip": folder / "aligner_clip.pth"}
