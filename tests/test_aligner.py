@@ -1,6 +1,8 @@
 import json
 import math
+import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from thinkdiff_core import Aligner, CheckpointError, convert_to_safetensors, load_aligner
+from thinkdiff_core.files import save_safetensors
 
 from conftest import REPO
 
@@ -160,8 +163,9 @@ def test_wrong_input_width_is_a_clear_error(official_pth):
 def test_convert_keeps_only_the_aligner_with_metadata(tmp_path, official_pth):
     out = tmp_path / "thinkdiff_lvlm.safetensors"
     result = subprocess.run([sys.executable, "-m", "thinkdiff_core", "convert", str(official_pth), str(out)],
-                            cwd=REPO, capture_output=True, text=True, check=True)
+                            cwd=REPO, capture_output=True, text=True, check=True, preexec_fn=lambda: os.umask(0o022))
     report = json.loads(result.stdout)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # readable by a ComfyUI running as another user
     assert report["output_bytes"] and report["input_bytes"] and (report["d_in"], report["d_out"]) == (D_IN, D_OUT)
     with safe_open(str(out), framework="pt") as f:
         assert sorted(f.keys()) == sorted(official_weights())
@@ -169,6 +173,17 @@ def test_convert_keeps_only_the_aligner_with_metadata(tmp_path, official_pth):
         assert f.metadata()["variant"] == "unknown"
     for key, value in load_aligner(out).state_dict().items():
         torch.testing.assert_close(value, load_aligner(official_pth).state_dict()[key], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_model_files_get_the_mode_of_any_new_file(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == mode
 
 
 def test_convert_guesses_the_variant_from_d_in(tmp_path, tiny_models):

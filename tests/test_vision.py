@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -107,8 +109,10 @@ def test_folder_loading_reads_only_the_vision_tower(tiny_models, monkeypatch):
 def test_extract_vision_round_trip(tmp_path, tiny_models, vision, car_images):
     out = tmp_path / "blip2_vision.safetensors"
     result = subprocess.run([sys.executable, "-m", "thinkdiff_core", "extract-vision", str(tiny_models["blip2"]),
-                             str(out)], cwd=REPO, capture_output=True, text=True, check=True)
+                             str(out)], cwd=REPO, capture_output=True, text=True, check=True,
+                            preexec_fn=lambda: os.umask(0o022))
     report = json.loads(result.stdout)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # readable by a ComfyUI running as another user
     assert report["hidden_size"] == vision.hidden_size and report["output_bytes"] == out.stat().st_size
     with safetensors.safe_open(str(out), framework="pt") as f:
         assert all(k.startswith("vision_model.") for k in f.keys())

@@ -176,7 +176,7 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, varia
     Returns a report with both sizes in bytes. The variant is guessed from d_in when not given
     (3584: Qwen2-VL-7B, "lvlm"; 1408: BLIP-2 EVA ViT-g, "clip").
     """
-    from safetensors.torch import save_file
+    from .files import save_safetensors
 
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
@@ -190,7 +190,7 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, varia
     metadata = {"format": "pt", "variant": variant, "d_in": str(d_in), "d_out": str(d_out),
                 "architecture": "mlp2x_gelu_t5_norm"}
     dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file({PREFIX + k: v.contiguous() for k, v in weights.items()}, str(dst), metadata=metadata)
+    save_safetensors({PREFIX + k: v.contiguous() for k, v in weights.items()}, dst, metadata=metadata)
     return {"input": str(src), "input_bytes": src.stat().st_size, "output": str(dst),
             "output_bytes": dst.stat().st_size, "variant": variant, "d_in": d_in, "d_out": d_out}
 

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from .aligner import PREFIX, Aligner
+from .files import save_safetensors
 
 BRIEF_INSTRUCTIONS = [  # the authors' instructions for the precomputed answers (LLaVA's brief ones + theirs)
     "Describe the image concisely.",
@@ -291,13 +292,11 @@ def t5_loss(t5, aligner, batch: dict) -> torch.Tensor:
 
 
 def save_aligner(aligner: Aligner, path: Path, variant: str, step: int) -> None:
-    from safetensors.torch import save_file
-
     state = {PREFIX + k: v.detach().float().cpu().contiguous() for k, v in aligner.state_dict().items()}
     temporary = path.with_suffix(".part")
-    save_file(state, str(temporary), metadata={"format": "pt", "variant": variant, "d_in": str(aligner.in_features),
-                                               "d_out": str(aligner.out_features), "step": str(step),
-                                               "architecture": "mlp2x_gelu_t5_norm"})
+    save_safetensors(state, temporary, metadata={"format": "pt", "variant": variant, "d_in": str(aligner.in_features),
+                                                 "d_out": str(aligner.out_features), "step": str(step),
+                                                 "architecture": "mlp2x_gelu_t5_norm"})
     temporary.replace(path)
 
 

@@ -166,7 +166,7 @@ class VisionEncoder:
 
 def extract_vision(folder: str | os.PathLike, out: str | os.PathLike) -> dict:
     """Write the vision tower of a BLIP-2 folder as one .safetensors with its configs as metadata."""
-    from safetensors.torch import save_file
+    from .files import save_safetensors
 
     folder, out = Path(folder), Path(out)
     if out.suffix != ".safetensors":
@@ -175,7 +175,7 @@ def extract_vision(folder: str | os.PathLike, out: str | os.PathLike) -> dict:
         raise NotADirectoryError(f"expected a BLIP-2 Hugging Face folder, got {folder}")
     tensors, config, processor = read_vision_checkpoint(folder)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out), metadata={
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, out, metadata={
         "format": "pt", "model": "blip-2 vision", "vision_config": json.dumps(config),
         "image_processor": json.dumps(processor),
     })
