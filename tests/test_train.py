@@ -121,6 +121,7 @@ def test_overfitting_eight_samples_trains_only_the_aligner(prepared, readable_t5
     from transformers import T5ForConditionalGeneration
 
     fresh = T5ForConditionalGeneration.from_pretrained(readable_t5).state_dict()
+    assert result["t5"].encoder is None  # LVLM: the decoder alone reads the aligner, so the encoder is not held
     for name, value in result["t5"].state_dict().items():
         assert torch.equal(value.cpu(), fresh[name]), name
     checkpoint = load_aligner(tmp_path / "aligner.safetensors")

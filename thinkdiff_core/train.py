@@ -358,6 +358,9 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     dtype_option = "dtype" if release(transformers) >= (4, 56) else "torch_dtype"
     t5 = T5ForConditionalGeneration.from_pretrained(t5_folder, local_files_only=True, **{dtype_option: dtype})
+    encoder_norm = stored_encoder_norm(t5_folder, t5).detach().clone()
+    if variant == "lvlm":  # the decoder reads the aligner's output directly; like the authors, drop the encoder
+        t5.encoder = None  # (about 9.5 GB of Flan-T5-XXL in bf16) before anything reaches the GPU
     # .to(dtype) as well: from_pretrained keeps T5's `wo` layers in fp32, the authors cast every layer to bf16.
     t5 = t5.to(accelerator.device, dtype)
     t5.requires_grad_(False).train()  # frozen, but in training mode (dropout) as in the authors' runner
@@ -389,7 +392,7 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
             for linear in (aligner[0], aligner[2]):
                 linear.weight.normal_(0.0, 0.02)
                 linear.bias.zero_()
-        aligner[3].weight.copy_(stored_encoder_norm(t5_folder, t5))  # the paper: the T5 encoder's final norm
+        aligner[3].weight.copy_(encoder_norm)  # the paper: the T5 encoder's final norm
     no_decay = [p for name, p in aligner.named_parameters() if name.endswith("bias") or name.startswith("3.")]
     decay = [p for name, p in aligner.named_parameters() if not (name.endswith("bias") or name.startswith("3."))]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
