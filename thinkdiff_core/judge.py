@@ -28,7 +28,9 @@ def check_judge_folder(folder: Path) -> None:
 
 
 class VLMJudge:
-    def __init__(self, model, processor, max_new_tokens: int = 10):
+    # CoBSAT's judges answer in up to 512 greedy tokens and every digit of the answer is read, so a judge
+    # that states its option number after a sentence is scored as in the benchmark.
+    def __init__(self, model, processor, max_new_tokens: int = 512):
         self.model = model.eval()
         self.processor = processor
         self.max_new_tokens = max_new_tokens
