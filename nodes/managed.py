@@ -33,6 +33,19 @@ class DeviceTracked(torch.nn.Module):
         return super()._apply(fn, recurse)
 
 
+class WholeModulePatcher(comfy.model_patcher.ModelPatcher):
+    """A ModelPatcher that ComfyUI unloads whole or not at all.
+
+    To free part of a model, ComfyUI moves single layers off the GPU, past DeviceTracked's hook: the
+    VLM's cache and CUDA graph would stay there while ComfyUI counts that memory as free. Freeing
+    nothing partially makes ComfyUI unload the whole module through .to(), which runs the hook. These
+    modules only run wholly loaded anyway.
+    """
+
+    def partially_unload(self, *args, **kwargs) -> int:
+        return 0
+
+
 def manage(module: torch.nn.Module, on_move=None, movable: bool = True) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher for `module`, which is moved to the offload device until it is needed.
 
@@ -41,12 +54,12 @@ def manage(module: torch.nn.Module, on_move=None, movable: bool = True) -> comfy
     """
     if not movable:
         device = next(module.parameters()).device
-        return comfy.model_patcher.ModelPatcher(DeviceTracked(module.eval().requires_grad_(False), device, on_move),
-                                                load_device=device, offload_device=device)
+        return WholeModulePatcher(DeviceTracked(module.eval().requires_grad_(False), device, on_move),
+                                  load_device=device, offload_device=device)
     offload = mm.unet_offload_device()
     module = module.to(offload).eval().requires_grad_(False)
-    return comfy.model_patcher.ModelPatcher(DeviceTracked(module, offload, on_move),
-                                            load_device=mm.get_torch_device(), offload_device=offload)
+    return WholeModulePatcher(DeviceTracked(module, offload, on_move), load_device=mm.get_torch_device(),
+                              offload_device=offload)
 
 
 def intermediate() -> tuple[torch.device, torch.dtype]:

@@ -83,6 +83,18 @@ def test_vlm_loader_hands_the_model_to_comfyuis_memory_manager(host, loaded):
     assert not any(m.model is vlm.patcher for m in mm.current_loaded_models)
 
 
+def test_comfyui_frees_a_model_whole_or_not_at_all(host, loaded, cars):
+    vlm, _ = loaded
+    reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=2)
+    buffers = vlm.reasoner.decoder._buffers
+    assert buffers is not None
+    # Asked for part of its memory, a patcher frees nothing (ComfyUI then unloads it whole, through .to()):
+    # moving single layers would leave the decoder's cache and graph behind while counting them as freed.
+    assert vlm.patcher.partially_unload(vlm.patcher.offload_device, 1 << 20) == 0
+    assert vlm.reasoner.decoder._buffers is buffers
+    assert all(p.device == vlm.reasoner.device for p in vlm.reasoner.model.parameters())
+
+
 def test_reasoning_node_returns_flux_conditioning_and_the_answer(host, loaded, cars, car_images):
     output = reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=7)
     conditioning, answer = output["result"]
