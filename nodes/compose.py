@@ -59,8 +59,8 @@ def widen_attention_mask(mask: torch.Tensor, n_text: int, n_added: int) -> torch
 class ThinkDiffCompose:
     DESCRIPTION = ("ThinkDiff-CLIP: BLIP-2 reads each image (65 tokens), the CLIP-variant aligner maps them into T5 "
                    "space, and they are joined in order with the text's own T5 tokens (pooled = CLIP-L of the text). "
-                   "With a conditioning input instead of text, the image tokens are appended to it (an attention mask, e.g. "
-                   "Apply Style Model's attn_bias, is widened for them).")
+                   "With a conditioning input instead of text, the image tokens are appended to it (an attention "
+                   "mask, e.g. Apply Style Model's attn_bias, is widened for them).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("conditioning",)
