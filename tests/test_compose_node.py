@@ -193,3 +193,7 @@ def test_loadimage_pixels_reach_the_models_unchanged(host, car_images):
     to_pil = importlib.import_module(f"{host.pack.name}.nodes.images").to_pil
     (picture,) = to_pil(image_tensor(car_images[0]), "image_1")
     assert np.array_equal(np.asarray(picture), np.asarray(car_images[0].convert("RGB")))
+    # Between two byte levels (an upstream node's output), the nearest one: k + 0.6 rounds to k + 1.
+    levels = torch.arange(255, dtype=torch.float32)
+    (between,) = to_pil(((levels + 0.6) / 255).reshape(1, 1, 255, 1).expand(1, 1, 255, 3), "image_1")
+    assert np.asarray(between)[0, :, 0].tolist() == list(range(1, 256))

@@ -172,10 +172,14 @@ def test_exactly_max_new_tokens_even_when_the_model_wants_to_stop(reasoner):
         plain = reasoner.model.generate(**inputs, max_new_tokens=20, do_sample=True, eos_token_id=eos)
         assert plain.shape[1] - inputs["input_ids"].shape[1] == 1
         result = reasoner.reason(["a"], max_new_tokens=20)
+        # The reference path (transformers' generate) masks EOS too.
+        reference_tokens, reference_states = reasoner.sample(inputs, max_new_tokens=20, min_new_tokens=20, fast=False)
     finally:
         handle.remove()
     assert len(result.token_ids) == 20 and result.hidden_states.shape[0] == 20
     assert not set(result.token_ids.tolist()) & set(eos)
+    assert len(reference_tokens) == 20 and reference_states.shape[0] == 20
+    assert not set(reference_tokens.tolist()) & set(eos)
 
 
 def test_on_token_reports_progress_and_can_stop_generation(reasoner):
