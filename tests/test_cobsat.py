@@ -249,8 +249,18 @@ def test_judge_runs_a_local_vlm_folder(tiny_models):
     from thinkdiff_core.judge import VLMJudge
 
     judge = VLMJudge.from_pretrained(tiny_models["vlm"], device="cpu")
+    calls, real_generate = [], judge.model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_generate(*args, **kwargs)
+
+    judge.model.generate = spy
     answer = judge.ask(Image.new("RGB", (64, 64), "red"), questions(1)["detail"])
-    assert isinstance(answer, str) and parse_option(answer) in [-1] + list(range(1, 11))
+    assert isinstance(answer, str)
+    # CoBSAT's judge settings: greedy, up to 512 new tokens.
+    assert [(c["do_sample"], c["max_new_tokens"]) for c in calls] == [(False, 512)]
+    assert calls[0]["input_ids"].shape[0] == 1 and "pixel_values" in calls[0]
     with pytest.raises(FileNotFoundError, match="judge: .* is not a Hugging Face model folder"):
         VLMJudge.from_pretrained(tiny_models["vlm"].parent)
     assert f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>" in judge.prompt("Which colour?")  # CoBSAT's Qwen judge

@@ -208,3 +208,34 @@ def test_top_level_help_is_plain_text(capsys):
     description = capsys.readouterr().out.split("\n\n")[1]
     assert description.startswith("ThinkDiff without ComfyUI: run the example (demo)")
     assert "`" not in description and "  " not in description
+
+
+def test_flux_gets_the_aligned_reasoning_the_guidance_and_the_steps(tmp_path, tiny_models, reasoner, monkeypatch):
+    """What reaches FLUX: the aligner applied to the reasoning states of that seed, the paper's guidance 3.5 (or
+    the one given) and the steps given."""
+    import torch
+    from diffusers import FluxPipeline
+
+    from thinkdiff_core import load_aligner
+
+    calls, real_call = [], FluxPipeline.__call__
+
+    def spy(pipe, *args, **kwargs):
+        calls.append(kwargs)
+        return real_call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(FluxPipeline, "__call__", spy)
+    items = ["white", str(ASSETS / "white_car.png"), "blue"]
+    params = {"vlm": str(tiny_models["vlm"]), "aligner": str(tiny_models["aligner"]), "flux": str(tiny_models["flux"]),
+              "items": items, "seeds": [5], "steps": 2, "size": 32, "max_new_tokens": 4}
+    generate(params, tmp_path / "default", log=lambda _: None, progress=False)
+    generate({**params, "guidance": 7.0, "steps": 3}, tmp_path / "given", log=lambda _: None, progress=False)
+    assert [(c["guidance_scale"], c["num_inference_steps"]) for c in calls] == [(3.5, 2), (7.0, 3)]
+
+    states = reasoner.reason([Image.open(i) if i.endswith(".png") else i for i in items], seed=5, temperature=0.6,
+                             top_p=0.9, max_new_tokens=4).hidden_states
+    with torch.inference_mode():
+        expected = load_aligner(tiny_models["aligner"])(states).float()
+    for call in calls:
+        assert call["prompt_embeds"].shape == (1, 4, expected.shape[-1])
+        torch.testing.assert_close(call["prompt_embeds"][0].float().cpu(), expected, rtol=1e-4, atol=1e-5)

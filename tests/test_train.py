@@ -325,3 +325,59 @@ def test_two_processes_with_accelerate_launch(prepared, tiny_models, tmp_path):
     assert result.stdout.count("step 4/4 loss") == 1  # logged by the main process only
     assert load_aligner(tmp_path / "aligner.safetensors").in_features == 64
     assert json.loads((tmp_path / "trainer.json").read_text())["step"] == 4
+
+
+def test_weight_decay_skips_the_aligners_biases_and_norm(prepared, tiny_models, tmp_path, monkeypatch):
+    made = []
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    result = train("lvlm", tiny_models["flan_t5"], prepared, tmp_path, weight_decay=0.05, **QUIET_STEP)
+    names = {id(p): name for name, p in result["aligner"].named_parameters()}
+    (optimizer,) = made
+    groups = {group["weight_decay"]: sorted(names[id(p)] for p in group["params"]) for group in optimizer.param_groups}
+    assert groups == {0.05: ["0.weight", "2.weight"], 0.0: ["0.bias", "2.bias", "3.weight"]}
+
+
+def test_clip_loss_reads_the_image_tokens_before_the_encoded_caption_start(images, tiny_models):
+    """BLIP-2's layout: T5 reads [aligned image tokens, T5-encoded caption start], then decodes the rest."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    from thinkdiff_core.aligner import Aligner
+    from thinkdiff_core.train import t5_loss
+    from thinkdiff_core.vision import VisionEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["flan_t5"])
+    t5 = T5ForConditionalGeneration.from_pretrained(tiny_models["flan_t5"]).eval()
+    vision = VisionEncoder.from_pretrained(tiny_models["blip2"], device="cpu")
+    data = CLIPData(images, vision, tokenizer)
+    batch = data.batch(data.keys[:3], random.Random(1), "cpu")
+    assert batch["prefix_mask"].eq(0).any()  # captions starts of different lengths: the mask matters
+    torch.manual_seed(0)
+    aligner = Aligner(vision.hidden_size, t5.config.d_model)
+
+    calls = []
+
+    class Spy:  # what t5_loss hands the T5 decoder
+        encoder = t5.encoder
+
+        def __call__(self, **kwargs):
+            calls.append(kwargs)
+            return t5(**kwargs)
+
+    with torch.no_grad():
+        loss = t5_loss(Spy(), aligner, batch)
+        image = aligner(batch["states"])
+        text = t5.encoder(input_ids=batch["prefix_ids"], attention_mask=batch["prefix_mask"]).last_hidden_state
+        states = torch.cat([image, text], dim=1)
+        mask = torch.cat([torch.ones(image.shape[:2], dtype=torch.long), batch["prefix_mask"]], dim=1)
+        expected = t5(encoder_outputs=(states,), attention_mask=mask, labels=batch["labels"],
+                      decoder_attention_mask=batch["decoder_mask"]).loss
+    (call,) = calls
+    torch.testing.assert_close(call["encoder_outputs"][0], states, rtol=0, atol=0)
+    assert torch.equal(call["attention_mask"], mask) and torch.equal(call["labels"], batch["labels"])
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
