@@ -85,7 +85,8 @@ def test_bench_refuses_bad_arguments_before_building_anything(tiny_models, capsy
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_bench_on_cuda_without_a_gpu_says_so(capsys):
     assert main(["bench", "--device", "cuda"]) == 2
-    assert capsys.readouterr().err == "error: --device cuda: no CUDA GPU is available here\n"
+    assert capsys.readouterr().err == ("error: --device cuda: no CUDA GPU is usable here (torch.cuda.is_available() is "
+                                       "False); leave --device out or use --device cpu\n")
 
 
 def test_synthetic_inputs_have_the_issues_shape_for_qwen2_vl_7b():

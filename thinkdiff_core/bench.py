@@ -24,6 +24,7 @@ import torch
 
 from .decode import FastDecoder
 from .reason import QUANTIZATIONS, Reasoner, load_qwen2_vl
+from .render import check_device
 
 # Qwen/Qwen2-VL-7B-Instruct's config.json (the sizes that set the cost of a forward pass).
 QWEN2_VL_7B = {
@@ -480,10 +481,9 @@ def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 1
               prompt_tokens: int = PROMPT_TOKENS, image_size: int = IMAGE_SIZE, leak_runs: int = 10,
               out: str | None = None, drop_cache: bool = False, log=print) -> dict:
     """Everything above; writes the JSON to `out` after each stage (a cut-off run keeps what it measured)."""
+    check_device(device)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available here")
     if device.type != "cuda" and not (vlm or config):
         raise ValueError("without a CUDA GPU, give --vlm FOLDER or --config config.json: the default builds "
                          "Qwen2-VL-7B (about 33 GB in float32), which is meant for a GPU")

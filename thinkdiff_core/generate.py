@@ -48,7 +48,7 @@ def load_items(items: list[str]) -> list:
     return [open_image(item) if is_image_path(item) else item for item in items]
 
 
-def check_items(items: list[str]) -> None:
+def check_item_paths(items: list[str]) -> None:
     """The rule of the ComfyUI node (prompt.interleave): word, image, word, image, ..., then the query word."""
     rule = "--items go word, image, word, image, ..., then the query word"
     for n, item in enumerate(items, start=1):
@@ -97,7 +97,7 @@ def check_params(params: dict) -> dict:
     if params["quantize"] is not None:
         quantization_config(params["quantize"], torch.bfloat16)  # refuses an unknown mode or a missing bitsandbytes
     if params["variant"] == "lvlm":
-        check_items(params["items"])
+        check_item_paths(params["items"])
         check_vlm_folder(Path(params["vlm"]))
     else:
         for path in params["images"]:

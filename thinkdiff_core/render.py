@@ -27,6 +27,11 @@ def check_options(steps: int, size: int | None, device: str | None = None) -> No
         near = max(SIZE_MULTIPLE, size // SIZE_MULTIPLE * SIZE_MULTIPLE)
         raise ValueError(f"--size must be a positive multiple of {SIZE_MULTIPLE} (FLUX: VAE factor 8 x patch 2), "
                          f"got {size}; e.g. {near} or {near + SIZE_MULTIPLE}")
+    check_device(device)
+
+
+def check_device(device: str | None) -> None:
+    """A --device that torch knows and this machine has (None: the default)."""
     if device is None:
         return
     try:
