@@ -46,6 +46,17 @@ class WholeModulePatcher(comfy.model_patcher.ModelPatcher):
         return 0
 
 
+class PinnedModulePatcher(WholeModulePatcher):
+    """For weights that cannot move (bitsandbytes-quantised): always wholly on the load device.
+
+    Before a load ComfyUI frees model_size() - loaded_size() more memory; counting these weights as
+    not loaded (as after an unload, which cannot move them) evicted FLUX for memory they already hold.
+    """
+
+    def loaded_size(self) -> int:
+        return self.model_size()
+
+
 def manage(module: torch.nn.Module, on_move=None, movable: bool = True) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher for `module`, which is moved to the offload device until it is needed.
 
@@ -54,8 +65,8 @@ def manage(module: torch.nn.Module, on_move=None, movable: bool = True) -> comfy
     """
     if not movable:
         device = next(module.parameters()).device
-        return WholeModulePatcher(DeviceTracked(module.eval().requires_grad_(False), device, on_move),
-                                  load_device=device, offload_device=device)
+        return PinnedModulePatcher(DeviceTracked(module.eval().requires_grad_(False), device, on_move),
+                                   load_device=device, offload_device=device)
     offload = mm.unet_offload_device()
     module = module.to(offload).eval().requires_grad_(False)
     return WholeModulePatcher(DeviceTracked(module, offload, on_move), load_device=mm.get_torch_device(),

@@ -1,0 +1,256 @@
+"""The pack inside a real ComfyUI, opt-in (CI cannot install ComfyUI):
+
+    THINKDIFF_COMFYUI=/path/to/ComfyUI python -m pytest tests/test_real_comfyui.py
+
+This Python must have ComfyUI's requirements and this pack's. The test starts that ComfyUI on the CPU
+with this pack in custom_nodes and model files under the shipped workflows' exact names: the tiny
+ThinkDiff models (aligners widened to T5's 4096), a tiny FLUX.1-dev in diffusers keys (ComfyUI converts
+them) and random full-size CLIP-L, T5-XXL (fp8) and FLUX VAE, which ComfyUI builds from fixed configs.
+It queues each shipped API workflow unchanged over HTTP and, where playwright and Chromium are installed,
+loads the UI workflows into ComfyUI's own frontend. About 6 minutes and 6 GB of disk.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PACK_FILES, REPO
+
+COMFYUI = os.environ.get("THINKDIFF_COMFYUI")
+pytestmark = pytest.mark.skipif(not COMFYUI, reason="set THINKDIFF_COMFYUI to a ComfyUI checkout to run")
+
+WORKFLOWS = REPO / "workflows"
+API_WORKFLOWS = ["thinkdiff_lvlm_reasoning", "thinkdiff_clip_two_images", "thinkdiff_clip_image_text"]
+T5_WIDTH = 4096
+
+
+def write_models(models: Path, tiny_models: dict) -> None:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from thinkdiff_core import extract_vision
+    from thinkdiff_core.tiny import make_tiny_aligner
+
+    torch.manual_seed(0)
+    shutil.copytree(tiny_models["vlm"], models / "LLM" / "Qwen2-VL-7B-Instruct")
+    thinkdiff = models / "thinkdiff"
+    thinkdiff.mkdir(parents=True)
+    extract_vision(tiny_models["blip2"], thinkdiff / "blip2_vision.safetensors")
+    with safe_open(str(thinkdiff / "blip2_vision.safetensors"), "pt") as vision:
+        vision_width = vision.get_slice("vision_model.post_layernorm.weight").get_shape()[0]
+    vlm_width = json.loads((tiny_models["vlm"] / "config.json").read_text())["hidden_size"]
+    make_tiny_aligner(thinkdiff / "thinkdiff_lvlm.pth", vlm_width, T5_WIDTH, torch.ones(T5_WIDTH))
+    make_tiny_aligner(thinkdiff / "thinkdiff_clip.pth", vision_width, T5_WIDTH, torch.ones(T5_WIDTH))
+
+    # ComfyUI reads FLUX's widths from its keys; heads = hidden size / sum(axes_dim) = 128 / 128.
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=128, num_attention_heads=1, joint_attention_dim=T5_WIDTH,
+                                  pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    (models / "diffusion_models").mkdir()
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in flux.state_dict().items()},
+              str(models / "diffusion_models" / "flux1-dev.safetensors"))
+    vae = AutoencoderKL(latent_channels=16, down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+                        layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False)
+    (models / "vae").mkdir()
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(models / "vae" / "ae.safetensors"))
+
+    encoders = models / "text_encoders"
+    encoders.mkdir()
+    clip_l = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                                        projection_dim=768, hidden_act="quick_gelu"))
+    save_file({k: v.to(torch.float16).contiguous() for k, v in clip_l.state_dict().items()},
+              str(encoders / "clip_l.safetensors"))
+    save_file(t5_xxl_encoder(), str(encoders / "t5xxl_fp16.safetensors"))
+
+
+def t5_xxl_encoder() -> dict[str, torch.Tensor]:
+    """A random T5-XXL encoder in fp8 (4.8 GB instead of 9.5), a storage ComfyUI loads as is."""
+    generator = torch.Generator().manual_seed(0)
+
+    def weight(*shape, std=0.02):
+        return (torch.randn(*shape, generator=generator) * std).to(torch.float8_e4m3fn)
+
+    def ones():
+        return torch.ones(T5_WIDTH).to(torch.float8_e4m3fn)
+
+    state = {"shared.weight": weight(32128, T5_WIDTH, std=1.0), "encoder.final_layer_norm.weight": ones(),
+             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": weight(32, 64)}
+    for block in range(24):
+        prefix = f"encoder.block.{block}.layer."
+        state.update({prefix + f"0.SelfAttention.{name}.weight": weight(T5_WIDTH, T5_WIDTH) for name in "qkvo"})
+        state[prefix + "1.DenseReluDense.wi_0.weight"] = weight(10240, T5_WIDTH)
+        state[prefix + "1.DenseReluDense.wi_1.weight"] = weight(10240, T5_WIDTH)
+        state[prefix + "1.DenseReluDense.wo.weight"] = weight(T5_WIDTH, 10240)
+        state[prefix + "0.layer_norm.weight"], state[prefix + "1.layer_norm.weight"] = ones(), ones()
+    return state
+
+
+class Server:
+    def __init__(self, url: str, base: Path, log: Path):
+        self.url, self.base, self.log = url, base, log
+
+    def get(self, path: str):
+        return json.load(urllib.request.urlopen(self.url + path))
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        """Queue an API-format prompt and wait for its history entry."""
+        body = json.dumps({"prompt": prompt, "client_id": str(uuid.uuid4())}).encode()
+        request = urllib.request.Request(self.url + "/prompt", body, {"Content-Type": "application/json"})
+        try:
+            prompt_id = json.load(urllib.request.urlopen(request))["prompt_id"]
+        except urllib.error.HTTPError as error:
+            pytest.fail(f"ComfyUI refused the prompt: {error.read().decode()}")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry["status"].get("status_str") in ("success", "error"):
+                return entry
+            time.sleep(1)
+        pytest.fail(f"the prompt did not finish in {timeout} s; log: {self.log}")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_models):
+    base = tmp_path_factory.mktemp("comfyui-base")
+    write_models(base / "models", tiny_models)
+    (base / "input").mkdir()
+    for image in WORKFLOWS.glob("*.png"):
+        shutil.copy(image, base / "input" / image.name)
+    pack = base / "custom_nodes" / "ComfyUI-ThinkDiff"
+    pack.mkdir(parents=True)
+    for name in PACK_FILES:
+        source = REPO / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, pack / name)
+
+    port, log = free_port(), base / "comfyui.log"
+    with open(log, "w") as log_file:
+        process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--base-directory", str(base), "--listen",
+                                    "127.0.0.1", "--port", str(port)], cwd=COMFYUI, stdout=log_file,
+                                   stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", base, log)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                server.get("/object_info/ThinkDiffReason")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if process.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"ComfyUI did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def test_comfyui_lists_the_nodes_and_the_workflows_models(server):
+    info = server.get("/object_info")
+    assert "IMPORT FAILED" not in server.log.read_text()
+    assert {"ThinkDiffLoadVLM", "ThinkDiffLoadVisionEncoder", "ThinkDiffLoadAligner", "ThinkDiffReason",
+            "ThinkDiffCompose"} <= set(info)
+    # The answer shown on the Reason node is resent from ComfyUI's cache; the node is no output node.
+    assert info["ThinkDiffReason"]["has_intermediate_output"] is True
+    assert info["ThinkDiffReason"]["output_node"] is False
+    assert info["ThinkDiffLoadVLM"]["input"]["required"]["model"][0] == ["Qwen2-VL-7B-Instruct"]
+    assert info["ThinkDiffLoadAligner"]["input"]["required"]["aligner_name"][0] == ["thinkdiff_clip.pth",
+                                                                                  "thinkdiff_lvlm.pth"]
+    assert info["ThinkDiffLoadVisionEncoder"]["input"]["required"]["vision_name"][0] == ["blip2_vision.safetensors"]
+
+
+@pytest.mark.parametrize("name", API_WORKFLOWS)
+def test_shipped_api_workflow_runs_unchanged(server, name):
+    from PIL import Image
+
+    prompt = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    entry = server.run(prompt)
+    errors = [message for kind, message in entry["status"]["messages"] if kind == "execution_error"]
+    assert entry["status"]["status_str"] == "success", errors
+
+    latent = next(node["inputs"] for node in prompt.values() if node["class_type"] == "EmptySD3LatentImage")
+    (saved,) = [image for output in entry["outputs"].values() for image in output.get("images", [])]
+    pixels = np.asarray(Image.open(server.base / "output" / saved["subfolder"] / saved["filename"]))
+    assert pixels.shape == (latent["height"], latent["width"], 3)
+    assert pixels.std() > 0  # SaveImage writes NaN as 0: a uniform image means NaNs reached it
+    if name == "thinkdiff_lvlm_reasoning":
+        reason_id = next(i for i, node in prompt.items() if node["class_type"] == "ThinkDiffReason")
+        preview_id = next(i for i, node in prompt.items() if node["class_type"] == "PreviewAny")
+        answer = entry["outputs"][reason_id]["text"]
+        assert len(answer) == 1 and answer[0] and entry["outputs"][preview_id]["text"] == answer
+
+
+def chromium() -> str | None:
+    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        page = browser.new_page()
+        page_errors = []
+        page.on("pageerror", lambda error: page_errors.append(error))
+
+        def open_app():
+            page.goto(server.url)
+            page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+            time.sleep(2)  # extensions finish registering
+
+        def load(workflow):
+            page.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", workflow)
+            return page.evaluate("""() => (window.app.graph.nodes || window.app.graph._nodes)
+                .filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type)""")
+
+        open_app()
+        for name in API_WORKFLOWS:
+            assert load(json.loads((WORKFLOWS / f"{name}.json").read_text())) == [], name
+            frontend_prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+            api_prompt = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+            assert ({i: (node["class_type"], node["inputs"]) for i, node in frontend_prompt.items()}
+                    == {i: (node["class_type"], node["inputs"]) for i, node in api_prompt.items()}), name
+
+        # Run the reasoning workflow from the page with a seed not run yet, then reload the page and run it
+        # again: served whole from ComfyUI's cache, the node still shows the answer.
+        workflow = json.loads((WORKFLOWS / "thinkdiff_lvlm_reasoning.json").read_text())
+        reason = next(node for node in workflow["nodes"] if node["type"] == "ThinkDiffReason")
+        reason["widgets_values"][2] = 1  # seed
+        read_answer = """() => {
+            const node = (window.app.graph.nodes || window.app.graph._nodes).find(n => n.type === 'ThinkDiffReason');
+            const widget = node.widgets.find(w => w.name === 'vlm_answer');
+            return widget && widget.value ? [widget.value, widget.inputEl.readOnly] : null; }"""
+        answers = []
+        for _ in range(2):
+            assert load(workflow) == []
+            finished = len(server.get("/history"))
+            page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+            deadline = time.time() + 300
+            while len(server.get("/history")) == finished and time.time() < deadline:
+                time.sleep(1)
+            time.sleep(2)  # the run's messages reach the page
+            answers.append(page.evaluate(read_answer))
+            open_app()
+        browser.close()
+    assert answers[0] and answers[0][0] and answers[0][1] is True, f"no read-only answer on the node: {answers[0]}"
+    assert answers[1] == answers[0], "the answer of a run served from the cache is not shown"
+    assert page_errors == []
