@@ -34,6 +34,16 @@ pytestmark = pytest.mark.skipif(not COMFYUI, reason="set THINKDIFF_COMFYUI to a 
 WORKFLOWS = REPO / "workflows"
 API_WORKFLOWS = ["thinkdiff_lvlm_reasoning", "thinkdiff_clip_two_images", "thinkdiff_clip_image_text"]
 T5_WIDTH = 4096
+FLUX_WIDTH = 128
+# ComfyUI's own detection of the FLUX it would build from these weights (its width, in a new process).
+FLUX_WIDTH_PROBE = """
+import sys
+from safetensors.torch import load_file
+from comfy.cli_args import args
+args.cpu = True  # before comfy.model_management looks for a GPU
+import comfy.model_detection as detection
+print(detection.detect_unet_config(detection.convert_diffusers_mmdit(load_file(sys.argv[1]), ""), "")["hidden_size"])
+"""
 
 
 def write_models(models: Path, tiny_models: dict) -> None:
@@ -58,7 +68,7 @@ def write_models(models: Path, tiny_models: dict) -> None:
 
     # ComfyUI reads FLUX's widths from its keys; heads = hidden size / sum(axes_dim) = 128 / 128.
     flux = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                                  attention_head_dim=128, num_attention_heads=1, joint_attention_dim=T5_WIDTH,
+                                  attention_head_dim=FLUX_WIDTH, num_attention_heads=1, joint_attention_dim=T5_WIDTH,
                                   pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
     (models / "diffusion_models").mkdir()
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in flux.state_dict().items()},
@@ -101,8 +111,12 @@ def t5_xxl_encoder() -> dict[str, torch.Tensor]:
 
 
 class Server:
-    def __init__(self, url: str, base: Path, log: Path):
-        self.url, self.base, self.log = url, base, log
+    def __init__(self, url: str, base: Path, log: Path, builds_tiny_flux: bool):
+        self.url, self.base, self.log, self.builds_tiny_flux = url, base, log, builds_tiny_flux
+
+    def skip_without_tiny_flux(self):
+        if not self.builds_tiny_flux:  # e.g. 0.3.64 (October 2025); 0.3.75 reads the widths
+            pytest.skip("this ComfyUI builds FLUX.1 at fixed widths (hidden 3072), too slow to sample on a CPU")
 
     def get(self, path: str):
         return json.load(urllib.request.urlopen(self.url + path))
@@ -143,12 +157,16 @@ def server(tmp_path_factory, tiny_models):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, pack / name)
 
+    probe = subprocess.run([sys.executable, "-c", FLUX_WIDTH_PROBE, str(base / "models" / "diffusion_models" /
+                            "flux1-dev.safetensors")], cwd=COMFYUI, capture_output=True, text=True, check=True)
+    builds_tiny_flux = int(probe.stdout.split()[-1]) == FLUX_WIDTH
+
     port, log = free_port(), base / "comfyui.log"
     with open(log, "w") as log_file:
         process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--base-directory", str(base), "--listen",
                                     "127.0.0.1", "--port", str(port)], cwd=COMFYUI, stdout=log_file,
                                    stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", base, log)
+    server = Server(f"http://127.0.0.1:{port}", base, log, builds_tiny_flux)
     try:
         deadline = time.time() + 300
         while True:
@@ -170,8 +188,9 @@ def test_comfyui_lists_the_nodes_and_the_workflows_models(server):
     assert "IMPORT FAILED" not in server.log.read_text()
     assert {"ThinkDiffLoadVLM", "ThinkDiffLoadVisionEncoder", "ThinkDiffLoadAligner", "ThinkDiffReason",
             "ThinkDiffCompose"} <= set(info)
-    # The answer shown on the Reason node is resent from ComfyUI's cache; the node is no output node.
-    assert info["ThinkDiffReason"]["has_intermediate_output"] is True
+    # The answer shown on the Reason node is resent from ComfyUI's cache (where ComfyUI has that: 0.33 does,
+    # 0.3.64 does not); the node is no output node.
+    assert info["ThinkDiffReason"].get("has_intermediate_output", True) is True
     assert info["ThinkDiffReason"]["output_node"] is False
     assert info["ThinkDiffLoadVLM"]["input"]["required"]["model"][0] == ["Qwen2-VL-7B-Instruct"]
     assert info["ThinkDiffLoadAligner"]["input"]["required"]["aligner_name"][0] == ["thinkdiff_clip.pth",
@@ -183,6 +202,7 @@ def test_comfyui_lists_the_nodes_and_the_workflows_models(server):
 def test_shipped_api_workflow_runs_unchanged(server, name):
     from PIL import Image
 
+    server.skip_without_tiny_flux()
     prompt = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
     entry = server.run(prompt)
     errors = [message for kind, message in entry["status"]["messages"] if kind == "execution_error"]
@@ -198,6 +218,25 @@ def test_shipped_api_workflow_runs_unchanged(server, name):
         preview_id = next(i for i, node in prompt.items() if node["class_type"] == "PreviewAny")
         answer = entry["outputs"][reason_id]["text"]
         assert len(answer) == 1 and answer[0] and entry["outputs"][preview_id]["text"] == answer
+
+
+def test_reasoning_runs_up_to_the_answer_preview(server):
+    """The reasoning workflow's part before FLUX (loaders, Reason, Preview Any), on any ComfyUI."""
+    prompt = json.loads((WORKFLOWS / "thinkdiff_lvlm_reasoning_api.json").read_text())
+    preview_id = next(i for i, node in prompt.items() if node["class_type"] == "PreviewAny")
+    needed, pending = set(), [preview_id]
+    while pending:
+        node_id = pending.pop()
+        needed.add(node_id)
+        pending += [value[0] for value in prompt[node_id]["inputs"].values() if isinstance(value, list)]
+    prompt = {i: prompt[i] for i in needed}
+    prompt[next(i for i in needed if prompt[i]["class_type"] == "ThinkDiffReason")]["inputs"]["seed"] = 2
+    entry = server.run(prompt)
+    errors = [message for kind, message in entry["status"]["messages"] if kind == "execution_error"]
+    assert entry["status"]["status_str"] == "success", errors
+    assert {prompt[i]["class_type"] for i in needed} >= {"ThinkDiffLoadVLM", "ThinkDiffReason", "DualCLIPLoader"}
+    (answer,) = entry["outputs"][preview_id]["text"]
+    assert answer
 
 
 def chromium() -> str | None:
@@ -222,13 +261,21 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
             return page.evaluate("""() => (window.app.graph.nodes || window.app.graph._nodes)
                 .filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type)""")
 
+        def declared(prompt):
+            """class and inputs of each node, less widgets only the frontend has (Preview Any's on 0.3.64)."""
+            return {i: (node["class_type"], {k: v for k, v in node["inputs"].items()
+                                             if any(k in group for group in info[node["class_type"]]["input"].values())})
+                    for i, node in prompt.items()}
+
+        info = server.get("/object_info")
         open_app()
         for name in API_WORKFLOWS:
             assert load(json.loads((WORKFLOWS / f"{name}.json").read_text())) == [], name
             frontend_prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
             api_prompt = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
-            assert ({i: (node["class_type"], node["inputs"]) for i, node in frontend_prompt.items()}
-                    == {i: (node["class_type"], node["inputs"]) for i, node in api_prompt.items()}), name
+            assert declared(frontend_prompt) == declared(api_prompt), name
+            assert all(node["inputs"] == declared(api_prompt)[i][1] for i, node in api_prompt.items())
+        server.skip_without_tiny_flux()
 
         # Run the reasoning workflow from the page with a seed not run yet, then reload the page and run it
         # again: served whole from ComfyUI's cache, the node still shows the answer.
