@@ -50,7 +50,8 @@ class PinnedModulePatcher(WholeModulePatcher):
     """For weights that cannot move (bitsandbytes-quantised): always wholly on the load device.
 
     Before a load ComfyUI frees model_size() - loaded_size() more memory; counting these weights as
-    not loaded (as after an unload, which cannot move them) evicted FLUX for memory they already hold.
+    not loaded (before the first load, and after an unload, which cannot move them) evicted FLUX for
+    memory they already hold. An unload still frees the decoder's cache and CUDA graph (on_move).
     """
 
     def loaded_size(self) -> int:

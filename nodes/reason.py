@@ -67,8 +67,8 @@ class ThinkDiffReason:
     OUTPUT_TOOLTIPS = ("FLUX conditioning: plug into FluxGuidance / KSampler positive",
                        "Qwen2-VL's answer, a by-product of the reasoning")
     FUNCTION = "reason"
-    # ComfyUI (0.33+) resends the answer shown on the node when a run is served from its cache, as for
-    # output nodes, without running this node unless an output needs it.
+    # Where ComfyUI supports it (0.33 does, 0.3.64 does not), it resends the answer shown on the node when a
+    # run is served from its cache, as for output nodes, without running this node unless an output needs it.
     HAS_INTERMEDIATE_OUTPUT = True
 
     @classmethod

@@ -98,7 +98,7 @@ def test_reasoning_node_returns_flux_conditioning_and_the_answer(host, loaded, c
     assert output["ui"] == {"text": [answer]}
     # The answer shown on the node comes back from ComfyUI's cache too; the node is no output node.
     assert host.runtime.get_node_info("ThinkDiffReason")["output_node"] is False
-    assert getattr(node(host, "ThinkDiffReason"), "HAS_INTERMEDIATE_OUTPUT") is True
+    assert node(host, "ThinkDiffReason").HAS_INTERMEDIATE_OUTPUT is True
 
     (entry,) = conditioning
     cond, extras = entry
@@ -175,16 +175,14 @@ def test_quantised_vlm_loads_through_the_node_and_stays_put(host, cars, monkeypa
     layer = vlm.reasoner.model.get_decoder().layers[0]
     assert type(layer.mlp.up_proj).__name__ == "Linear4bit"
     assert vlm.patcher.load_device == vlm.patcher.offload_device == mm.get_torch_device()
-    # Before loading a model onto its device ComfyUI frees model_size() - loaded_size() more memory
-    # (LoadedModel.model_memory_required): nothing for weights that never leave, loaded or unloaded.
-    assert vlm.patcher.model_size() > 0
-    assert vlm.patcher.model_size() - vlm.patcher.loaded_size() == 0
     (aligner,) = node(host, "ThinkDiffLoadAligner").load("thinkdiff_lvlm.pth")
     conditioning, _ = reason(host, (vlm, aligner), image_1=cars[0], image_2=cars[1])["result"]
     assert conditioning[0][0].shape == (1, 8, 32) and torch.isfinite(conditioning[0][0]).all()
+    # Unloaded by ComfyUI (it stays where it is), it still reasons alike. What ComfyUI frees for it before a
+    # load is checked against ComfyUI's own LoadedModel in test_real_comfyui.
     mm.unload_all_models()
-    assert vlm.patcher.model_size() - vlm.patcher.loaded_size() == 0
-    assert type(vlm.reasoner.model.get_decoder().layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    again, _ = reason(host, (vlm, aligner), image_1=cars[0], image_2=cars[1])["result"]
+    torch.testing.assert_close(again[0][0], conditioning[0][0])
 
 
 def aligner_path(host):
