@@ -256,8 +256,11 @@ def test_comfyui_counts_a_quantised_vlm_as_loaded(server):
     assert size > 0 and first_load == after_unload == 0
 
 
-def test_reasoning_runs_up_to_the_answer_preview(server):
+@pytest.mark.parametrize("precision", ["bf16", "4-bit (bitsandbytes)"])
+def test_reasoning_runs_up_to_the_answer_preview(server, precision):
     """The reasoning workflow's part before FLUX (loaders, Reason, Preview Any), on any ComfyUI."""
+    if "bitsandbytes" in precision:
+        pytest.importorskip("bitsandbytes")
     prompt = json.loads((WORKFLOWS / "thinkdiff_lvlm_reasoning_api.json").read_text())
     preview_id = next(i for i, node in prompt.items() if node["class_type"] == "PreviewAny")
     needed, pending = set(), [preview_id]
@@ -268,6 +271,8 @@ def test_reasoning_runs_up_to_the_answer_preview(server):
     prompt = {i: prompt[i] for i in needed}
     reason_id = next(i for i in needed if prompt[i]["class_type"] == "ThinkDiffReason")
     prompt[reason_id]["inputs"]["seed"] = PREVIEW_ONLY_SEED
+    loader_id = next(i for i in needed if prompt[i]["class_type"] == "ThinkDiffLoadVLM")
+    prompt[loader_id]["inputs"]["precision"] = precision
     entry = server.run(prompt)
     errors = [message for kind, message in entry["status"]["messages"] if kind == "execution_error"]
     assert entry["status"]["status_str"] == "success", errors
