@@ -68,15 +68,19 @@ def test_the_readme_shows_the_two_commands_the_ci_runs():
 
 FRONTEND_STUBS = {
     # What the extension uses of ComfyUI's frontend: app.registerExtension, and ComfyWidgets.STRING adding
-    # a text-box widget (with an inputEl) to node.widgets.
+    # a text-box widget to node.widgets: its box is `element`; `inputEl`, the same box, is deprecated (1.49
+    # warns on each use, counted here).
     "scripts/app.js": "export const app = { extensions: [], registerExtension(e) { this.extensions.push(e); } };\n",
     "scripts/widgets.js": (
+        "export const deprecated = { uses: 0 };\n"
         "export const ComfyWidgets = { STRING(node, name, [type, options], app) {\n"
-        "  const widget = { name, type: 'customtext', value: '', options: { ...options }, inputEl: { style: {} } };\n"
+        "  const widget = { name, type: 'customtext', value: '', options: { ...options }, element: { style: {} } };\n"
+        "  Object.defineProperty(widget, 'inputEl', { get() { deprecated.uses++; return this.element; } });\n"
         "  (node.widgets ??= []).push(widget); return { widget }; } };\n"),
 }
 SIMULATED_RUNS = """
 import { app } from "./scripts/app.js";
+import { deprecated } from "./scripts/widgets.js";
 await import("./extensions/ThinkDiff/thinkdiff.js");
 class Node { constructor() { this.size = [300, 100]; this.widgets = [{ name: "seed" }]; }
   computeSize() { return [300, 220]; } setSize(size) { this.size = size; } }
@@ -89,7 +93,8 @@ node.onExecuted({ text: ["the second answer"] });
 const answer = node.widgets.filter((w) => w.name === "vlm_answer");
 console.log(JSON.stringify({ count: answer.length, value: answer[0].value, serialize: answer[0].serialize,
   optionSerialize: answer[0].options.serialize, multiline: answer[0].options.multiline,
-  readOnly: answer[0].inputEl.readOnly, height: node.size[1], widgets: node.widgets.length }));
+  readOnly: answer[0].element.readOnly, height: node.size[1], widgets: node.widgets.length,
+  deprecatedUses: deprecated.uses }));
 """
 
 
@@ -107,4 +112,4 @@ def test_the_answer_widget_shows_the_text_and_is_never_saved(tmp_path):
     out = subprocess.run([node, "run.js"], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == {"count": 1, "value": "the second answer", "serialize": False,
                                       "optionSerialize": False, "multiline": True, "readOnly": True, "height": 220,
-                                      "widgets": 2}
+                                      "widgets": 2, "deprecatedUses": 0}

@@ -336,7 +336,7 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
         read_answer = """() => {
             const node = (window.app.graph.nodes || window.app.graph._nodes).find(n => n.type === 'ThinkDiffReason');
             const widget = node.widgets.find(w => w.name === 'vlm_answer');
-            return widget && widget.value ? [widget.value, widget.inputEl.readOnly] : null; }"""
+            return widget && widget.value ? [widget.value, (widget.element ?? widget.inputEl).readOnly] : null; }"""
         runs = 2 if info["ThinkDiffReason"].get("has_intermediate_output") else 1
         answers, cached = [], []
         for _ in range(runs):

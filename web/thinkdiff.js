@@ -13,9 +13,11 @@ function showAnswer(node, text) {
     widget = ComfyWidgets.STRING(node, WIDGET, ["STRING", { multiline: true }], app).widget;
     widget.serialize = false; // never part of widgets_values, so saved workflows keep INPUT_TYPES' layout
     widget.options = { ...widget.options, serialize: false };
-    if (widget.inputEl) {
-      widget.inputEl.readOnly = true;
-      widget.inputEl.style.opacity = 0.7;
+    // The text box is widget.element; frontend 1.49 warns that widget.inputEl, the same box, is deprecated.
+    const textBox = widget.element ?? widget.inputEl;
+    if (textBox) {
+      textBox.readOnly = true;
+      textBox.style.opacity = 0.7;
     }
     node.setSize?.([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
   }
