@@ -161,7 +161,9 @@ def test_items_follow_the_nodes_word_image_rule(tmp_path, tiny_models, no_model_
     assert code == 2 and err.startswith(f"error: {message.format(**paths)}"), err
 
 
-def test_bad_model_files_are_refused_before_the_vlm_loads(tmp_path, tiny_models, no_model_loads, capsys):
+def test_bad_model_files_are_refused_before_the_vlm_loads(tmp_path, tiny_models, no_model_loads, capsys,
+                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default output folder would be made
     notes = tmp_path / "notes.txt"
     notes.write_text("not a checkpoint\n")
     common = ["generate", "--items", "white", WHITE, "red"]
@@ -177,6 +179,7 @@ def test_bad_model_files_are_refused_before_the_vlm_loads(tmp_path, tiny_models,
                   **models}
         code, err = run_main(common + [x for pair in models.items() for x in pair], capsys)
         assert code == 2 and err.startswith(f"error: {message}"), err
+        assert not (tmp_path / "generate_output").exists()  # the failed run left no empty folder
 
 
 def test_clip_images_must_be_readable_images(tmp_path, tiny_models, no_model_loads):

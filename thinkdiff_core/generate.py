@@ -196,8 +196,14 @@ def generate(params: dict, out_dir: str | os.PathLike, log=print, progress: bool
     """Run one generation job; returns the run record also written to `out_dir/run.json`."""
     params = check_params(params)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    drawn, report = draw(params, log, progress)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)  # before the models load: an unusable folder fails fast
+    try:
+        drawn, report = draw(params, log, progress)
+    except BaseException:
+        if created and not any(out.iterdir()):  # a run that failed leaves no empty folder behind
+            out.rmdir()
+        raise
     record = {**params, "size": params["size"] or SIZE[params["variant"]], "versions": _versions(), **report,
               "outputs": []}
     for seed, (image, answer) in drawn.items():
