@@ -11,7 +11,7 @@
 # Extra arguments go to both bench runs (a CPU dry run of this script: --config <tiny>/vlm/config.json
 # --device cpu --image-size 56 --prompt-tokens 40 --tokens 8).
 # Machines without a package index: put a bitsandbytes wheel in .device/wheels first
-# (pip download --no-deps bitsandbytes -d .device/wheels) and carry .device.
+# (pip download --no-deps bitsandbytes -d .device/wheels) and carry .device/wheels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/out}

