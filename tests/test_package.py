@@ -93,7 +93,8 @@ node.onExecuted({ text: ["the second answer"] });
 const answer = node.widgets.filter((w) => w.name === "vlm_answer");
 console.log(JSON.stringify({ count: answer.length, value: answer[0].value, serialize: answer[0].serialize,
   optionSerialize: answer[0].options.serialize, multiline: answer[0].options.multiline,
-  readOnly: answer[0].element.readOnly, height: node.size[1], widgets: node.widgets.length,
+  readOnly: answer[0].element.readOnly, minHeight: answer[0].options.getMinHeight(), height: node.size[1],
+  widgets: node.widgets.length,
   deprecatedUses: deprecated.uses }));
 """
 
@@ -111,5 +112,6 @@ def test_the_answer_widget_shows_the_text_and_is_never_saved(tmp_path):
     (tmp_path / "run.js").write_text(SIMULATED_RUNS)
     out = subprocess.run([node, "run.js"], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == {"count": 1, "value": "the second answer", "serialize": False,
-                                      "optionSerialize": False, "multiline": True, "readOnly": True, "height": 220,
+                                      "optionSerialize": False, "multiline": True, "readOnly": True, "minHeight": 140,
+                                      "height": 220,
                                       "widgets": 2, "deprecatedUses": 0}

@@ -8,6 +8,7 @@ ThinkDiff models (aligners widened to T5's 4096), a tiny FLUX.1-dev in diffusers
 them) and random full-size CLIP-L, T5-XXL (fp8) and FLUX VAE, which ComfyUI builds from fixed configs.
 It queues each shipped API workflow unchanged over HTTP and, where playwright and Chromium are installed,
 loads the UI workflows into ComfyUI's own frontend. About 6 minutes and 6 GB of disk.
+THINKDIFF_SCREENSHOTS=DIR saves the page after each run from it, to look at the Reason node's answer.
 """
 
 import json
@@ -29,6 +30,7 @@ import torch
 from conftest import PACK_FILES, REPO
 
 COMFYUI = os.environ.get("THINKDIFF_COMFYUI")
+SCREENSHOTS = os.environ.get("THINKDIFF_SCREENSHOTS")  # a folder: the page after each run from it is saved there
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="set THINKDIFF_COMFYUI to a ComfyUI checkout to run")
 
 WORKFLOWS = REPO / "workflows"
@@ -297,7 +299,7 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
             browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         except sync_api.Error as error:
             pytest.skip(f"no Chromium for playwright: {error}")
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
         # Errors from this pack's extension, and any once the app is open (frontend 1.27.10 raises one of its
         # own while opening, also without custom nodes).
         page_errors, app_open = [], [False]
@@ -334,7 +336,9 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
         read_answer = """() => {
             const node = (window.app.graph.nodes || window.app.graph._nodes).find(n => n.type === 'ThinkDiffReason');
             const widget = node.widgets.find(w => w.name === 'vlm_answer');
-            return widget && widget.value ? [widget.value, (widget.element ?? widget.inputEl).readOnly] : null; }"""
+            const box = widget && (widget.element ?? widget.inputEl);
+            // offsetHeight: the box's own height, before the canvas zoom's transform
+            return widget && widget.value ? [widget.value, box.readOnly, box.offsetHeight] : null; }"""
         runs = 2 if info["ThinkDiffReason"].get("has_intermediate_output") else 1
         answers, cached = [], []
         for _ in range(runs):
@@ -355,9 +359,13 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
             except sync_api.TimeoutError:
                 pass
             answers.append(page.evaluate(read_answer))
+            if SCREENSHOTS:  # for a person to look at the nodes after a run (Escape: the templates dialog)
+                page.keyboard.press("Escape")
+                page.screenshot(path=str(Path(SCREENSHOTS) / f"reasoning_run_{len(answers)}.png"))
             open_app()
         browser.close()
     assert answers[0] and answers[0][1] is True, f"no read-only answer on the node: {answers[0]}"
+    assert answers[0][2] >= 120, f"the answer box is {answers[0][2]} px high; web/thinkdiff.js asks for 140"
     if runs == 2:
         assert str(reason["id"]) not in cached[0] and str(reason["id"]) in cached[1]
         assert answers[1] == answers[0], "the answer of a run served from the cache is not shown"

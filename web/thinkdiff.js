@@ -4,6 +4,8 @@ import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const NODE = "ThinkDiffReason";
 const WIDGET = "vlm_answer";
+// Tall enough for most of a 128-token answer (~8 lines); a text box's default shows about 3.
+const ANSWER_MIN_HEIGHT = 140;
 
 function showAnswer(node, text) {
   let widget = node.widgets?.find((w) => w.name === WIDGET);
@@ -12,7 +14,7 @@ function showAnswer(node, text) {
     // would draw one truncated line).
     widget = ComfyWidgets.STRING(node, WIDGET, ["STRING", { multiline: true }], app).widget;
     widget.serialize = false; // never part of widgets_values, so saved workflows keep INPUT_TYPES' layout
-    widget.options = { ...widget.options, serialize: false };
+    widget.options = { ...widget.options, serialize: false, getMinHeight: () => ANSWER_MIN_HEIGHT };
     // The text box is widget.element; frontend 1.49 warns that widget.inputEl, the same box, is deprecated.
     const textBox = widget.element ?? widget.inputEl;
     if (textBox) {
