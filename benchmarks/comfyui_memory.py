@@ -40,6 +40,7 @@ from thinkdiff_core.tiny import make_tiny_aligner, make_tiny_vlm  # noqa: E402
 
 FLUX_FP8_GIB = 11.1  # FLUX.1-dev's transformer in fp8 (11.9 GB), what 24 GB cards run
 T5_WIDTH, CLIP_L_WIDTH = 4096, 768
+DEFAULT_RESERVE_GIB = 400 / 1024  # ComfyUI's own reserve for other applications (Linux)
 LEAK_MIB = 100  # issue 5: device memory after run 10 within 100 MiB of run 1
 COMPILE_WAIT_S = 150  # after the first run; a compilation still running then is recorded as not done
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id",
@@ -149,13 +150,24 @@ def mib(value: int) -> float:
     return round(value / 2 ** 20, 1)
 
 
-def device_memory(device: torch.device) -> dict:
-    """What torch holds (allocated) and what the driver reports in use, in MiB; {} off CUDA."""
-    if device.type != "cuda":
-        return {}
-    torch.cuda.synchronize(device)
-    free, total = torch.cuda.mem_get_info(device)
-    return {"allocated_mib": mib(torch.cuda.memory_allocated(device)), "in_use_mib": mib(total - free)}
+def device_memory(device: torch.device, models: list[torch.nn.Module]) -> dict:
+    """Device memory in MiB: what torch holds (allocated, reserved), what of it is not the models' weights
+    (caches, graphs, buffers: what a leak would grow; the weights on the GPU vary with ComfyUI's partial
+    offloading, in 128 MiB modules here), what the driver reports in use; and the process's host memory."""
+    memory = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        weights = sum(gib_on_gpu(model) for model in models) * 2 ** 30
+        memory = {"allocated_mib": mib(allocated), "not_weights_mib": mib(allocated - weights),
+                  "reserved_mib": mib(torch.cuda.memory_reserved(device)), "in_use_mib": mib(total - free)}
+    try:
+        import psutil
+        memory["host_rss_mib"] = mib(psutil.Process().memory_info().rss)
+    except ImportError:
+        pass
+    return memory
 
 
 def run_queue(mm, model_patcher, folder_paths, models: Path, vlm_name: str, runs: int, tokens: int,
@@ -171,6 +183,7 @@ def run_queue(mm, model_patcher, folder_paths, models: Path, vlm_name: str, runs
     (aligner,) = nodes["ThinkDiffLoadAligner"]().load("thinkdiff_lvlm.pth")
     load_s = time.perf_counter() - started
     flux = flux_stand_in(model_patcher, mm, flux_gib)
+    weighed = [vlm.reasoner.model, aligner.module, flux.model]
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
                "torch": torch.__version__, "vlm": vlm_name, "precision": precision, "tokens": tokens,
                "vlm_gib": gib_on_gpu(vlm.reasoner.model, anywhere=True),
@@ -189,22 +202,29 @@ def run_queue(mm, model_patcher, folder_paths, models: Path, vlm_name: str, runs
                            image_2=images[1])["result"][0][0][0]
 
     conditioning = None
+    queue_started = time.perf_counter()
     for run in range(runs + 1):
         record = {"run": run}
         started = time.perf_counter()
         conditioning = reason(reason_node, seed=run)
         record["reason_s"] = round(time.perf_counter() - started, 3)
         record.update(vlm_gpu_gib_after_reason=gib_on_gpu(vlm.reasoner.model),
-                      flux_gpu_gib_after_reason=gib_on_gpu(flux.model), compiled=vlm.reasoner.decoder.compiled, after_reason=device_memory(device))
+                      flux_gpu_gib_after_reason=gib_on_gpu(flux.model), compiled=vlm.reasoner.decoder.compiled,
+                      after_reason=device_memory(device, weighed))
         if run == 0:  # the first run decodes uncompiled; the queue runs the compiled step
             started = time.perf_counter()
             record["compiled_after_wait"] = vlm.reasoner.decoder.wait_for_compilation(COMPILE_WAIT_S)
             record["compile_wait_s"] = round(time.perf_counter() - started, 3)
+            record["compile_s"] = vlm.reasoner.decoder.compile_seconds
         started = time.perf_counter()
         mm.load_models_gpu([flux])  # what KSampler does with FLUX
         record["flux_load_s"] = round(time.perf_counter() - started, 3)
         record.update(vlm_gpu_gib_after_flux=gib_on_gpu(vlm.reasoner.model),
-                      flux_gpu_gib_after_flux=gib_on_gpu(flux.model), decoder_cache_freed=vlm.reasoner._decoder._buffers is None, after_flux=device_memory(device))
+                      flux_gpu_gib_after_flux=gib_on_gpu(flux.model),
+                      decoder_cache_freed=vlm.reasoner._decoder._buffers is None,
+                      after_flux=device_memory(device, weighed),
+                      comfyui_pinned_mib=mib(getattr(mm, "TOTAL_PINNED_MEMORY", 0)),
+                      t_s=round(time.perf_counter() - queue_started, 1))
         results["runs"].append(record)
         log(json.dumps(record))
         write(results)
@@ -233,11 +253,19 @@ def summarize(records: list[dict], device: torch.device, vlm_and_flux_gib: tuple
         flux_on_gpu_when_loaded=all(r["flux_gpu_gib_after_flux"] == flux_gib for r in records),
         # ComfyUI may offload FLUX only as far as the VLM needs.
         flux_offloaded_when_vlm_loaded=all(r["flux_gpu_gib_after_reason"] < flux_gib for r in queue))
-    if len(queue) >= 2:
+    # Leaks: memory that is not weights, from the first queued run that decodes as the last does (a
+    # compilation still running holds a layer's copy) to the last; weights move in 128 MiB steps.
+    last = queue[-1]
+    first = next(r for r in queue if r["compiled"] == last["compiled"])
+    if first is not last:
+        summary["leak_runs"] = [first["run"], last["run"]]
         for point in ("after_reason", "after_flux"):
-            summary[f"{point}_last_minus_first_mib"] = round(queue[-1][point]["allocated_mib"]
-                                                             - queue[0][point]["allocated_mib"], 1)
-        summary["no_leak"] = all(abs(summary[f"{point}_last_minus_first_mib"]) <= LEAK_MIB
+            for kind in ("not_weights", "allocated", "reserved"):
+                summary[f"{point}_{kind}_last_minus_first_mib"] = round(last[point][f"{kind}_mib"]
+                                                                        - first[point][f"{kind}_mib"], 1)
+        summary["host_rss_last_minus_first_mib"] = round(last["after_flux"]["host_rss_mib"]
+                                                         - first["after_flux"]["host_rss_mib"], 1)
+        summary["no_leak"] = all(abs(summary[f"{point}_not_weights_last_minus_first_mib"]) <= LEAK_MIB
                                  for point in ("after_reason", "after_flux"))
     return summary
 
@@ -260,7 +288,8 @@ def main(argv=None) -> dict:
     comfyui_args = ["--cpu"] if args.cpu else []
     if not args.cpu and torch.cuda.is_available():
         total_gib = torch.cuda.mem_get_info()[1] / 2 ** 30
-        comfyui_args += ["--reserve-vram", f"{max(0.0, total_gib - args.vram_gib):.2f}"]
+        # ComfyUI on a card of --vram-gib would keep its default reserve too.
+        comfyui_args += ["--reserve-vram", f"{max(0.0, total_gib - args.vram_gib + DEFAULT_RESERVE_GIB):.2f}"]
     mm, model_patcher, folder_paths = start_comfyui(args.comfyui, comfyui_args)
     about = {"comfyui_args": comfyui_args}
     if args.comfyui:
@@ -280,7 +309,9 @@ def main(argv=None) -> dict:
             (models / "LLM" / name).symlink_to(Path(args.vlm).resolve())
             write_aligner(models, json.loads((Path(args.vlm) / "config.json").read_text()))
         else:
+            started = time.perf_counter()
             name = write_models(models, QWEN2_VL_7B if mm.get_torch_device().type == "cuda" else None)
+            about["write_models_s"] = round(time.perf_counter() - started, 3)
         results = run_queue(mm, model_patcher, folder_paths, models, name, args.runs, args.tokens, args.flux_gib,
                             write)
     finally:

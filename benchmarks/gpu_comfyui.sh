@@ -18,7 +18,7 @@ if ls "$carry"/wheels/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/comfyui-site "$carry"/wheels/*.whl >> "$log" 2>&1
   export PYTHONPATH=/tmp/comfyui-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$log" 2>&1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; df -h /tmp; free -g; } >> "$log" 2>&1
 export TORCH_LOGS=recompiles  # a recompile after the VLM came back would show in the log
 status=1
 for source in $(ls "$carry"/*-comfyui-*.tar.xz 2>/dev/null | sort); do

@@ -64,23 +64,38 @@ def test_random_weights_of_another_size_keep_the_tiny_processors_token_ids(tmp_p
 
 
 def test_summary_of_a_gpu_queue():
-    def record(run, vlm_reason=15.5, flux_reason=0.0, vlm_flux=0.0, flux_flux=11.1, freed=True, reason_mib=16000.0,
-               flux_mib=11400.0):
+    def record(run, vlm_reason=15.5, flux_reason=0.0, vlm_flux=0.0, flux_flux=11.1, freed=True, compiled=True,
+               other_mib=700.0, flux_resident_mib=5120.0):
+        # Weights on the GPU move with ComfyUI's partial offloading; only memory that is not weights counts.
+        after_reason = {"allocated_mib": 15872 + flux_resident_mib + other_mib, "not_weights_mib": other_mib,
+                        "reserved_mib": 24000.0, "host_rss_mib": 30000.0}
+        after_flux = {"allocated_mib": 11366 + other_mib, "not_weights_mib": other_mib, "reserved_mib": 24000.0,
+                      "host_rss_mib": 30000.0}
         return {"run": run, "reason_s": 1.0 + run / 10, "flux_load_s": 2.0, "vlm_gpu_gib_after_reason": vlm_reason,
                 "flux_gpu_gib_after_reason": flux_reason, "vlm_gpu_gib_after_flux": vlm_flux,
-                "flux_gpu_gib_after_flux": flux_flux, "decoder_cache_freed": freed,
-                "after_reason": {"allocated_mib": reason_mib}, "after_flux": {"allocated_mib": flux_mib}}
+                "flux_gpu_gib_after_flux": flux_flux, "decoder_cache_freed": freed, "compiled": compiled,
+                "after_reason": after_reason, "after_flux": after_flux}
 
     cuda = torch.device("cuda", 0)
-    runs = [record(0, flux_reason=0.0)] + [record(i, flux_reason=4.0) for i in range(1, 11)]
+    runs = [record(0, compiled=False)] + [record(i, flux_reason=5.0) for i in range(1, 11)]
+    runs[10] = record(10, flux_reason=4.875, flux_resident_mib=4992.0)  # one more FLUX module offloaded
     assert comfyui_memory.summarize(runs, cuda, (15.5, 11.1)) == {
         "queued_runs": 10, "median_reason_s": 1.6, "median_flux_load_s": 2.0, "vlm_on_gpu_while_reasoning": True,
         "vlm_evicted_when_flux_loaded": True, "flux_on_gpu_when_loaded": True, "flux_offloaded_when_vlm_loaded": True,
-        "after_reason_last_minus_first_mib": 0.0, "after_flux_last_minus_first_mib": 0.0, "no_leak": True}
+        "leak_runs": [1, 10], "after_reason_not_weights_last_minus_first_mib": 0.0,
+        "after_reason_allocated_last_minus_first_mib": -128.0, "after_reason_reserved_last_minus_first_mib": 0.0,
+        "after_flux_not_weights_last_minus_first_mib": 0.0, "after_flux_allocated_last_minus_first_mib": 0.0,
+        "after_flux_reserved_last_minus_first_mib": 0.0, "host_rss_last_minus_first_mib": 0.0, "no_leak": True}
+
     # The VLM left on the GPU once, FLUX never making room, 150 MiB more held after the last run: each is reported.
     runs[5] = record(5, vlm_flux=15.5, freed=False)
     runs[6] = record(6, flux_reason=11.1)
-    runs[10] = record(10, flux_reason=4.0, reason_mib=16150.0)
+    runs[10] = record(10, flux_reason=5.0, other_mib=850.0)
     summary = comfyui_memory.summarize(runs, cuda, (15.5, 11.1))
     assert not summary["vlm_evicted_when_flux_loaded"] and not summary["flux_offloaded_when_vlm_loaded"]
-    assert summary["after_reason_last_minus_first_mib"] == 150.0 and summary["no_leak"] is False
+    assert summary["after_reason_not_weights_last_minus_first_mib"] == 150.0 and summary["no_leak"] is False
+
+    # Compilation still running through run 1 (its layer copy held): the baseline is the first compiled run.
+    runs = [record(0, compiled=False), record(1, compiled=False, other_mib=1140.0)] + [record(i) for i in range(2, 11)]
+    summary = comfyui_memory.summarize(runs, cuda, (15.5, 11.1))
+    assert summary["leak_runs"] == [2, 10] and summary["no_leak"] is True
