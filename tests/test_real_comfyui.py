@@ -370,3 +370,17 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
         assert str(reason["id"]) not in cached[0] and str(reason["id"]) in cached[1]
         assert answers[1] == answers[0], "the answer of a run served from the cache is not shown"
     assert page_errors == []
+
+
+def test_memory_check_runs_on_this_comfyuis_model_management(tmp_path):
+    """benchmarks/comfyui_memory.py (what benchmarks/gpu_comfyui.sh runs on a GPU) imports this checkout's
+    memory manager and the pack as ComfyUI does; on the CPU it evicts nothing, but every step runs."""
+    out = tmp_path / "memory.json"
+    completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "comfyui_memory.py"), "--comfyui", COMFYUI,
+                                "--cpu", "--runs", "2", "--tokens", "4", "--flux-gib", "0.001", "--out", str(out)],
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    version = (Path(COMFYUI) / "comfyui_version.py").read_text().split("=")[-1].strip().strip('"')
+    assert results["comfyui"] == version and results["comfyui_args"] == ["--cpu"]
+    assert len(results["runs"]) == 3 and results["same_conditioning_after_reload"] is True
