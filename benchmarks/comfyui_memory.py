@@ -11,10 +11,12 @@ card (it reserves the rest, as its --reserve-vram does), so the two models evict
 
 Without `--vlm` it writes a Qwen2-VL folder with random weights (on CUDA Qwen2-VL-7B's sizes, with the
 tiny test tokenizer and its special-token ids: a forward pass costs the same whatever the weights).
-Run 0 is the first run after loading (the decoder's compilation is waited for after it); runs 1..N are
-the queue. Per run: where each model is after the Reason node and after FLUX loaded, device memory at
-both points, and times. Then the last run's seed again on a fresh node, after the VLM was evicted and
-reloaded: the conditioning must not change. Writes JSON (`--out`) and prints a summary.
+Each of the VLM loader's precisions given is a pass: bf16, whose VLM and FLUX must take turns, and, where
+bitsandbytes is installed, 4-bit, which stays on the GPU with FLUX beside it. In a pass, run 0 is the
+first run after loading (the decoder's compilation is waited for after it); runs 1..N are the queue.
+Per run: how much of each model is on the GPU after the Reason node and after FLUX loaded, device and
+host memory at both points, and times. Then the last run's seed again on a fresh node, FLUX loaded in
+between: the conditioning must not change. Writes JSON (`--out`) and prints each pass's summary.
 
     python benchmarks/comfyui_memory.py --comfyui /path/to/ComfyUI --out comfyui_memory.json
 """
@@ -22,12 +24,14 @@ reloaded: the conditioning must not change. Writes JSON (`--out`) and prints a s
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -43,6 +47,7 @@ T5_WIDTH, CLIP_L_WIDTH = 4096, 768
 DEFAULT_RESERVE_GIB = 400 / 1024  # ComfyUI's own reserve for other applications (Linux)
 LEAK_MIB = 100  # issue 5: device memory after run 10 within 100 MiB of run 1
 COMPILE_WAIT_S = 150  # after the first run; a compilation still running then is recorded as not done
+QUANTIZED = ("8-bit (bitsandbytes)", "4-bit (bitsandbytes)")  # the VLM loader's quantised precisions
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id",
               "image_token_id", "video_token_id")
 
@@ -170,74 +175,93 @@ def device_memory(device: torch.device, models: list[torch.nn.Module]) -> dict:
     return memory
 
 
-def run_queue(mm, model_patcher, folder_paths, models: Path, vlm_name: str, runs: int, tokens: int,
-              flux_gib: float, write=lambda results: None, log=print) -> dict:
-    """The measurements; `write` gets the results after each run (a run cut off keeps what it measured)."""
-    nodes = import_pack()
-    for key in ("LLM", "thinkdiff"):
-        folder_paths.add_model_folder_path(key, str(models / key))
-    device = mm.get_torch_device()
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    started = time.perf_counter()
-    (vlm,) = nodes["ThinkDiffLoadVLM"]().load(vlm_name, precision)
-    (aligner,) = nodes["ThinkDiffLoadAligner"]().load("thinkdiff_lvlm.pth")
-    load_s = time.perf_counter() - started
-    flux = flux_stand_in(model_patcher, mm, flux_gib)
-    weighed = [vlm.reasoner.model, aligner.module, flux.model]
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-               "torch": torch.__version__, "vlm": vlm_name, "precision": precision, "tokens": tokens,
-               "vlm_gib": gib_on_gpu(vlm.reasoner.model, anywhere=True),
-               "flux_stand_in_gib": gib_on_gpu(flux.model, anywhere=True), "load_nodes_s": round(load_s, 3),
-               "comfyui_total_vram_mib": mib(mm.get_total_memory(device)),
-               "comfyui_reserved_mib": mib(mm.extra_reserved_memory()) if hasattr(mm, "extra_reserved_memory") else None,
-               "runs": []}
-    clip = EmptyPromptClip()
-    images = car_images()
-    reason_node = nodes["ThinkDiffReason"]()  # one node in the queued workflow: ComfyUI keeps its instance
+class Queue:
+    """What stays across passes: the pack's nodes, FLUX's stand-in, the inputs; `run` makes one pass."""
 
-    def reason(node, seed):
-        return node.reason(vlm=vlm, aligner=aligner, clip=clip, words="white\nblue\nred",
-                           instruction=node.INPUT_TYPES()["required"]["instruction"][1]["default"], seed=seed,
-                           temperature=0.6, top_p=0.9, max_new_tokens=tokens, image_1=images[0],
-                           image_2=images[1])["result"][0][0][0]
+    def __init__(self, mm, model_patcher, folder_paths, models: Path, vlm_name: str, tokens: int, flux_gib: float):
+        self.mm, self.vlm_name, self.tokens = mm, vlm_name, tokens
+        self.nodes = import_pack()
+        for key in ("LLM", "thinkdiff"):
+            folder_paths.add_model_folder_path(key, str(models / key))
+        self.device = mm.get_torch_device()
+        self.flux = flux_stand_in(model_patcher, mm, flux_gib)
+        self.clip = EmptyPromptClip()
+        self.images = car_images()
 
-    conditioning = None
-    queue_started = time.perf_counter()
-    for run in range(runs + 1):
-        record = {"run": run}
+    def about(self) -> dict:
+        mm, device = self.mm, self.device
+        return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+                "torch": torch.__version__, "vlm": self.vlm_name, "tokens": self.tokens,
+                "flux_stand_in_gib": gib_on_gpu(self.flux.model, anywhere=True),
+                "comfyui_total_vram_mib": mib(mm.get_total_memory(device)),
+                "comfyui_reserved_mib": mib(mm.extra_reserved_memory()) if hasattr(mm, "extra_reserved_memory")
+                else None}
+
+    def run(self, precision: str, runs: int, write=lambda result: None, log=print) -> dict:
+        """Load the VLM at `precision`, then run 0 and `runs` queued runs; `write` gets the pass's results
+        after each run (a pass cut off keeps what it measured)."""
+        mm, device, flux, nodes = self.mm, self.device, self.flux, self.nodes
         started = time.perf_counter()
-        conditioning = reason(reason_node, seed=run)
-        record["reason_s"] = round(time.perf_counter() - started, 3)
-        record.update(vlm_gpu_gib_after_reason=gib_on_gpu(vlm.reasoner.model),
-                      flux_gpu_gib_after_reason=gib_on_gpu(flux.model), compiled=vlm.reasoner.decoder.compiled,
-                      after_reason=device_memory(device, weighed))
-        if run == 0:  # the first run decodes uncompiled; the queue runs the compiled step
+        (vlm,) = nodes["ThinkDiffLoadVLM"]().load(self.vlm_name, precision)
+        (aligner,) = nodes["ThinkDiffLoadAligner"]().load("thinkdiff_lvlm.pth")
+        weighed = [vlm.reasoner.model, aligner.module, flux.model]
+        result = {"precision": precision, "load_nodes_s": round(time.perf_counter() - started, 3),
+                  "vlm_gib": gib_on_gpu(vlm.reasoner.model, anywhere=True), "runs": []}
+        reason_node = nodes["ThinkDiffReason"]()  # one node in the queued workflow: ComfyUI keeps its instance
+
+        def reason(node, seed):
+            return node.reason(vlm=vlm, aligner=aligner, clip=self.clip, words="white\nblue\nred",
+                               instruction=node.INPUT_TYPES()["required"]["instruction"][1]["default"], seed=seed,
+                               temperature=0.6, top_p=0.9, max_new_tokens=self.tokens, image_1=self.images[0],
+                               image_2=self.images[1])["result"][0][0][0]
+
+        conditioning = None
+        queue_started = time.perf_counter()
+        for run in range(runs + 1):
+            record = {"run": run}
             started = time.perf_counter()
-            record["compiled_after_wait"] = vlm.reasoner.decoder.wait_for_compilation(COMPILE_WAIT_S)
-            record["compile_wait_s"] = round(time.perf_counter() - started, 3)
-            record["compile_s"] = vlm.reasoner.decoder.compile_seconds
-        started = time.perf_counter()
-        mm.load_models_gpu([flux])  # what KSampler does with FLUX
-        record["flux_load_s"] = round(time.perf_counter() - started, 3)
-        record.update(vlm_gpu_gib_after_flux=gib_on_gpu(vlm.reasoner.model),
-                      flux_gpu_gib_after_flux=gib_on_gpu(flux.model),
-                      decoder_cache_freed=vlm.reasoner._decoder._buffers is None,
-                      after_flux=device_memory(device, weighed),
-                      comfyui_pinned_mib=mib(getattr(mm, "TOTAL_PINNED_MEMORY", 0)),
-                      t_s=round(time.perf_counter() - queue_started, 1))
-        results["runs"].append(record)
-        log(json.dumps(record))
-        write(results)
-    # The last run's seed again on a fresh node (the cached one would not run): the VLM was evicted and reloaded.
-    again = reason(nodes["ThinkDiffReason"](), seed=runs)
-    results["same_conditioning_after_reload"] = bool(torch.equal(again, conditioning))
-    results["reload_max_abs_diff"] = float((again.float() - conditioning.float()).abs().max())
-    results["summary"] = summarize(results["runs"], device, (results["vlm_gib"], results["flux_stand_in_gib"]))
-    results["summary"]["same_conditioning_after_reload"] = results["same_conditioning_after_reload"]
-    return results
+            conditioning = reason(reason_node, seed=run)
+            record["reason_s"] = round(time.perf_counter() - started, 3)
+            record.update(vlm_gpu_gib_after_reason=gib_on_gpu(vlm.reasoner.model),
+                          flux_gpu_gib_after_reason=gib_on_gpu(flux.model), compiled=vlm.reasoner.decoder.compiled,
+                          after_reason=device_memory(device, weighed))
+            if run == 0:  # the first run decodes uncompiled; the queue runs the compiled step
+                started = time.perf_counter()
+                record["compiled_after_wait"] = vlm.reasoner.decoder.wait_for_compilation(COMPILE_WAIT_S)
+                record["compile_wait_s"] = round(time.perf_counter() - started, 3)
+                record["compile_s"] = vlm.reasoner.decoder.compile_seconds
+            started = time.perf_counter()
+            mm.load_models_gpu([flux])  # what KSampler does with FLUX
+            record["flux_load_s"] = round(time.perf_counter() - started, 3)
+            record.update(vlm_gpu_gib_after_flux=gib_on_gpu(vlm.reasoner.model),
+                          flux_gpu_gib_after_flux=gib_on_gpu(flux.model),
+                          decoder_cache_freed=vlm.reasoner._decoder._buffers is None,
+                          after_flux=device_memory(device, weighed),
+                          comfyui_pinned_mib=mib(getattr(mm, "TOTAL_PINNED_MEMORY", 0)),
+                          t_s=round(time.perf_counter() - queue_started, 1))
+            result["runs"].append(record)
+            log(json.dumps(record))
+            write(result)
+        # The last run's seed again on a fresh node (the cached one would not run), FLUX loaded in between.
+        again = reason(nodes["ThinkDiffReason"](), seed=runs)
+        result["same_conditioning_after_reload"] = bool(torch.equal(again, conditioning))
+        result["reload_max_abs_diff"] = float((again.float() - conditioning.float()).abs().max())
+        result["summary"] = summarize(result["runs"], device, (result["vlm_gib"], gib_on_gpu(flux.model, anywhere=True)),
+                                      movable=precision not in QUANTIZED)
+        result["summary"]["same_conditioning_after_reload"] = result["same_conditioning_after_reload"]
+        # The next pass starts from nothing loaded, as after ComfyUI's "unload models".
+        del vlm, aligner, weighed, reason_node
+        mm.unload_all_models()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return result
 
 
-def summarize(records: list[dict], device: torch.device, vlm_and_flux_gib: tuple[float, float]) -> dict:
+def summarize(records: list[dict], device: torch.device, vlm_and_flux_gib: tuple[float, float],
+              movable: bool = True) -> dict:
+    """What a pass showed. A movable VLM (bf16) and FLUX must take turns on a card that cannot hold both;
+    a quantised VLM stays on the GPU, small enough that FLUX fits beside it."""
     queue = records[1:]
     summary = {"queued_runs": len(queue),
                "median_reason_s": sorted(r["reason_s"] for r in queue)[len(queue) // 2],
@@ -248,11 +272,17 @@ def summarize(records: list[dict], device: torch.device, vlm_and_flux_gib: tuple
     vlm_gib, flux_gib = vlm_and_flux_gib
     summary.update(
         vlm_on_gpu_while_reasoning=all(r["vlm_gpu_gib_after_reason"] == vlm_gib for r in records),
-        vlm_evicted_when_flux_loaded=all(r["vlm_gpu_gib_after_flux"] == 0 and r["decoder_cache_freed"]
-                                         for r in records),
-        flux_on_gpu_when_loaded=all(r["flux_gpu_gib_after_flux"] == flux_gib for r in records),
-        # ComfyUI may offload FLUX only as far as the VLM needs.
-        flux_offloaded_when_vlm_loaded=all(r["flux_gpu_gib_after_reason"] < flux_gib for r in queue))
+        flux_on_gpu_when_loaded=all(r["flux_gpu_gib_after_flux"] == flux_gib for r in records))
+    if movable:
+        summary.update(
+            vlm_evicted_when_flux_loaded=all(r["vlm_gpu_gib_after_flux"] == 0 and r["decoder_cache_freed"]
+                                             for r in records),
+            # ComfyUI may offload FLUX only as far as the VLM needs.
+            flux_offloaded_when_vlm_loaded=all(r["flux_gpu_gib_after_reason"] < flux_gib for r in queue))
+    else:
+        summary.update(
+            vlm_stays_on_gpu=all(r["vlm_gpu_gib_after_flux"] == vlm_gib for r in records),
+            flux_stays_on_gpu=all(r["flux_gpu_gib_after_reason"] == flux_gib for r in queue))
     # Leaks: memory that is not weights, from the first queued run that decodes as the last does (a
     # compilation still running holds a layer's copy) to the last; weights move in 128 MiB steps.
     last = queue[-1]
@@ -268,6 +298,12 @@ def summarize(records: list[dict], device: torch.device, vlm_and_flux_gib: tuple
         summary["no_leak"] = all(abs(summary[f"{point}_not_weights_last_minus_first_mib"]) <= LEAK_MIB
                                  for point in ("after_reason", "after_flux"))
     return summary
+
+
+def default_precisions(device: torch.device) -> list[str]:
+    if device.type != "cuda":
+        return ["fp32"]
+    return ["bf16"] + (["4-bit (bitsandbytes)"] if importlib.util.find_spec("bitsandbytes") else [])
 
 
 def scratch_parent(needed_gb: float = 40) -> str | None:
@@ -289,6 +325,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--vram-gib", type=float, default=24.0,
                         help="budget as on a card of this size: ComfyUI reserves the rest (default 24)")
     parser.add_argument("--cpu", action="store_true", help="ComfyUI --cpu and a tiny VLM: a dry run of the plumbing")
+    parser.add_argument("--precisions", nargs="+", help="the VLM loader's precisions, a pass each (default: bf16, "
+                        "and 4-bit (bitsandbytes) where bitsandbytes is installed; fp32 on the CPU)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.runs < 1:
@@ -311,6 +349,7 @@ def main(argv=None) -> dict:
 
     scratch = Path(tempfile.mkdtemp(prefix="thinkdiff-comfyui-memory-", dir=scratch_parent()))
     about["scratch"] = str(scratch)
+    results = {"passes": {}}
     try:
         models = scratch / "models"
         if args.vlm:
@@ -322,14 +361,25 @@ def main(argv=None) -> dict:
             started = time.perf_counter()
             name = write_models(models, QWEN2_VL_7B if mm.get_torch_device().type == "cuda" else None)
             about["write_models_s"] = round(time.perf_counter() - started, 3)
-        results = run_queue(mm, model_patcher, folder_paths, models, name, args.runs, args.tokens, args.flux_gib,
-                            write)
+        queue = Queue(mm, model_patcher, folder_paths, models, name, args.tokens, args.flux_gib)
+        about.update(queue.about())
+        for precision in args.precisions or default_precisions(queue.device):
+            def write_pass(result, precision=precision):
+                results["passes"][precision] = result
+                write(results)
+
+            try:  # one failing pass must not cost the others' numbers (GPU time is short)
+                write_pass(queue.run(precision, args.runs, write_pass))
+            except Exception as e:  # noqa: BLE001 - recorded in the JSON
+                write_pass({**results["passes"].get(precision, {}), "error": f"{type(e).__name__}: {e}"})
+                traceback.print_exc()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    write(results)
-    print(json.dumps(results["summary"]))
-    return results
+    for precision, result in results["passes"].items():
+        print(f"{precision}: {json.dumps(result.get('summary', result.get('error')))}")
+    return {**about, **results}
 
 
 if __name__ == "__main__":
-    main()
+    passes = main()["passes"]
+    sys.exit(0 if any("summary" in result for result in passes.values()) else 1)

@@ -3,9 +3,11 @@
 # benchmarks/comfyui_memory.py against a real ComfyUI's model management: a Qwen2-VL-7B-sized model with
 # random weights through the loader nodes, then 10 queued Reason runs, each followed by loading a
 # FLUX-sized model (FLUX.1-dev fp8), with ComfyUI budgeting as on a 24 GB card so that they evict each
-# other. Prepare .device/comfyui here first (bash benchmarks/prepare_comfyui_carry.sh /path/to/ComfyUI)
-# and carry it: run(command="bash benchmarks/gpu_comfyui.sh", carry=[".device/comfyui"], timeout_s=600).
-# Each ComfyUI source there is tried newest first until one run succeeds.
+# other; then the same with the VLM in 4-bit where bitsandbytes is installed (gpu_run.sh installs it: run
+# this right after it, on the same warm machine).
+# Prepare .device/comfyui here first (bash benchmarks/prepare_comfyui_carry.sh /path/to/ComfyUI) and
+# carry it: run(command="bash benchmarks/gpu_comfyui.sh", carry=[".device/comfyui"], timeout_s=600).
+# Each ComfyUI source there is tried newest first until one run completes a pass.
 # Results go to $OUT (or benchmarks/out): <n>-comfyui-<version>.json per ComfyUI tried, comfyui_memory.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."

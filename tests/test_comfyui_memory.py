@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,16 +28,33 @@ def test_dry_run_queues_reason_runs_and_the_flux_stand_in(tmp_path):
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert [r["run"] for r in results["runs"]] == [0, 1, 2]
-    assert results["vlm"] == "Qwen2-VL-tiny" and results["precision"] == "fp32" and results["tokens"] == 4
-    assert all(r["reason_s"] > 0 and r["vlm_gpu_gib_after_reason"] == 0 for r in results["runs"])
-    assert results["runs"][0]["compiled_after_wait"] is False  # no compilation without CUDA graphs
-    assert results["same_conditioning_after_reload"] is True and results["reload_max_abs_diff"] == 0.0
-    assert results["summary"] == {"queued_runs": 2, "median_reason_s": results["summary"]["median_reason_s"],
-                                  "median_flux_load_s": results["summary"]["median_flux_load_s"],
-                                  "eviction": "not measured: ComfyUI keeps every model on the CPU",
-                                  "same_conditioning_after_reload": True}
-    assert json.loads(completed.stdout.strip().splitlines()[-1]) == results["summary"]
+    assert results["vlm"] == "Qwen2-VL-tiny" and results["tokens"] == 4 and list(results["passes"]) == ["fp32"]
+    result = results["passes"]["fp32"]
+    assert [r["run"] for r in result["runs"]] == [0, 1, 2]
+    assert all(r["reason_s"] > 0 and r["vlm_gpu_gib_after_reason"] == 0 for r in result["runs"])
+    assert result["runs"][0]["compiled_after_wait"] is False  # no compilation without CUDA graphs
+    assert result["same_conditioning_after_reload"] is True and result["reload_max_abs_diff"] == 0.0
+    assert result["summary"] == {"queued_runs": 2, "median_reason_s": result["summary"]["median_reason_s"],
+                                 "median_flux_load_s": result["summary"]["median_flux_load_s"],
+                                 "eviction": "not measured: ComfyUI keeps every model on the CPU",
+                                 "same_conditioning_after_reload": True}
+    assert completed.stdout.strip().splitlines()[-1] == f"fp32: {json.dumps(result['summary'])}"
+
+
+def test_each_precision_is_a_pass_and_a_failing_pass_keeps_the_others(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "memory.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "comfyui_memory.py"), "--cpu", "--runs", "1", "--tokens", "2",
+         "--flux-gib", "0.001", "--precisions", "fp16", "4-bit (bitsandbytes)", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    passes = json.loads(out.read_text())["passes"]
+    assert list(passes) == ["fp16", "4-bit (bitsandbytes)"]
+    assert passes["fp16"]["error"].startswith("ValueError: float16 is refused for Qwen2-VL")
+    quantised = passes["4-bit (bitsandbytes)"]
+    assert quantised["precision"] == "4-bit (bitsandbytes)" and len(quantised["runs"]) == 2
+    assert quantised["same_conditioning_after_reload"] is True
 
 
 def test_random_weights_of_another_size_keep_the_tiny_processors_token_ids(tmp_path):
@@ -99,3 +117,11 @@ def test_summary_of_a_gpu_queue():
     runs = [record(0, compiled=False), record(1, compiled=False, other_mib=1140.0)] + [record(i) for i in range(2, 11)]
     summary = comfyui_memory.summarize(runs, cuda, (15.5, 11.1))
     assert summary["leak_runs"] == [2, 10] and summary["no_leak"] is True
+
+    # A quantised VLM stays on the GPU (ComfyUI cannot move it) and FLUX fits beside it: nothing moves.
+    runs = [record(i, vlm_reason=6.4, vlm_flux=6.4, flux_reason=11.1, freed=False) for i in range(11)]
+    summary = comfyui_memory.summarize(runs, cuda, (6.4, 11.1), movable=False)
+    assert summary["vlm_stays_on_gpu"] and summary["flux_stays_on_gpu"] and summary["vlm_on_gpu_while_reasoning"]
+    assert "vlm_evicted_when_flux_loaded" not in summary and summary["no_leak"] is True
+    runs[4] = record(4, vlm_reason=6.4, vlm_flux=6.4, flux_reason=6.0)
+    assert not comfyui_memory.summarize(runs, cuda, (6.4, 11.1), movable=False)["flux_stays_on_gpu"]

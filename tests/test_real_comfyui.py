@@ -383,4 +383,4 @@ def test_memory_check_runs_on_this_comfyuis_model_management(tmp_path):
     results = json.loads(out.read_text())
     version = (Path(COMFYUI) / "comfyui_version.py").read_text().split("=")[-1].strip().strip('"')
     assert results["comfyui"] == version and results["comfyui_args"] == ["--cpu"]
-    assert len(results["runs"]) == 3 and results["same_conditioning_after_reload"] is True
+    assert len(results["passes"]["fp32"]["runs"]) == 3 and results["passes"]["fp32"]["same_conditioning_after_reload"]
