@@ -47,7 +47,6 @@ T5_WIDTH, CLIP_L_WIDTH = 4096, 768
 DEFAULT_RESERVE_GIB = 400 / 1024  # ComfyUI's own reserve for other applications (Linux)
 LEAK_MIB = 100  # issue 5: device memory after run 10 within 100 MiB of run 1
 COMPILE_WAIT_S = 150  # after the first run; a compilation still running then is recorded as not done
-QUANTIZED = ("8-bit (bitsandbytes)", "4-bit (bitsandbytes)")  # the VLM loader's quantised precisions
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id",
               "image_token_id", "video_token_id")
 
@@ -68,13 +67,14 @@ def start_comfyui(checkout: str | None, comfyui_args: list[str]):
 
 
 def import_pack():
-    """This repository as ComfyUI imports a custom node: a package, relative imports."""
+    """This repository as ComfyUI imports a custom node (a package, relative imports): its node classes and
+    its loaders module."""
     spec = importlib.util.spec_from_file_location("ComfyUI_ThinkDiff", REPO / "__init__.py",
                                                   submodule_search_locations=[str(REPO)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return module.NODE_CLASS_MAPPINGS
+    return module.NODE_CLASS_MAPPINGS, importlib.import_module(f"{spec.name}.nodes.loaders")
 
 
 def write_models(models: Path, architecture: dict | None = None, device: str = "cuda") -> str:
@@ -180,7 +180,7 @@ class Queue:
 
     def __init__(self, mm, model_patcher, folder_paths, models: Path, vlm_name: str, tokens: int, flux_gib: float):
         self.mm, self.vlm_name, self.tokens = mm, vlm_name, tokens
-        self.nodes = import_pack()
+        self.nodes, self.loaders = import_pack()
         for key in ("LLM", "thinkdiff"):
             folder_paths.add_model_folder_path(key, str(models / key))
         self.device = mm.get_torch_device()
@@ -247,7 +247,7 @@ class Queue:
         result["same_conditioning_after_reload"] = bool(torch.equal(again, conditioning))
         result["reload_max_abs_diff"] = float((again.float() - conditioning.float()).abs().max())
         result["summary"] = summarize(result["runs"], device, (result["vlm_gib"], gib_on_gpu(flux.model, anywhere=True)),
-                                      movable=precision not in QUANTIZED)
+                                      movable=precision not in self.loaders.QUANTIZED)
         result["summary"]["same_conditioning_after_reload"] = result["same_conditioning_after_reload"]
         # The next pass starts from nothing loaded, as after ComfyUI's "unload models".
         del vlm, aligner, weighed, reason_node
@@ -300,10 +300,11 @@ def summarize(records: list[dict], device: torch.device, vlm_and_flux_gib: tuple
     return summary
 
 
-def default_precisions(device: torch.device) -> list[str]:
-    if device.type != "cuda":
+def default_precisions(queue: Queue) -> list[str]:
+    if queue.device.type != "cuda":
         return ["fp32"]
-    return ["bf16"] + (["4-bit (bitsandbytes)"] if importlib.util.find_spec("bitsandbytes") else [])
+    four_bit = [name for name, quantization in queue.loaders.QUANTIZED.items() if quantization == "4bit"]
+    return ["bf16"] + (four_bit if importlib.util.find_spec("bitsandbytes") else [])
 
 
 def scratch_parent(needed_gb: float = 40) -> str | None:
@@ -363,7 +364,7 @@ def main(argv=None) -> dict:
             about["write_models_s"] = round(time.perf_counter() - started, 3)
         queue = Queue(mm, model_patcher, folder_paths, models, name, args.tokens, args.flux_gib)
         about.update(queue.about())
-        for precision in args.precisions or default_precisions(queue.device):
+        for precision in args.precisions or default_precisions(queue):
             def write_pass(result, precision=precision):
                 results["passes"][precision] = result
                 write(results)

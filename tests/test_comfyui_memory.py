@@ -125,3 +125,17 @@ def test_summary_of_a_gpu_queue():
     assert "vlm_evicted_when_flux_loaded" not in summary and summary["no_leak"] is True
     runs[4] = record(4, vlm_reason=6.4, vlm_flux=6.4, flux_reason=6.0)
     assert not comfyui_memory.summarize(runs, cuda, (6.4, 11.1), movable=False)["flux_stays_on_gpu"]
+
+
+
+def test_default_passes(monkeypatch):
+    from types import SimpleNamespace
+
+    loaders = SimpleNamespace(QUANTIZED={"8-bit (bitsandbytes)": "8bit", "4-bit (bitsandbytes)": "4bit"})
+    cuda, cpu = (SimpleNamespace(device=torch.device(kind), loaders=loaders) for kind in ("cuda", "cpu"))
+    assert comfyui_memory.default_precisions(cpu) == ["fp32"]
+    found = {"bitsandbytes": object()}
+    monkeypatch.setattr(comfyui_memory.importlib.util, "find_spec", lambda name: found.get(name))
+    assert comfyui_memory.default_precisions(cuda) == ["bf16", "4-bit (bitsandbytes)"]
+    found.clear()
+    assert comfyui_memory.default_precisions(cuda) == ["bf16"]
