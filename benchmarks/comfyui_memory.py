@@ -28,6 +28,7 @@ import gc
 import importlib.util
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -348,6 +349,8 @@ def main(argv=None) -> dict:
         if args.out:
             Path(args.out).write_text(json.dumps({**about, **results}, indent=2))
 
+    # `timeout` stops a run with SIGTERM: exit through `finally`, so the model written to /dev/shm (memory) goes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     scratch = Path(tempfile.mkdtemp(prefix="thinkdiff-comfyui-memory-", dir=scratch_parent()))
     about["scratch"] = str(scratch)
     results = {"passes": {}}
