@@ -146,10 +146,13 @@ def car_images(size: int = 448) -> list[torch.Tensor]:
                                         dtype=np.float32) / 255)[None] for name in ("white_car.png", "blue_car.png")]
 
 
+def weight_bytes(module: torch.nn.Module, anywhere: bool = False) -> int:
+    """Bytes of the module's weights on a GPU (ComfyUI may offload a model partly), or anywhere."""
+    return sum(p.numel() * p.element_size() for p in module.parameters() if anywhere or p.device.type == "cuda")
+
+
 def gib_on_gpu(module: torch.nn.Module, anywhere: bool = False) -> float:
-    """How much of the module's weights is on a GPU (ComfyUI may offload a model partly), or anywhere."""
-    return round(sum(p.numel() * p.element_size() for p in module.parameters()
-                     if anywhere or p.device.type == "cuda") / 2 ** 30, 3)
+    return round(weight_bytes(module, anywhere) / 2 ** 30, 3)
 
 
 def mib(value: int) -> float:
@@ -165,7 +168,7 @@ def device_memory(device: torch.device, models: list[torch.nn.Module]) -> dict:
         torch.cuda.synchronize(device)
         free, total = torch.cuda.mem_get_info(device)
         allocated = torch.cuda.memory_allocated(device)
-        weights = sum(gib_on_gpu(model) for model in models) * 2 ** 30
+        weights = sum(weight_bytes(model) for model in models)
         memory = {"allocated_mib": mib(allocated), "not_weights_mib": mib(allocated - weights),
                   "reserved_mib": mib(torch.cuda.memory_reserved(device)), "in_use_mib": mib(total - free)}
     try:
@@ -216,7 +219,6 @@ class Queue:
                                temperature=0.6, top_p=0.9, max_new_tokens=self.tokens, image_1=self.images[0],
                                image_2=self.images[1])["result"][0][0][0]
 
-        conditioning = None
         queue_started = time.perf_counter()
         for run in range(runs + 1):
             record = {"run": run}
@@ -247,8 +249,8 @@ class Queue:
         again = reason(nodes["ThinkDiffReason"](), seed=runs)
         result["same_conditioning_after_reload"] = bool(torch.equal(again, conditioning))
         result["reload_max_abs_diff"] = float((again.float() - conditioning.float()).abs().max())
-        result["summary"] = summarize(result["runs"], device, (result["vlm_gib"], gib_on_gpu(flux.model, anywhere=True)),
-                                      movable=precision not in self.loaders.QUANTIZED)
+        sizes = result["vlm_gib"], gib_on_gpu(flux.model, anywhere=True)
+        result["summary"] = summarize(result["runs"], device, sizes, movable=precision not in self.loaders.QUANTIZED)
         result["summary"]["same_conditioning_after_reload"] = result["same_conditioning_after_reload"]
         # The next pass starts from nothing loaded, as after ComfyUI's "unload models".
         del vlm, aligner, weighed, reason_node
