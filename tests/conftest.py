@@ -10,6 +10,14 @@ sys.path.insert(0, str(REPO))
 from thinkdiff_core.tiny import make_tiny_models  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def nothing_compiled_before(monkeypatch):
+    """Each test starts as a process that has compiled no decoder layers (see decode._compiled_signatures)."""
+    from thinkdiff_core import decode
+
+    monkeypatch.setattr(decode, "_compiled_signatures", set())
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """The tiny models in their released on-disk formats, built once per test session."""

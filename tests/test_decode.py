@@ -1,5 +1,6 @@
 """The fast reasoning path against transformers' generate: same tokens, same states, same random draws."""
 
+import copy
 import threading
 
 import pytest
@@ -320,3 +321,44 @@ def test_compilation_switched_off_and_on_between_runs(reasoner, car_images, emul
         assert torch.equal(tokens, expected)
         assert decoder.compiled == compile and graphs.captures == captures
     assert len(compilations) == 1  # switching back reuses the compiled layers
+
+
+def test_a_new_decoder_for_layers_compiled_before_uses_the_compiled_step_from_its_first_run(
+        reasoner, car_images, emulated_graphs):
+    """A reloaded VLM: dynamo still holds the layer code, so its first run need not decode eagerly."""
+    import torch._dynamo
+
+    first = FastDecoder(reasoner.model, compile=True)
+    emulated_graphs(first)
+    inputs = two_shot_inputs(reasoner, car_images)
+    eos = reasoner.eos_token_ids
+    first.run(inputs, N, 0, 0.6, 0.9, eos)
+    assert first.wait_for_compilation(timeout=600)
+    torch._dynamo.utils.counters.clear()
+
+    reloaded = FastDecoder(reasoner.model, compile=True)
+    graphs = emulated_graphs(reloaded)
+    tokens, states = reloaded.run(inputs, N, 0, 0.6, 0.9, eos)
+    expected_tokens, expected_states = plain(reasoner, inputs, 0)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(states, expected_states, atol=1e-5, rtol=1e-5)
+    assert reloaded.compiled and reloaded._compilation is None and graphs.captures == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # nothing compiled again
+
+    decode.reset_compiled_layers()  # the code is gone: a new decoder compiles in the background again
+    fresh = FastDecoder(reasoner.model, compile=True)
+    emulated_graphs(fresh)
+    fresh.run(inputs, N, 0, 0.6, 0.9, eos)
+    assert not fresh.compiled and fresh._compilation is not None
+    assert fresh.wait_for_compilation(timeout=600)
+
+
+def test_the_compiled_signature_tells_other_layers_apart(reasoner):
+    layer = reasoner.model.get_decoder().layers[0]
+    signature = decode.layer_signature(layer, 4, 2)
+    assert decode.layer_signature(copy.deepcopy(layer), 4, 2) == signature  # equal weights' shapes, same code
+    assert decode.layer_signature(copy.deepcopy(layer).to(torch.float64), 4, 2) != signature
+    assert decode.layer_signature(layer, 4, 1) != signature
+    wider = copy.deepcopy(layer)
+    wider.mlp.up_proj = torch.nn.Linear(layer.mlp.up_proj.in_features, 2 * layer.mlp.up_proj.out_features)
+    assert decode.layer_signature(wider, 4, 2) != signature

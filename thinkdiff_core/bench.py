@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .decode import FastDecoder
+from .decode import FastDecoder, reset_compiled_layers
 from .reason import QUANTIZATIONS, Reasoner, load_qwen2_vl
 from .render import check_device
 
@@ -472,7 +472,7 @@ def free_device_memory(device: torch.device) -> None:
     """Drop what Python still holds (compiled code included) and return cached blocks to the driver."""
     gc.collect()
     if device.type == "cuda":
-        torch._dynamo.reset()
+        reset_compiled_layers()
         torch.cuda.empty_cache()
 
 

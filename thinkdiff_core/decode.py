@@ -14,7 +14,8 @@ What changes is the bookkeeping. The cache length is bucketed, so one captured g
 prompt of a bucket; on CUDA the whole step (every layer's kernels plus the sampler) is one graph
 replay with no host synchronisation between tokens; states and tokens land in device buffers read
 once at the end. Optionally each decoder layer is compiled (one layer's code, reused by all); by
-default in a background thread, so the first run decodes with the eager graph instead of waiting.
+default in a background thread, so the first run decodes with the eager graph instead of waiting. A
+decoder for layers like ones compiled before in the process (a reloaded VLM) uses that code at once.
 
 Text generated after the prompt has the same M-RoPE position on all three axes, so its rotary
 embedding is ordinary 1-D RoPE at that position (`next_position` continues from the prompt's).
@@ -37,6 +38,22 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 1024
+
+# Signatures (layer_signature) of decoder layers whose compilation succeeded in this process. Dynamo
+# keeps their code, so a new decoder for such layers compiles in its warm-up steps at once.
+_compiled_signatures: set[tuple] = set()
+
+
+def reset_compiled_layers() -> None:
+    """Drop all compiled code (torch._dynamo.reset) and with it what this module knows was compiled."""
+    torch._dynamo.reset()
+    _compiled_signatures.clear()
+
+
+def layer_signature(layer, heads: int, kv_heads: int) -> tuple:
+    """What the compiled layer code depends on: module types and parameter shapes, dtypes and devices."""
+    return (heads, kv_heads, tuple(type(module) for module in layer.modules()),
+            tuple((name, tuple(p.shape), p.dtype, p.device) for name, p in layer.named_parameters()))
 
 
 def cache_length(prompt_tokens: int, new_tokens: int) -> int:
@@ -166,6 +183,7 @@ class BackgroundCompilation:
         self.pieces = None
         self.error: Exception | None = None
         self.seconds: float | None = None
+        self.signature = layer_signature(layer, heads, kv_heads)
         weight = next(layer.parameters())
         shapes = dict(hidden=weight.shape[-1], heads=heads, kv_heads=kv_heads, head_dim=head_dim, cache_len=cache_len)
         # Copied outside inference mode: the copies' tensor flags must be the originals' for the guards.
@@ -244,6 +262,7 @@ class FastDecoder:
     run then captures the compiled step. The two round differently in bf16, so a seed's tokens can
     change once, at that switch, where a draw is nearly tied. Otherwise the first run waits for
     compilation. `compile` may be switched between runs; compiled layers are kept for switching back.
+    Layers compiled before in this process (same signature) are compiled at once instead: no eager run.
 
     Call `release()` when the model moves or is unloaded: the cache and graph hold device memory
     and the graph holds the weights' addresses (a moved model is also detected and recaptured).
@@ -442,6 +461,7 @@ class FastDecoder:
         self.compile_seconds = compilation.seconds
         if compilation.pieces is not None:
             self._compiled_pieces = compilation.pieces
+            _compiled_signatures.add(compilation.signature)
         elif self._failed_compilations == 0:
             self._failed_compilations += 1
             logger.warning("ThinkDiff: compiling the decode step failed (%s: %s); trying once more",
@@ -455,6 +475,9 @@ class FastDecoder:
         self.compile = False
         self._compiled_pieces = None
 
+    def _signature(self) -> tuple:
+        return layer_signature(self.layers[0], self.heads, self.kv_heads)
+
     def _weights_key(self) -> tuple:
         return tuple(p.data_ptr() for p in self.model.parameters())
 
@@ -462,7 +485,8 @@ class FastDecoder:
         """The captured step for these buffers, recaptured when the weights moved or compiled layers became
         ready; None if capture failed. Starts the background compilation when it is wanted."""
         self._adopt_compilation()
-        if self.compile and self._compiled_pieces is None and not self.compile_in_background:
+        if self.compile and self._compiled_pieces is None and (
+                not self.compile_in_background or self._signature() in _compiled_signatures):
             self._compiled_pieces = compile_layer_pieces()  # compiled by the warm-up steps
         graph = self._captured_step(b)
         if graph is not None and self.compile and not self.compiled and self.compile_in_background \
@@ -496,6 +520,8 @@ class FastDecoder:
                 with torch.cuda.stream(stream):
                     for _ in range(3):  # compiles (when asked) and sets up cuBLAS and attention kernels
                         self._warm_step(b)
+                if self.compiled:
+                    _compiled_signatures.add(self._signature())
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager layers
                 if not self.compiled:
                     raise
