@@ -292,6 +292,7 @@ class FastDecoder:
         self._stream = None  # warm-up and capture stream, one per device
         self._compilation: BackgroundCompilation | None = None
         self._failed_compilations = 0
+        self._failed_captures = 0
         self._forward_takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     # -- public -------------------------------------------------------------------------------
@@ -539,9 +540,14 @@ class FastDecoder:
                         torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                     self._step(b)
             except Exception as e:  # noqa: BLE001 - the eager step computes the same, only slower
-                logger.warning("ThinkDiff: capturing the decode step as a CUDA graph failed (%s: %s); "
-                               "decoding without it", type(e).__name__, e)
-                self.cuda_graph = False
+                # Tried once more on the next run (memory may have been short while another model was
+                # loaded); then graphs are given up for this decoder.
+                self._failed_captures += 1
+                again = self._failed_captures == 1
+                logger.warning("ThinkDiff: capturing the decode step as a CUDA graph failed (%s: %s); decoding "
+                               "without it%s", type(e).__name__, e, ", trying again next run" if again else "")
+                if not again:
+                    self.cuda_graph = False
                 return None
         self._graph, self._graph_key = graph, (weights, self.compiled)
         return graph
