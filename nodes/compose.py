@@ -12,7 +12,8 @@ from .images import collect, pictures
 from .loaders import CATEGORY
 
 MAX_IMAGE_INPUTS = 4
-T5_LENGTHS = ["comfyui", f"paper ({PAPER_T5_LENGTH})"]
+PAPER_T5, COMFYUI_T5 = f"paper ({PAPER_T5_LENGTH})", "comfyui"
+T5_LENGTHS = [PAPER_T5, COMFYUI_T5]
 T5_EOS, T5_PAD = 1, 0
 
 
@@ -79,9 +80,9 @@ class ThinkDiffCompose:
                          "What to do with the images, e.g. 'wearing the sunglasses on a beach'; may be empty"}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
                              "Multiplies the image tokens (1.0 = the paper)"}),
-                "t5_length": (T5_LENGTHS, {"default": T5_LENGTHS[0], "tooltip":
-                              "comfyui: T5 padded to 256 tokens as ComfyUI's own prompts; "
-                              f"paper: cut and padded to {PAPER_T5_LENGTH} as the authors did"}),
+                "t5_length": (T5_LENGTHS, {"default": PAPER_T5, "tooltip":
+                              f"paper: the text's T5 tokens cut and padded to {PAPER_T5_LENGTH} as the authors did; "
+                              "comfyui: padded to 256 tokens as ComfyUI's own prompts"}),
             },
             "optional": {**images, "conditioning": ("CONDITIONING", {"tooltip":
                          "Append the image tokens to this conditioning instead of encoding the text"})},
@@ -100,7 +101,7 @@ class ThinkDiffCompose:
         appending = conditioning is not None
         if not appending:
             tokens = clip.tokenize(text)
-            if t5_length != T5_LENGTHS[0]:
+            if t5_length == PAPER_T5:
                 if "t5xxl" not in tokens:
                     raise ValueError("the paper's T5 length needs FLUX's CLIP (DualCLIPLoader, type flux)")
                 tokens = {**tokens, "t5xxl": paper_t5_tokens(tokens["t5xxl"])}

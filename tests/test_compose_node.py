@@ -73,6 +73,11 @@ def test_two_images_then_the_texts_t5_tokens_and_its_pooled_vector(host, parts, 
     torch.testing.assert_close(extras["pooled_output"], pooled_of(host, ""))
 
 
+def test_the_papers_t5_length_is_the_default(host):
+    t5_length = host.runtime.get_node_info("ThinkDiffCompose")["input_types"]["required"]["t5_length"]
+    assert t5_length == (["paper (128)", "comfyui"], t5_length[1]) and t5_length[1]["default"] == "paper (128)"
+
+
 @pytest.mark.parametrize("text", ["wearing pink sunglasses on a beach", "a cat " * 100])
 def test_the_papers_t5_length_cuts_and_pads_to_128_like_the_authors(host, parts, cars, text):
     (entry,) = compose(host, parts, image_1=cars[0], text=text, t5_length="paper (128)")
@@ -174,7 +179,7 @@ def test_bad_inputs_are_clear_errors(host, parts, cars):
                                          r"\(Qwen2-VL-7B states\) aligner\) but the vision encoder "
                                          r"'blip2_vision.safetensors' gives 48-d"):
         compose(host, (vision, lvlm_aligner), image_1=cars[0])
-    with pytest.raises(ValueError, match="t5_length must be one of comfyui, paper"):
+    with pytest.raises(ValueError, match=r"t5_length must be one of paper \(128\), comfyui, got '512'"):
         compose(host, parts, image_1=cars[0], t5_length="512")
     assert compose(host, parts, image_1=cars[0])[0][0].shape == (1, 65 + 256, 32)  # still usable
 

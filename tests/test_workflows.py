@@ -23,6 +23,8 @@ BUILTINS = {
     "FluxGuidance": ([("conditioning", "CONDITIONING")], [("guidance", "number")], ["CONDITIONING"]),
     "ConditioningZeroOut": ([("conditioning", "CONDITIONING")], [], ["CONDITIONING"]),
     "EmptySD3LatentImage": ([], [("width", "number"), ("height", "number"), ("batch_size", "number")], ["LATENT"]),
+    "ModelSamplingFlux": ([("model", "MODEL")], [("max_shift", "number"), ("base_shift", "number"), ("width", "number"),
+                                                 ("height", "number")], ["MODEL"]),
     "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                   ("latent_image", "LATENT")],
                  [("seed", "seed"), ("steps", "number"), ("cfg", "number"), ("sampler_name", "str"),
@@ -137,6 +139,16 @@ def test_every_node_resolves_and_every_link_and_widget_is_consistent(path, signa
                 assert socket["link"] is not None, f"{node['type']}.{socket['name']} is not connected"
 
 
+def assert_flux_is_shifted_for_the_latent_size(workflow, by_type):
+    """diffusers' FluxPipeline shifts FLUX's timesteps by image size (mu 0.63 at 512x512); ComfyUI's FLUX
+    keeps 1.15 (right for 1024x1024 only) unless ModelSamplingFlux gets the size."""
+    (shift,) = by_type["ModelSamplingFlux"]
+    assert shift["widgets_values"] == [1.15, 0.5, *by_type["EmptySD3LatentImage"][0]["widgets_values"][:2]]
+    links = {(l[1], l[3], l[4]) for l in workflow["links"]}
+    unet, sampler = by_type["UNETLoader"][0]["id"], by_type["KSampler"][0]["id"]
+    assert (unet, shift["id"], 0) in links and (shift["id"], sampler, 0) in links
+
+
 def test_reasoning_workflow_is_the_papers_flux_graph(signatures):
     workflow = json.loads((WORKFLOWS / "thinkdiff_lvlm_reasoning.json").read_text())
     by_type = defaultdict(list)
@@ -153,6 +165,7 @@ def test_reasoning_workflow_is_the_papers_flux_graph(signatures):
     assert by_type["DualCLIPLoader"][0]["widgets_values"][2] == "flux"
     assert by_type["UNETLoader"][0]["widgets_values"][0] == "flux1-dev.safetensors"
     assert by_type["ThinkDiffLoadVLM"][0]["widgets_values"] == ["Qwen2-VL-7B-Instruct", "bf16", "compiled"]
+    assert_flux_is_shifted_for_the_latent_size(workflow, by_type)
     links = {(l[1], l[3], l[4]) for l in workflow["links"]}
     ids = {t: [n["id"] for n in ns] for t, ns in by_type.items()}
     reason_id, sampler_id = ids["ThinkDiffReason"][0], ids["KSampler"][0]
@@ -225,8 +238,8 @@ def test_api_twin_is_the_same_graph(path, signatures):
     assert all(isinstance(v.get("_meta", {}).get("title"), str) for v in api.values())
 
 
-@pytest.mark.parametrize("name, expected_tokens", [("thinkdiff_clip_two_images", 2 * 65 + 256),
-                                                    ("thinkdiff_clip_image_text", 65 + 256)])
+@pytest.mark.parametrize("name, expected_tokens", [("thinkdiff_clip_two_images", 2 * 65 + 128),
+                                                    ("thinkdiff_clip_image_text", 65 + 128)])
 def test_composition_workflows_are_the_papers_settings(name, expected_tokens, host):
     workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
     by_type = defaultdict(list)
@@ -240,6 +253,8 @@ def test_composition_workflows_are_the_papers_settings(name, expected_tokens, ho
     assert by_type["FluxGuidance"][0]["widgets_values"] == [3.5]
     assert by_type["KSampler"][0]["widgets_values"][2:] == [28, 1, "euler", "simple", 1]
     assert by_type["ThinkDiffLoadAligner"][0]["widgets_values"] == ["thinkdiff_clip.pth"]
+    assert by_type["ThinkDiffCompose"][0]["widgets_values"][2] == "paper (128)"  # the authors' T5 length
+    assert_flux_is_shifted_for_the_latent_size(workflow, by_type)
     conditioning = run_thinkdiff_part(host, f"{name}_api.json", "ThinkDiffCompose")[0]
     assert conditioning[0][0].shape == (1, expected_tokens, 32)
 
