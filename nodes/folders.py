@@ -14,10 +14,11 @@ import struct
 
 import folder_paths
 
+from ..thinkdiff_core.files import MAX_SAFETENSORS_HEADER
+
 VLM_KEYS = ("LLM", "thinkdiff")
 ALIGNER_KEY = "thinkdiff"
 VISION_KEYS = ("thinkdiff", "clip_vision")
-MAX_SAFETENSORS_HEADER = 100_000_000  # bytes: the safetensors library's own limit
 MAX_DEPTH = 2  # models/LLM/<group>/<model>/config.json, as other VLM packs lay them out
 ALIGNER_KEY_PREFIX = "mm_projector."
 BLIP2_VISION_KEY = "vision_model.encoder.layers.0.self_attn.qkv.weight"  # EVA's fused qkv, not CLIP vision's

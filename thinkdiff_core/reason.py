@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from .decode import FastDecoder, cuda_indices
+from .files import check_safetensors_folder
 from .prompt import Item, build_messages
 from .versions import release
 
@@ -87,6 +88,11 @@ def check_vlm_folder(folder: Path) -> None:
     for name in ("preprocessor_config.json", "tokenizer_config.json"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is missing {name}; the Qwen2-VL processor needs it")
+    if not (folder / "tokenizer.json").is_file() and not all((folder / name).is_file()
+                                                             for name in ("vocab.json", "merges.txt")):
+        raise FileNotFoundError(f"{folder} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt); "
+                                f"the Qwen2-VL processor needs them")
+    check_safetensors_folder(folder)
 
 
 QUANTIZATIONS = ("8bit", "4bit")

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .files import check_safetensors_file, check_safetensors_folder, save_safetensors
+
 PREFIX = "vision_model."
 BLIP2_MODEL_TYPE = "blip-2"
 DOWNSAMPLED_GRID = 8  # the 16x16 patch grid -> 8x8 (vision_downsample_factor 2)
@@ -79,12 +81,14 @@ def _read_folder(folder: Path) -> tuple[dict, dict, dict]:
                          f"(model_type 'blip-2', e.g. Salesforce/blip2-flan-t5-xxl)")
     processor_path = folder / "preprocessor_config.json"
     processor = json.loads(processor_path.read_text()) if processor_path.is_file() else BLIP2_IMAGE_PROCESSOR
+    check_safetensors_folder(folder)
     return _vision_tensors(folder), config.get("vision_config", {}), processor
 
 
 def _read_file(path: Path) -> tuple[dict, dict, dict]:
     from safetensors import safe_open
 
+    check_safetensors_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(PREFIX)}
@@ -166,8 +170,6 @@ class VisionEncoder:
 
 def extract_vision(folder: str | os.PathLike, out: str | os.PathLike) -> dict:
     """Write the vision tower of a BLIP-2 folder as one .safetensors with its configs as metadata."""
-    from .files import save_safetensors
-
     folder, out = Path(folder), Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"output must end in .safetensors, got {out}")
