@@ -263,6 +263,28 @@ def test_resuming_continues_the_same_run(prepared, tiny_models, tmp_path):
     train("lvlm", tiny_models["flan_t5"], prepared, tmp_path / "cut", resume=True, log=messages.append, **options)
     assert messages == [f"{tmp_path / 'cut'} is already at step 20 of --steps 20: nothing to train"]
 
+    log = (tmp_path / "cut" / "log.csv").read_text()
+    with pytest.raises(FileExistsError) as error:  # without --resume: refused, nothing overwritten
+        train("lvlm", tiny_models["flan_t5"], prepared, tmp_path / "cut", log=lambda _: None, **options)
+    assert str(error.value) == (f"{tmp_path / 'cut'} holds a training run (at step 20); pass --resume to continue "
+                                f"it, or another --out to start a new one")
+    assert (tmp_path / "cut" / "log.csv").read_text() == log
+
+
+def test_data_mistakes_are_reported_before_the_frozen_t5_loads(images, tiny_models, tmp_path, monkeypatch):
+    import transformers
+
+    def no_t5(*_args, **_kwargs):
+        raise AssertionError("the frozen T5 was loaded")
+
+    monkeypatch.setattr(transformers.T5ForConditionalGeneration, "from_pretrained", no_t5)
+    with pytest.raises(ValueError, match=r"the clip variant needs --vision \(BLIP-2 vision file or folder\)"):
+        train("clip", tiny_models["flan_t5"], images, tmp_path / "run", steps=1, log=lambda _: None)
+    with pytest.raises(FileNotFoundError, match=f"no prepared shards \\(shard-\\*.safetensors\\) in {images}; "
+                                                f"run prepare-lvlm"):
+        train("lvlm", tiny_models["flan_t5"], images, tmp_path / "run", steps=1, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
 
 def test_clip_variant_trains_on_captioned_images(images, tiny_models, tmp_path):
     result = train("clip", tiny_models["flan_t5"], images, tmp_path, vision=tiny_models["blip2"], steps=3,

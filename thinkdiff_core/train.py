@@ -346,33 +346,29 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
         raise ValueError(f"--steps must be 1 or more, got {steps}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be 1 or more, got {batch_size}")
+    if variant == "clip" and vision is None:
+        raise ValueError("the clip variant needs --vision (BLIP-2 vision file or folder)")
     t5_folder = Path(t5)
     check_t5_folder(t5_folder)
+    out = Path(out)
+    state_dir, progress_file, log_file = out / "state", out / "trainer.json", out / "log.csv"
+    if progress_file.is_file() and not resume:  # starting over would overwrite its checkpoints and log
+        step = json.loads(progress_file.read_text()).get("step")
+        raise FileExistsError(f"{out} holds a training run (at step {step}); pass --resume to continue it, or "
+                              f"another --out to start a new one")
     cpu = not torch.cuda.is_available() if cpu is None else cpu
     precision = precision or ("fp32" if cpu else "bf16")
-    out = Path(out)
     tensorboard = bool(is_tensorboard_available())  # logs to out/ as well when TensorBoard is installed
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu,
                               log_with="tensorboard" if tensorboard else None, project_dir=str(out))
     t5_tokenizer = AutoTokenizer.from_pretrained(t5_folder, local_files_only=True)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    dtype_option = "dtype" if release(transformers) >= (4, 56) else "torch_dtype"
-    t5 = T5ForConditionalGeneration.from_pretrained(t5_folder, local_files_only=True, **{dtype_option: dtype})
-    encoder_norm = stored_encoder_norm(t5_folder, t5).detach().clone()
-    if variant == "lvlm":  # the decoder reads the aligner's output directly; like the authors, drop the encoder
-        t5.encoder = None  # (about 9.5 GB of Flan-T5-XXL in bf16) before anything reaches the GPU
-    # .to(dtype) as well: from_pretrained keeps T5's `wo` layers in fp32, the authors cast every layer to bf16.
-    t5 = t5.to(accelerator.device, dtype)
-    t5.requires_grad_(False).train()  # frozen, but in training mode (dropout) as in the authors' runner
-
+    # The data first: its mistakes are reported before the frozen T5 (11B parameters for Flan-T5-XXL) loads.
     if variant == "lvlm":
         dataset = LVLMData(data, t5_tokenizer, max_split=max_split, max_text_tokens=max_text_tokens or 128)
         d_in = dataset.sample(dataset.keys[0])[0].shape[-1]
     else:
         from .vision import VisionEncoder
 
-        if vision is None:
-            raise ValueError("the clip variant needs --vision (BLIP-2 vision file or folder)")
         encoder = VisionEncoder.from_pretrained(vision, device=accelerator.device) \
             if isinstance(vision, (str, os.PathLike)) else vision
         dataset = CLIPData(data, encoder, t5_tokenizer, max_text_tokens=max_text_tokens or 32)
@@ -382,6 +378,16 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
     val_keys = [k for k in dataset.keys if is_validation(k, val_fraction)]
     if not train_keys:
         raise ValueError(f"no training samples in {data} (all {len(dataset.keys)} held out for validation)")
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype_option = "dtype" if release(transformers) >= (4, 56) else "torch_dtype"
+    t5 = T5ForConditionalGeneration.from_pretrained(t5_folder, local_files_only=True, **{dtype_option: dtype})
+    encoder_norm = stored_encoder_norm(t5_folder, t5).detach().clone()
+    if variant == "lvlm":  # the decoder reads the aligner's output directly; like the authors, drop the encoder
+        t5.encoder = None  # (about 9.5 GB of Flan-T5-XXL in bf16) before anything reaches the GPU
+    # .to(dtype) as well: from_pretrained keeps T5's `wo` layers in fp32, the authors cast every layer to bf16.
+    t5 = t5.to(accelerator.device, dtype)
+    t5.requires_grad_(False).train()  # frozen, but in training mode (dropout) as in the authors' runner
     if accelerator.is_main_process:  # only now, so that bad arguments or data leave no empty folder behind
         out.mkdir(parents=True, exist_ok=True)
 
@@ -399,7 +405,6 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
                                    {"params": no_decay, "weight_decay": 0.0}], lr=warmup_lr)
     aligner, optimizer = accelerator.prepare(aligner, optimizer)
 
-    state_dir, progress_file, log_file = out / "state", out / "trainer.json", out / "log.csv"
     step = 0
     if resume and progress_file.is_file():
         accelerator.load_state(str(state_dir))
