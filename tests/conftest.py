@@ -10,6 +10,15 @@ sys.path.insert(0, str(REPO))
 from thinkdiff_core.tiny import make_tiny_models  # noqa: E402
 
 
+def make_aligner(path, d_in, d_out):
+    """An aligner file of the given widths in the official key layout (zero weights)."""
+    from safetensors.torch import save_file
+
+    save_file({"mm_projector.0.weight": torch.zeros(d_out, d_in), "mm_projector.0.bias": torch.zeros(d_out),
+               "mm_projector.2.weight": torch.zeros(d_out, d_out), "mm_projector.2.bias": torch.zeros(d_out),
+               "mm_projector.3.weight": torch.ones(d_out)}, str(path))
+
+
 @pytest.fixture(autouse=True)
 def nothing_compiled_before(monkeypatch):
     """Each test starts as a process that has compiled no decoder layers (see decode._compiled_signatures)."""

@@ -6,7 +6,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, make_aligner
 from thinkdiff_core import cobsat
 from thinkdiff_core.cobsat import ITEMS, Run, build_prompt, parse_option, questions, run_cobsat
 from thinkdiff_core.judge import SYSTEM_PROMPT
@@ -175,18 +175,22 @@ def test_mistakes_are_refused_before_reasoning(data, tmp_path, tiny_models, monk
     monkeypatch.setattr(Reasoner, "from_pretrained", lambda *a, **k: pytest.fail("the VLM loaded before the check"))
     paths = {"vlm": tiny_models["vlm"], "aligner": tiny_models["aligner"], "flux": tiny_models["flux"],
              "judge": tiny_models["vlm"]}
+    narrow = tmp_path / "narrow.safetensors"
+    make_aligner(narrow, 64, 16)  # reads the tiny VLM's states, writes 16-d where the tiny FLUX reads 32-d
     for changes, message in [
         ({"aligner": tiny_models["aligner_clip"]}, f"aligner {tiny_models['aligner_clip']} takes 48-d states but the "
                                                    f"VLM {tiny_models['vlm']} has hidden size 64"),
+        ({"aligner": narrow}, f"aligner {narrow} writes 16-d features but the FLUX in {tiny_models['flux']} reads "
+                              f"32-d T5 features"),
         ({"steps": 0}, "--steps must be at least 1, got 0"),
         ({"size": 100}, "--size must be a positive multiple of 16"),
         ({"flux": tmp_path}, f"{tmp_path} is not a diffusers FLUX folder"),
         ({"judge": tmp_path}, f"judge: {tmp_path} is not a Hugging Face model folder"),
     ]:
         with pytest.raises((ValueError, FileNotFoundError)) as error:
-            run_cobsat(data, tmp_path, **{**paths, **changes}, tasks="1", limit=1, log=lambda _: None)
+            run_cobsat(data, tmp_path / "out", **{**paths, **changes}, tasks="1", limit=1, log=lambda _: None)
         assert str(error.value).startswith(message)
-    assert not list(tmp_path.rglob("*.safetensors"))
+    assert not list((tmp_path / "out").rglob("*.safetensors"))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ from PIL import Image
 import comfy.model_management as mm
 from thinkdiff_core.compose import image_tokens
 
-from test_nodes import image_tensor, make_aligner, node
+from conftest import make_aligner
+from test_nodes import image_tensor, node
 
 
 @pytest.fixture(scope="module")

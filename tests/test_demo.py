@@ -47,6 +47,14 @@ def test_demo_names_what_is_missing(tmp_path):
     result = subprocess.run([sys.executable, "-m", "thinkdiff_core", "demo", "--models-dir", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: no Qwen2-VL folder")
+    with pytest.raises(FileNotFoundError, match=f"--models-dir {tmp_path / 'typo'}: no such folder"):
+        run_demo(tmp_path / "typo", tmp_path / "out", log=lambda _: None)
+
+
+def test_a_prompt_without_the_clip_variant_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"--prompt is the clip variant's text \(the lvlm example reasons over its "
+                                         r"fixed words and pictures\); add --variant clip"):
+        run_demo(None, tmp_path / "out", prompt="on a beach", log=lambda _: None)
 
 
 def test_flux_inputs_are_the_aligned_tokens_and_pooled_clip_of_the_empty_string(tiny_models):

@@ -6,7 +6,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, make_aligner
 from thinkdiff_core.generate import generate
 
 ASSETS = REPO / "thinkdiff_core" / "assets"
@@ -180,6 +180,32 @@ def test_bad_model_files_are_refused_before_the_vlm_loads(tmp_path, tiny_models,
         code, err = run_main(common + [x for pair in models.items() for x in pair], capsys)
         assert code == 2 and err.startswith(f"error: {message}"), err
         assert not (tmp_path / "generate_output").exists()  # the failed run left no empty folder
+
+
+def test_aligner_widths_are_matched_with_the_vision_tower_and_flux_before_any_model_loads(tmp_path, tiny_models,
+                                                                                          no_model_loads, capsys):
+    narrow = tmp_path / "narrow.safetensors"
+    make_aligner(narrow, 64, 16)  # reads the tiny VLM's states, writes 16-d where the tiny FLUX reads 32-d
+    lvlm = ["--vlm", tiny_models["vlm"], "--flux", tiny_models["flux"], "--items", "white", WHITE, "red"]
+    code, err = run_main(["generate", "--aligner", narrow, *lvlm], capsys)
+    assert code == 2 and err == (f"error: aligner {narrow} writes 16-d features but the FLUX in {tiny_models['flux']} "
+                                 f"reads 32-d T5 features\n")
+    code, err = run_main(["generate", "--variant", "clip", "--vision", tiny_models["blip2"], "--aligner",
+                          tiny_models["aligner"], "--flux", tiny_models["flux"], "--images", WHITE], capsys)
+    assert code == 2 and err.startswith(f"error: aligner {tiny_models['aligner']} takes 64-d features but the vision "
+                                        f"encoder {tiny_models['blip2']} gives 48-d; ThinkDiff-CLIP needs its own")
+
+
+def test_options_of_the_other_variant_are_refused(tmp_path, tiny_models, no_model_loads, capsys):
+    models = ["--flux", tiny_models["flux"]]
+    code, err = run_main(["generate", "--vlm", tiny_models["vlm"], "--aligner", tiny_models["aligner"], *models,
+                          "--items", "white", WHITE, "red", "--prompt", "on a beach", "--images", WHITE], capsys)
+    assert code == 2 and err == ("error: the lvlm variant does not use --images, --prompt (given); leave them out or "
+                                 "choose the other --variant\n")
+    code, err = run_main(["generate", "--variant", "clip", "--vision", tiny_models["blip2"], "--aligner",
+                          tiny_models["aligner_clip"], *models, "--images", WHITE, "--max-new-tokens", "8"], capsys)
+    assert code == 2 and err == ("error: the clip variant does not use --max-new-tokens (given); leave it out or "
+                                 "choose the other --variant\n")
 
 
 def test_clip_images_must_be_readable_images(tmp_path, tiny_models, no_model_loads):

@@ -10,6 +10,7 @@ from PIL import Image
 
 import comfy.model_management as mm
 import comfy.utils
+from conftest import make_aligner
 from thinkdiff_core import Reasoner, load_aligner
 from thinkdiff_core.prompt import to_rgb
 from thinkdiff_core.reason import FP16_REFUSAL, final_norm, quantized_size
@@ -297,14 +298,6 @@ def test_bad_sequences_are_clear_errors(host, loaded, cars, overrides, message):
     with pytest.raises(ValueError) as error:
         reason(host, loaded, **overrides)
     assert message in str(error.value)
-
-
-def make_aligner(path, d_in, d_out):
-    from safetensors.torch import save_file
-
-    save_file({"mm_projector.0.weight": torch.zeros(d_out, d_in), "mm_projector.0.bias": torch.zeros(d_out),
-               "mm_projector.2.weight": torch.zeros(d_out, d_out), "mm_projector.2.bias": torch.zeros(d_out),
-               "mm_projector.3.weight": torch.ones(d_out)}, str(path))
 
 
 def test_mismatched_aligners_are_clear_errors(host, loaded, cars):

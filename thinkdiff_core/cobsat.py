@@ -212,7 +212,7 @@ class Run:
         if is_path(vlm):
             check_vlm_folder(Path(vlm))
         loaded = load_aligner(aligner) if is_path(aligner) else aligner
-        check_aligner_width(loaded, vlm_hidden_size(vlm) if is_path(vlm) else vlm.hidden_size,
+        check_aligner_width(loaded.in_features, vlm_hidden_size(vlm) if is_path(vlm) else vlm.hidden_size,
                             aligner if is_path(aligner) else "(given)", vlm if is_path(vlm) else "(given)")
         reasoner = Reasoner.from_pretrained(vlm) if is_path(vlm) else vlm
         aligner = loaded.to(reasoner.device)
@@ -338,6 +338,8 @@ class Run:
 def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all", limit: int | None = None,
                seed: int = 0, steps: int = 28, guidance: float = 3.5, size: int = 512, log=print) -> dict:
     """All stages: models are loaded one at a time (paths) or used as given (loaded objects, e.g. in tests)."""
+    from .aligner import aligner_state_dict
+    from .generate import check_flux_width
     from .judge import VLMJudge, check_judge_folder
 
     run = Run(data, out, shot, tasks, limit, seed)
@@ -345,6 +347,8 @@ def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all",
     check_options(steps, size)
     if is_path(flux):
         check_flux_folder(flux)
+        if is_path(aligner):
+            check_flux_width(aligner_state_dict(aligner)[0]["0.weight"].shape[0], aligner, flux)
     if is_path(judge):
         check_judge_folder(Path(judge))
     log(f"CoBSAT {shot}-shot: {len(run.prompts)} prompts over tasks {', '.join(TASKS[t][0] for t in run.tasks)}")

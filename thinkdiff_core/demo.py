@@ -66,7 +66,12 @@ def run_demo(models_dir: str | os.PathLike | None = None, out_dir: str | os.Path
     """Run the example of `variant`; write image.png, timings.json (and answer.txt for lvlm) to `out_dir`."""
     if variant not in ("lvlm", "clip"):
         raise ValueError(f"variant must be lvlm or clip, got {variant!r}")
+    if prompt and variant != "clip":
+        raise ValueError("--prompt is the clip variant's text (the lvlm example reasons over its fixed words and "
+                         "pictures); add --variant clip")
     check_options(steps, size, device)  # before the tiny models are built or any model loads
+    if models_dir is not None and not Path(models_dir).is_dir():
+        raise FileNotFoundError(f"--models-dir {models_dir}: no such folder")
     tiny = models_dir is None
     if tiny:
         log("No --models-dir: using tiny random models. Every step runs, but random weights draw noise.")

@@ -17,10 +17,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import compose, condition
-from .aligner import Aligner, load_aligner
+from .aligner import aligner_state_dict, load_aligner
 from .reason import Reasoner, check_vlm_folder, quantization_config
 from .render import GUIDANCE, SIZE, STEPS, check_flux_folder, check_options, free_memory, load_flux, render
-from .vision import VisionEncoder
+from .vision import VisionEncoder, vision_hidden_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # The parameters of a run (what run.json holds besides its results).
@@ -72,11 +72,48 @@ def vlm_hidden_size(folder: str | os.PathLike) -> int:
     return AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config().hidden_size
 
 
-def check_aligner_width(aligner: Aligner, hidden_size: int, aligner_name: str, vlm_name: str) -> None:
+def flux_text_width(folder: str | os.PathLike) -> int | None:
+    """The width of the T5 features a diffusers FLUX folder reads (transformer/config.json), or None."""
+    try:
+        return int(json.loads((Path(folder) / "transformer" / "config.json").read_text())["joint_attention_dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_aligner_width(d_in: int, hidden_size: int, aligner_name: str, vlm_name: str) -> None:
     """The aligner reads the VLM's states: its input width must be the VLM's hidden size."""
-    if aligner.in_features != hidden_size:
-        raise ValueError(f"aligner {aligner_name} takes {aligner.in_features}-d states but the VLM {vlm_name} has "
+    if d_in != hidden_size:
+        raise ValueError(f"aligner {aligner_name} takes {d_in}-d states but the VLM {vlm_name} has "
                          f"hidden size {hidden_size}")
+
+
+def check_flux_width(d_out: int, aligner_name: str, flux: str | os.PathLike) -> None:
+    """The aligner writes FLUX's T5 features: its output width must be the one the FLUX folder reads."""
+    width = flux_text_width(flux)
+    if width is not None and d_out != width:
+        raise ValueError(f"aligner {aligner_name} writes {d_out}-d features but the FLUX in {flux} reads "
+                         f"{width}-d T5 features")
+
+
+def check_aligner_fit(params: dict) -> None:
+    """The aligner reads the VLM's states (lvlm) or the vision tower's tokens (clip) and writes FLUX's T5
+    features: both widths are checked against the configs before any large model loads."""
+    weights, _ = aligner_state_dict(params["aligner"])  # also refuses an unreadable or foreign file
+    d_out, d_in = weights["0.weight"].shape
+    if params["variant"] == "lvlm":
+        check_aligner_width(d_in, vlm_hidden_size(params["vlm"]), params["aligner"], params["vlm"])
+    else:
+        width = vision_hidden_size(params["vision"])
+        if width is not None and d_in != width:
+            raise ValueError(f"aligner {params['aligner']} takes {d_in}-d features but the vision encoder "
+                             f"{params['vision']} gives {width}-d; ThinkDiff-CLIP needs its own aligner "
+                             f"(thinkdiff_clip.pth, d_in 1408), not the LVLM one (d_in 3584)")
+    check_flux_width(d_out, params["aligner"], params["flux"])
+
+
+# Options of one variant that the other does not use, with their command-line names.
+OTHER_VARIANT_OPTIONS = {"lvlm": ("images", "prompt", "vision"),
+                         "clip": ("items", "instruction", "vlm", "quantize", "temperature", "top_p", "max_new_tokens")}
 
 
 def check_params(params: dict) -> dict:
@@ -90,6 +127,11 @@ def check_params(params: dict) -> dict:
     missing = [name for name in REQUIRED[params["variant"]] if not params[name]]
     if missing:
         raise ValueError(f"the {params['variant']} variant needs --{' --'.join(missing)}")
+    unused = [name for name in OTHER_VARIANT_OPTIONS[params["variant"]] if params[name] != DEFAULTS[name]]
+    if unused:
+        options = ", ".join("--" + name.replace("_", "-") for name in unused)
+        raise ValueError(f"the {params['variant']} variant does not use {options} (given); leave "
+                         f"{'it' if len(unused) == 1 else 'them'} out or choose the other --variant")
     if not params["seeds"]:
         raise ValueError("give at least one seed")
     # Everything that can be checked without loading a model, so that a mistake costs seconds, not minutes.
@@ -103,6 +145,7 @@ def check_params(params: dict) -> dict:
         for path in params["images"]:
             open_image(path).close()
     check_flux_folder(params["flux"])
+    check_aligner_fit(params)
     # Absolute paths, so that run.json reruns from any folder.
     for name in ("vlm", "aligner", "vision", "flux"):
         if params[name]:
@@ -143,10 +186,8 @@ def draw(params: dict, log=print, progress: bool = True) -> tuple[dict, dict]:
     conditionings = {}  # seed -> (aligned tokens, answer text or None)
     if params["variant"] == "lvlm":
         items = load_items(params["items"])
-        # The aligner first: a wrong or unreadable one is refused before the VLM's minutes of loading.
         with timings("load_aligner_s"):
             aligner = load_aligner(params["aligner"])
-        check_aligner_width(aligner, vlm_hidden_size(params["vlm"]), params["aligner"], params["vlm"])
         with timings("load_vlm_s"):
             # One reasoning run would be over before a background compilation of the decode step is.
             compile = None if len(params["seeds"]) > 1 else False

@@ -115,6 +115,25 @@ def read_vision_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
     return tensors, config, processor
 
 
+def vision_hidden_size(path: str | os.PathLike) -> int | None:
+    """The vision tower's width from its config (a folder's config.json, a vision file's metadata; BLIP-2's
+    default where they give none, as the loader builds it), no weights read. None where unreadable: the
+    loader then names the problem."""
+    from safetensors import safe_open
+    from transformers import Blip2VisionConfig
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            config = json.loads((path / "config.json").read_text()).get("vision_config", {})
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                config = json.loads((f.metadata() or {}).get("vision_config", "{}"))
+        return int(config.get("hidden_size", Blip2VisionConfig().hidden_size))
+    except Exception:  # noqa: BLE001 - safetensors and json raise many kinds; the loader reports them
+        return None
+
+
 class VisionEncoder:
     """BLIP-2's vision tower with its image processor, producing ThinkDiff-CLIP's 65 tokens per image."""
 
