@@ -239,6 +239,17 @@ def test_top_level_help_is_plain_text(capsys):
     assert "`" not in description and "  " not in description
 
 
+@pytest.mark.parametrize("argv0, usage", [("/venv/bin/thinkdiff", "usage: thinkdiff "),
+                                          ("/repo/thinkdiff_core/__main__.py", "usage: python -m thinkdiff_core ")])
+def test_usage_names_the_command_as_it_was_typed(capsys, monkeypatch, argv0, usage):
+    from thinkdiff_core.__main__ import main
+
+    monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith(usage)
+
+
 def test_flux_gets_the_aligned_reasoning_the_guidance_and_the_steps(tmp_path, tiny_models, reasoner, monkeypatch):
     """What reaches FLUX: the aligner applied to the reasoning states of that seed, the paper's guidance 3.5 (or
     the one given) and the steps given."""

@@ -27,7 +27,9 @@ def read_config(path: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m thinkdiff_core", description=__doc__)
+    # As the user typed it: the `thinkdiff` command of `pip install .`, or the module.
+    prog = "thinkdiff" if Path(sys.argv[0]).name == "thinkdiff" else "python -m thinkdiff_core"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run the example end to end and write the image")
