@@ -11,7 +11,7 @@ import torch
 import comfy.model_management as mm
 
 from ..thinkdiff_core import Reasoner, VisionEncoder, load_aligner
-from ..thinkdiff_core.aligner import VARIANT_NAMES, VARIANTS
+from ..thinkdiff_core.aligner import width_mismatch
 from ..thinkdiff_core.reason import FP16_REFUSAL, quantized_size
 from . import folders, managed
 
@@ -25,9 +25,10 @@ VLM_PRECISION_TOOLTIP = (PRECISION_TOOLTIP + ". 8-bit / 4-bit need bitsandbytes,
 # How the VLM decodes: the Reasoner's `compile` setting.
 DECODINGS = {"compiled": None, "uncompiled": False}
 DECODING_TOOLTIP = ("compiled: the fastest reasoning, on NVIDIA GPUs with Triton, once a one-time compilation that "
-                    "starts after the first run has finished; that first run decodes uncompiled and rounds "
-                    "differently, so its answer for a seed can differ from later runs'. uncompiled: every run "
-                    "decodes alike (a seed always gives the same answer), more slowly")
+                    "starts after the first run has finished (once per ComfyUI session: a VLM loaded again reuses "
+                    "it); that first run decodes uncompiled and rounds differently, so its answer for a seed can "
+                    "differ from later runs'. uncompiled: every run decodes alike (a seed always gives the same "
+                    "answer), more slowly")
 
 
 class ThinkDiffVLM:
@@ -61,11 +62,7 @@ class ThinkDiffAligner:
 
     def mismatch(self, width: int, source: str) -> str:
         """The error for feeding this aligner `width`-d features from `source`."""
-        variant = VARIANTS.get(self.in_features)
-        kind = f" (the {VARIANT_NAMES[variant]} aligner)" if variant else ""
-        return (f"aligner '{self.name}' takes {self.in_features}-d features{kind} but {source} gives {width}-d; "
-                f"use the aligner trained for it: ThinkDiff-LVLM's takes Qwen2-VL-7B's 3584-d states, "
-                f"ThinkDiff-CLIP's BLIP-2's 1408-d features")
+        return width_mismatch(f"'{self.name}'", self.in_features, source, width)
 
 
 # One loaded copy per file and precision, however many loader nodes ask for it.
@@ -86,11 +83,11 @@ def _find(models: dict[str, str], name: str, what: str, keys, precision: str | N
         raise ValueError(problem)
     if name not in models:
         message = folders.not_found(what, name, keys)
-        stem = os.path.splitext(name)[0]
+        stem, suffix = os.path.splitext(name)
         # A workflow names the official .pth; the user may have converted it to .safetensors (or back).
-        others = [other for other in models if other != name and os.path.splitext(other)[0] == stem]
-        if others:
-            message += f"; {' and '.join(repr(other) for other in others)} is there: select it in the loader"
+        twin = {".pth": ".safetensors", ".safetensors": ".pth"}.get(suffix)
+        if twin and stem + twin in models:
+            message += f"; '{stem + twin}' is there: select it in the loader"
         raise FileNotFoundError(message)
     return models[name]
 

@@ -132,7 +132,8 @@ def test_errors_name_the_file_and_what_was_expected(tmp_path):
 
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="corrupt.safetensors: not a readable .safetensors file"):
+    with pytest.raises(ValueError, match=re.escape(f"{corrupt} is not a .safetensors file, or an incomplete download "
+                                                   f"(8 bytes); download it again")):
         load_aligner(corrupt)
 
     truncated = tmp_path / "truncated.pth"

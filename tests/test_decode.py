@@ -375,3 +375,16 @@ def test_the_compiled_signature_tells_other_layers_apart(reasoner):
     wider = copy.deepcopy(layer)
     wider.mlp.up_proj = torch.nn.Linear(layer.mlp.up_proj.in_features, 2 * layer.mlp.up_proj.out_features)
     assert decode.layer_signature(wider, 4, 2) != signature
+
+
+def test_layers_compiled_before_wait_while_another_compilation_runs(reasoner, car_images, emulated_graphs,
+                                                                     monkeypatch):
+    """Compiled code runs only inside the guarded warm-up and capture, which wait for a running compilation."""
+    decoder = FastDecoder(reasoner.model, compile=True)
+    graphs = emulated_graphs(decoder)
+    decode._compiled_signatures.add(decoder._signature())
+    monkeypatch.setattr(BackgroundCompilation, "running", classmethod(lambda cls: True))
+    inputs = two_shot_inputs(reasoner, car_images)
+    tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
+    assert torch.equal(tokens, plain(reasoner, inputs, 0)[0])
+    assert not decoder.compiled and graphs.captures == 0

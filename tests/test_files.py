@@ -47,6 +47,17 @@ def test_extra_bytes_and_broken_headers_are_refused(weights):
     weights.write_bytes((8).to_bytes(8, "little") + b"{broken}")
     with pytest.raises(ValueError, match=re.escape(f"{weights} has an unreadable .safetensors header")):
         check_safetensors_file(weights)
+    header = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":["0","4"]}}'
+    weights.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    with pytest.raises(ValueError, match=re.escape(f"{weights} has an unreadable .safetensors header (data_offsets "
+                                                   f"are not integers)")):
+        check_safetensors_file(weights)
+
+
+def test_files_without_tensors_and_empty_tensors_pass(tmp_path):
+    for name, tensors in (("none", {}), ("empty", {"a": torch.zeros(0), "b": torch.ones(2), "c": torch.zeros(3, 0)})):
+        save_safetensors(tensors, tmp_path / f"{name}.safetensors", metadata={"format": "pt"})
+        check_safetensors_file(tmp_path / f"{name}.safetensors")
 
 
 def test_a_git_lfs_pointer_is_told_apart(weights):
@@ -62,7 +73,7 @@ def test_a_sharded_folder_needs_every_shard_its_index_lists(tmp_path, weights):
                                             "b": "model-00002-of-00002.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match=re.escape(
-            f"{tmp_path} lacks model-00002-of-00002.safetensors of the 2 weight files its "
+            f"{tmp_path} lacks model-00002-of-00002.safetensors of the weight files its "
             f"model.safetensors.index.json lists; download the missing ones")):
         check_safetensors_folder(tmp_path)
     save_safetensors({"b": torch.zeros(5)}, tmp_path / "model-00002-of-00002.safetensors")
@@ -97,6 +108,33 @@ def test_the_vlm_loader_names_missing_tokenizer_files(vlm_copy):
         Reasoner.from_pretrained(vlm_copy, device="cpu")
 
 
+def test_a_blip2_folder_needs_only_the_shards_of_its_vision_tower(tmp_path, tiny_models):
+    from thinkdiff_core.vision import extract_vision
+
+    folder = tmp_path / "blip2"
+    shutil.copytree(tiny_models["blip2"], folder)
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    t5_only = {shard for shard in weight_map.values()} - {shard for key, shard in weight_map.items()
+                                                         if key.startswith("vision_model.")}
+    assert t5_only  # the tiny BLIP-2 is sharded so that some shards hold no vision tensors
+    for shard in t5_only:
+        (folder / shard).unlink()
+    report = extract_vision(folder, tmp_path / "vision.safetensors")
+    assert report["tensors"] == sum(key.startswith("vision_model.") for key in weight_map)
+
+
+def test_a_cut_off_flux_part_is_named_before_anything_loads(tmp_path, tiny_models):
+    from thinkdiff_core.render import check_flux_folder
+
+    flux = tmp_path / "FLUX.1-dev"
+    shutil.copytree(tiny_models["flux"], flux)
+    check_flux_folder(flux)
+    shard = sorted((flux / "transformer").glob("*.safetensors"))[-1]
+    cut(shard)
+    with pytest.raises(ValueError, match=re.escape(f"{shard} is an incomplete download: ")):
+        check_flux_folder(flux)
+
+
 def test_the_vision_loader_names_a_cut_off_file_or_shard(tmp_path, tiny_models):
     from thinkdiff_core.vision import extract_vision
 
@@ -108,7 +146,8 @@ def test_the_vision_loader_names_a_cut_off_file_or_shard(tmp_path, tiny_models):
 
     folder = tmp_path / "blip2"
     shutil.copytree(tiny_models["blip2"], folder)
-    shard = sorted(folder.glob("*.safetensors"))[-1]
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = folder / weight_map["vision_model.embeddings.patch_embedding.weight"]
     cut(shard, keep=0.9)
     with pytest.raises(ValueError, match=re.escape(f"{shard} is an incomplete download: ")):
         VisionEncoder.from_pretrained(folder, device="cpu")

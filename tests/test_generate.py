@@ -192,8 +192,9 @@ def test_aligner_widths_are_matched_with_the_vision_tower_and_flux_before_any_mo
                                  f"reads 32-d T5 features\n")
     code, err = run_main(["generate", "--variant", "clip", "--vision", tiny_models["blip2"], "--aligner",
                           tiny_models["aligner"], "--flux", tiny_models["flux"], "--images", WHITE], capsys)
-    assert code == 2 and err.startswith(f"error: aligner {tiny_models['aligner']} takes 64-d features but the vision "
-                                        f"encoder {tiny_models['blip2']} gives 48-d; ThinkDiff-CLIP needs its own")
+    assert code == 2 and err == (f"error: aligner {tiny_models['aligner']} takes 64-d features but the vision encoder "
+                                 f"{tiny_models['blip2']} gives 48-d; use the aligner trained for it: ThinkDiff-LVLM's "
+                                 f"takes Qwen2-VL-7B's 3584-d states, ThinkDiff-CLIP's BLIP-2's 1408-d features\n")
 
 
 def test_options_of_the_other_variant_are_refused(tmp_path, tiny_models, no_model_loads, capsys):
@@ -206,6 +207,18 @@ def test_options_of_the_other_variant_are_refused(tmp_path, tiny_models, no_mode
                           tiny_models["aligner_clip"], *models, "--images", WHITE, "--max-new-tokens", "8"], capsys)
     assert code == 2 and err == ("error: the clip variant does not use --max-new-tokens (given); leave it out or "
                                  "choose the other --variant\n")
+
+
+def test_a_run_record_with_the_other_variants_options_still_runs(tmp_path, tiny_models, no_model_loads):
+    """Older versions recorded options the variant ignored; rerunning such a run.json must not be refused."""
+    from thinkdiff_core.__main__ import main
+
+    record = tmp_path / "run.json"
+    record.write_text(json.dumps({"variant": "clip", "vision": str(tiny_models["blip2"]), "flux": str(tiny_models["flux"]),
+                                  "aligner": str(tiny_models["aligner_clip"]), "images": [str(WHITE)],
+                                  "items": ["white"], "max_new_tokens": 64, "vlm": str(tiny_models["vlm"])}))
+    with pytest.raises(AssertionError, match="a model was loaded"):  # every check passed: loading began
+        main(["generate", "--config", str(record), "--out", str(tmp_path / "out")])
 
 
 def test_clip_images_must_be_readable_images(tmp_path, tiny_models, no_model_loads):

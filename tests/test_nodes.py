@@ -331,7 +331,7 @@ def test_missing_and_corrupt_model_files(host):
     assert message.endswith("; 'thinkdiff_clip.pth' is there: select it in the loader")
 
     (host.models / "thinkdiff" / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(ValueError, match="broken.safetensors: not a readable .safetensors file"):
+    with pytest.raises(ValueError, match="broken.safetensors has an unreadable .safetensors header"):
         aligner_loader.load("broken.safetensors")
 
     other_pack = host.models / "LLM" / "Florence-2-base"
@@ -377,7 +377,7 @@ def test_unreadable_files_in_shared_folders_are_skipped(host):
         # Aligners are listed however broken, so that loading one says what is wrong with it.
         aligner_loader = node(host, "ThinkDiffLoadAligner")
         assert "lfs_aligner.safetensors" in type(aligner_loader).INPUT_TYPES()["required"]["aligner_name"][0]
-        with pytest.raises(ValueError, match="lfs_aligner.safetensors: not a readable .safetensors file"):
+        with pytest.raises(ValueError, match="lfs_aligner.safetensors is a Git LFS pointer, not the weights"):
             aligner_loader.load("lfs_aligner.safetensors")
     finally:
         for name in ("lfs_pointer", "truncated", "list"):

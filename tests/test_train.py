@@ -1,6 +1,7 @@
 import json
 import math
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -266,9 +267,13 @@ def test_resuming_continues_the_same_run(prepared, tiny_models, tmp_path):
     log = (tmp_path / "cut" / "log.csv").read_text()
     with pytest.raises(FileExistsError) as error:  # without --resume: refused, nothing overwritten
         train("lvlm", tiny_models["flan_t5"], prepared, tmp_path / "cut", log=lambda _: None, **options)
-    assert str(error.value) == (f"{tmp_path / 'cut'} holds a training run (at step 20); pass --resume to continue "
-                                f"it, or another --out to start a new one")
+    assert str(error.value) == (f"{tmp_path / 'cut'} holds a training run (trainer.json); pass --resume to "
+                                f"continue it, or another --out to start a new one")
     assert (tmp_path / "cut" / "log.csv").read_text() == log
+    (tmp_path / "cut" / "trainer.json").write_text("")  # e.g. the disk filled up while it was written
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'cut' / 'trainer.json'} does not say which step to "
+                                                   f"resume from (JSONDecodeError: Expecting value")):
+        train("lvlm", tiny_models["flan_t5"], prepared, tmp_path / "cut", resume=True, log=lambda _: None, **options)
 
 
 def test_data_mistakes_are_reported_before_the_frozen_t5_loads(images, tiny_models, tmp_path, monkeypatch):
@@ -332,6 +337,12 @@ def test_prepare_and_train_commands(images, tiny_models, tmp_path):
                               cwd=REPO, capture_output=True, text=True)
     assert no_steps.returncode == 2 and "error: --steps must be 1 or more, got 0\n" in no_steps.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing left behind
+    again = subprocess.run(run + ["train", "--variant", "lvlm", "--t5", str(tiny_models["flan_t5"]), "--data",
+                                  str(tmp_path / "prepared"), "--out", str(tmp_path / "run"), "--steps", "3", "--cpu"],
+                           cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr == (f"error: {tmp_path / 'run'} holds a training run (trainer.json); "
+                                                      f"pass --resume to continue it, or another --out to start a new "
+                                                      f"one\n")
 
 
 def test_two_processes_with_accelerate_launch(prepared, tiny_models, tmp_path):

@@ -28,7 +28,7 @@ def read_config(path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     # As the user typed it: the `thinkdiff` command of `pip install .`, or the module.
-    prog = "thinkdiff" if Path(sys.argv[0]).name == "thinkdiff" else "python -m thinkdiff_core"
+    prog = "thinkdiff" if Path(sys.argv[0]).stem == "thinkdiff" else "python -m thinkdiff_core"
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -172,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.models_dir, args.out, variant=args.variant, prompt=args.prompt, seed=args.seed,
                      steps=args.steps, guidance=args.guidance, size=args.size, device=args.device)
         elif args.command == "generate":
-            from .generate import generate
+            from .generate import OTHER_VARIANT_OPTIONS, generate
 
             params = read_config(args.config) if args.config else {}
             options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "out") and v is not None}
+            # A run.json may hold options its variant never used (older versions recorded them, or --variant
+            # switches): they are not asked for now, so they are dropped rather than refused.
+            variant = options.get("variant", params.get("variant", "lvlm"))
+            params = {k: v for k, v in params.items() if k not in OTHER_VARIANT_OPTIONS.get(variant, ())}
             generate({**params, **options}, args.out)
         elif args.command == "cobsat":
             from .cobsat import run_cobsat
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, path in make_tiny_models(args.dir, args.seed).items():
                 print(f"{name}: {path}")
     # ImportError: an optional dependency an option needs (bitsandbytes for --quantize).
-    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import check_safetensors_file, save_safetensors
+
 PREFIX = "mm_projector."
 EXPECTED_KEYS = ("0.weight", "0.bias", "2.weight", "2.bias", "3.weight")
 T5_NORM_EPS = 1e-6
@@ -24,6 +26,15 @@ VARIANTS = {3584: "lvlm", 1408: "clip"}
 VARIANT_NAMES = {"lvlm": "ThinkDiff-LVLM (Qwen2-VL-7B states)", "clip": "ThinkDiff-CLIP (BLIP-2 ViT-g features)"}
 # How every file torch.save writes opens: a zip archive, or (before PyTorch 1.6) its pickled magic number.
 TORCH_HEADERS = (b"PK\x03\x04", pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2))
+
+
+def width_mismatch(aligner: str, d_in: int, source: str, width: int) -> str:
+    """The error for feeding `width`-d features from `source` to an aligner that takes `d_in`-d ones."""
+    variant = VARIANTS.get(d_in)
+    kind = f" (the {VARIANT_NAMES[variant]} aligner)" if variant else ""
+    return (f"aligner {aligner} takes {d_in}-d features{kind} but {source} gives {width}-d; use the aligner "
+            f"trained for it: ThinkDiff-LVLM's takes Qwen2-VL-7B's 3584-d states, ThinkDiff-CLIP's BLIP-2's "
+            f"1408-d features")
 
 
 class CheckpointError(ValueError):
@@ -74,6 +85,7 @@ def _read_file(path: Path) -> tuple[dict, dict]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
+        check_safetensors_file(path)  # names a cut-off download or a Git LFS pointer
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -176,8 +188,6 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, varia
     Returns a report with both sizes in bytes. The variant is guessed from d_in when not given
     (3584: Qwen2-VL-7B, "lvlm"; 1408: BLIP-2 EVA ViT-g, "clip").
     """
-    from .files import save_safetensors
-
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
         raise ValueError(f"output must end in .safetensors, got {dst}")

@@ -197,6 +197,10 @@ class Run:
                         records[f"{task}/{record['name']}"] = record
         return records
 
+    def unreasoned(self) -> list[Prompt]:
+        """The prompts without aligned tokens on disk."""
+        return [p for p in self.prompts if not self.files(p)["tokens"].is_file()]
+
     def reason(self, vlm, aligner, log=print) -> int:
         """Reason over every prompt without tokens on disk; `vlm`/`aligner` are paths or loaded models."""
         from safetensors.torch import save_file
@@ -205,7 +209,7 @@ class Run:
         from .generate import check_aligner_width, vlm_hidden_size
         from .reason import Reasoner, check_vlm_folder
 
-        pending = [p for p in self.prompts if not self.files(p)["tokens"].is_file()]
+        pending = self.unreasoned()
         if not pending:
             return 0
         # As generate: the aligner is loaded and matched with the VLM's config before the VLM loads.
@@ -347,7 +351,7 @@ def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all",
     check_options(steps, size)
     if is_path(flux):
         check_flux_folder(flux)
-        if is_path(aligner):
+        if is_path(aligner) and run.unreasoned():  # a finished reasoning stage needs no aligner
             check_flux_width(aligner_state_dict(aligner)[0]["0.weight"].shape[0], aligner, flux)
     if is_path(judge):
         check_judge_folder(Path(judge))

@@ -220,6 +220,7 @@ class BackgroundCompilation:
                 finally:
                     stream.synchronize()  # before the copy's memory goes back to the allocator, error or not
             self.pieces = pieces
+            _compiled_signatures.add(self.signature)  # now, also if the decoder never runs again
         except Exception as e:  # noqa: BLE001 - reported by the decoder, which stays eager
             self.error = e
         finally:
@@ -462,7 +463,6 @@ class FastDecoder:
         self.compile_seconds = compilation.seconds
         if compilation.pieces is not None:
             self._compiled_pieces = compilation.pieces
-            _compiled_signatures.add(compilation.signature)
         elif self._failed_compilations == 0:
             self._failed_compilations += 1
             logger.warning("ThinkDiff: compiling the decode step failed (%s: %s); trying once more",
@@ -486,8 +486,8 @@ class FastDecoder:
         """The captured step for these buffers, recaptured when the weights moved or compiled layers became
         ready; None if capture failed. Starts the background compilation when it is wanted."""
         self._adopt_compilation()
-        if self.compile and self._compiled_pieces is None and (
-                not self.compile_in_background or self._signature() in _compiled_signatures):
+        compiled_before = self._signature() in _compiled_signatures and not BackgroundCompilation.running()
+        if self.compile and self._compiled_pieces is None and (not self.compile_in_background or compiled_before):
             self._compiled_pieces = compile_layer_pieces()  # compiled by the warm-up steps
         graph = self._captured_step(b)
         if graph is not None and self.compile and not self.compiled and self.compile_in_background \

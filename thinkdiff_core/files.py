@@ -34,10 +34,12 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
         f.seek(8)
         try:
             header = json.loads(f.read(length))
-            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
-                      default=0)
+            ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+            if not all(type(end) is int for end in ends):
+                raise ValueError("data_offsets are not integers")
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
             raise ValueError(f"{path} has an unreadable .safetensors header ({e}); download it again") from e
+    end = max(ends, default=0)
     expected = 8 + length + end
     if size != expected:
         problem = "an incomplete download" if size < expected else "longer than its header says"
@@ -46,19 +48,21 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
 
 
 def check_safetensors_folder(folder: str | os.PathLike) -> None:
-    """check_safetensors_file for each weight file of a Hugging Face folder: the shards that
-    model.safetensors.index.json names (each must be there), else every *.safetensors."""
+    """check_safetensors_file for the weight files of a Hugging Face or diffusers folder: the shards that
+    its *.safetensors.index.json names (each must be there), else every *.safetensors."""
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        index = indexes[0]
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{index} is not a readable safetensors index ({e}); download it again") from e
         missing = [shard for shard in shards if not (folder / shard).is_file()]
         if missing:
-            raise FileNotFoundError(f"{folder} lacks {', '.join(missing)} of the {len(shards)} weight files its "
-                                    f"model.safetensors.index.json lists; download the missing ones")
+            raise FileNotFoundError(f"{folder} lacks {', '.join(missing)} of the weight files its {index.name} "
+                                    f"lists; download the missing ones")
         paths = [folder / shard for shard in shards]
     else:
         paths = sorted(folder.glob("*.safetensors"))

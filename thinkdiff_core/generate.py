@@ -17,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import compose, condition
-from .aligner import aligner_state_dict, load_aligner
+from .aligner import aligner_state_dict, load_aligner, width_mismatch
 from .reason import Reasoner, check_vlm_folder, quantization_config
 from .render import GUIDANCE, SIZE, STEPS, check_flux_folder, check_options, free_memory, load_flux, render
 from .vision import VisionEncoder, vision_hidden_size
@@ -105,9 +105,7 @@ def check_aligner_fit(params: dict) -> None:
     else:
         width = vision_hidden_size(params["vision"])
         if width is not None and d_in != width:
-            raise ValueError(f"aligner {params['aligner']} takes {d_in}-d features but the vision encoder "
-                             f"{params['vision']} gives {width}-d; ThinkDiff-CLIP needs its own aligner "
-                             f"(thinkdiff_clip.pth, d_in 1408), not the LVLM one (d_in 3584)")
+            raise ValueError(width_mismatch(params["aligner"], d_in, f"the vision encoder {params['vision']}", width))
     check_flux_width(d_out, params["aligner"], params["flux"])
 
 

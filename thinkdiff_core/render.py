@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .files import check_safetensors_folder
 from .versions import release
 
 # The paper's FLUX settings: CoBSAT reasoning at 512x512, composition at 1024x1024.
@@ -48,11 +50,21 @@ def check_device(device: str | None) -> None:
 
 
 def check_flux_folder(folder: str | os.PathLike) -> None:
-    if not (Path(folder) / "model_index.json").is_file():
+    """A diffusers FLUX folder whose parts' weight files are whole (a cut-off download is named now, not
+    after the VLM has reasoned)."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
         raise FileNotFoundError(
             f"{folder} is not a diffusers FLUX folder (model_index.json missing); expected a local "
             f"copy of black-forest-labs/FLUX.1-dev in diffusers layout"
         )
+    try:
+        parts = [name for name in json.loads(index.read_text()) if not name.startswith("_")]
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{index} is not a readable diffusers model index ({e})") from e
+    for part in parts:
+        if (Path(folder) / part).is_dir():
+            check_safetensors_folder(Path(folder) / part)
 
 
 def free_memory() -> None:

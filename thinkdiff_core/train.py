@@ -353,9 +353,8 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
     out = Path(out)
     state_dir, progress_file, log_file = out / "state", out / "trainer.json", out / "log.csv"
     if progress_file.is_file() and not resume:  # starting over would overwrite its checkpoints and log
-        step = json.loads(progress_file.read_text()).get("step")
-        raise FileExistsError(f"{out} holds a training run (at step {step}); pass --resume to continue it, or "
-                              f"another --out to start a new one")
+        raise FileExistsError(f"{out} holds a training run ({progress_file.name}); pass --resume to continue it, "
+                              f"or another --out to start a new one")
     cpu = not torch.cuda.is_available() if cpu is None else cpu
     precision = precision or ("fp32" if cpu else "bf16")
     tensorboard = bool(is_tensorboard_available())  # logs to out/ as well when TensorBoard is installed
@@ -407,8 +406,12 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
 
     step = 0
     if resume and progress_file.is_file():
+        try:
+            step = int(json.loads(progress_file.read_text())["step"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{progress_file} does not say which step to resume from ({type(e).__name__}: {e}); "
+                             f"continue in another --out, or remove {out} to start again") from e
         accelerator.load_state(str(state_dir))
-        step = json.loads(progress_file.read_text())["step"]
         if accelerator.is_main_process:
             log(f"resumed at step {step}" if step < steps else
                 f"{out} is already at step {step} of --steps {steps}: nothing to train")

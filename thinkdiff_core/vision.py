@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .files import check_safetensors_file, check_safetensors_folder, save_safetensors
+from .files import check_safetensors_file, save_safetensors
 
 PREFIX = "vision_model."
 BLIP2_MODEL_TYPE = "blip-2"
@@ -56,7 +56,15 @@ def _vision_tensors(folder: Path) -> dict[str, torch.Tensor]:
         for key, shard in weight_map.items():
             if key.startswith(PREFIX):
                 shards.setdefault(shard, []).append(key)
+        # Only the shards of the vision tower must be there: BLIP-2's T5 is not needed.
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}, where its model.safetensors.index.json "
+                                    f"puts vision tower weights; download the missing ones")
+        for shard in shards:
+            check_safetensors_file(folder / shard)
     elif (folder / "model.safetensors").is_file():
+        check_safetensors_file(folder / "model.safetensors")
         with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
             shards = {"model.safetensors": [k for k in f.keys() if k.startswith(PREFIX)]}
     else:
@@ -81,7 +89,6 @@ def _read_folder(folder: Path) -> tuple[dict, dict, dict]:
                          f"(model_type 'blip-2', e.g. Salesforce/blip2-flan-t5-xxl)")
     processor_path = folder / "preprocessor_config.json"
     processor = json.loads(processor_path.read_text()) if processor_path.is_file() else BLIP2_IMAGE_PROCESSOR
-    check_safetensors_folder(folder)
     return _vision_tensors(folder), config.get("vision_config", {}), processor
 
 
