@@ -109,7 +109,7 @@ def check_aligner_fit(params: dict) -> None:
     check_flux_width(d_out, params["aligner"], params["flux"])
 
 
-# Options of one variant that the other does not use, with their command-line names.
+# Options of one variant that the other does not use (--top-p etc. on the command line).
 OTHER_VARIANT_OPTIONS = {"lvlm": ("images", "prompt", "vision"),
                          "clip": ("items", "instruction", "vlm", "quantize", "temperature", "top_p", "max_new_tokens")}
 
