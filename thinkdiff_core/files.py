@@ -59,15 +59,20 @@ def check_safetensors_folder(folder: str | os.PathLike) -> None:
             shards = sorted(set(weight_map.values()))
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{index} is not a readable safetensors index ({e}); download it again") from e
-        missing = [shard for shard in shards if not (folder / shard).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{folder} lacks {', '.join(missing)} of the weight files its {index.name} "
-                                    f"lists; download the missing ones")
-        paths = [folder / shard for shard in shards]
+        check_shards(folder, shards, f" of the weight files its {index.name} lists")
     else:
-        paths = sorted(folder.glob("*.safetensors"))
-    for path in paths:
-        check_safetensors_file(path)
+        for path in sorted(folder.glob("*.safetensors")):
+            check_safetensors_file(path)
+
+
+def check_shards(folder: Path, shards, which: str) -> None:
+    """Each of `shards` (file names in `folder`) is there and whole; `which` follows the missing ones' names
+    in the error, saying where the list came from."""
+    missing = [shard for shard in shards if not (folder / shard).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}{which}; download the missing ones")
+    for shard in shards:
+        check_safetensors_file(folder / shard)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:

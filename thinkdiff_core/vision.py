@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .files import check_safetensors_file, save_safetensors
+from .files import check_safetensors_file, check_shards, save_safetensors
 
 PREFIX = "vision_model."
 BLIP2_MODEL_TYPE = "blip-2"
@@ -57,12 +57,7 @@ def _vision_tensors(folder: Path) -> dict[str, torch.Tensor]:
             if key.startswith(PREFIX):
                 shards.setdefault(shard, []).append(key)
         # Only the shards of the vision tower must be there: BLIP-2's T5 is not needed.
-        missing = [shard for shard in shards if not (folder / shard).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}, where its model.safetensors.index.json "
-                                    f"puts vision tower weights; download the missing ones")
-        for shard in shards:
-            check_safetensors_file(folder / shard)
+        check_shards(folder, shards, ", where its model.safetensors.index.json puts vision tower weights")
     elif (folder / "model.safetensors").is_file():
         check_safetensors_file(folder / "model.safetensors")
         with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
