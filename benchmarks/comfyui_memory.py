@@ -40,8 +40,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from thinkdiff_core.bench import QWEN2_VL_7B, random_qwen2_vl  # noqa: E402
-from thinkdiff_core.tiny import make_tiny_aligner, make_tiny_vlm  # noqa: E402
+from thinkdiff_core.commands.bench import QWEN2_VL_7B, random_qwen2_vl  # noqa: E402
+from thinkdiff_core.testing.tiny_models import make_tiny_aligner, make_tiny_vlm  # noqa: E402
 
 FLUX_FP8_GIB = 11.1  # FLUX.1-dev's transformer in fp8 (11.9 GB), what 24 GB cards run
 T5_WIDTH, CLIP_L_WIDTH = 4096, 768

@@ -37,4 +37,4 @@ PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 150 python3 -m thinkdiff
   --out "$out/bench_new_process.json" "$@" > /dev/null 2>> "$out/bench.log"
 echo "new-process bench exit $?" >> "$out/bench.log"
 tail -n 20 "$out/bench.log"
-python3 -m thinkdiff_core.bench "$out/bench.json" "$out/bench_new_process.json"
+python3 -m thinkdiff_core.commands.bench "$out/bench.json" "$out/bench_new_process.json"

@@ -7,7 +7,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from thinkdiff_core.tiny import make_tiny_models  # noqa: E402
+from thinkdiff_core.testing.tiny_models import make_tiny_models  # noqa: E402
 
 
 def make_aligner(path, d_in, d_out):

@@ -59,7 +59,7 @@ def test_each_precision_is_a_pass_and_a_failing_pass_keeps_the_others(tmp_path):
 
 def test_random_weights_of_another_size_keep_the_tiny_processors_token_ids(tmp_path):
     from thinkdiff_core import Reasoner
-    from thinkdiff_core.bench import QWEN2_VL_7B
+    from thinkdiff_core.commands.bench import QWEN2_VL_7B
 
     small = {**QWEN2_VL_7B, "hidden_size": 96, "intermediate_size": 160, "num_attention_heads": 4,
              "num_key_value_heads": 2, "num_hidden_layers": 1, "max_window_layers": 1,

@@ -52,6 +52,52 @@ def test_the_core_never_imports_comfyui():
             assert not {n.split(".")[0] for n in names} & comfy, f"{path} imports {names}"
 
 
+def imported_modules(path):
+    """The thinkdiff_core modules a file imports, as dotted names (relative imports resolved from its package)."""
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return {name.split("thinkdiff_core.", 1)[-1] for name in found if "thinkdiff_core" in name}
+
+
+def test_the_method_imports_no_command_and_the_nodes_only_the_method():
+    programs = ("commands", "testing", "__main__")
+    method = [p for p in (REPO / "thinkdiff_core").glob("*.py") if p.stem != "__main__"]
+    assert {p.stem for p in method} >= {"prompt", "reason", "decode", "aligner", "condition", "vision", "compose",
+                                        "render"}
+    for path in method + sorted((REPO / "nodes").glob("*.py")):
+        wrong = sorted(m for m in imported_modules(path) if m.split(".")[0] in programs)
+        assert not wrong, f"{path.relative_to(REPO)} imports {wrong}"
+
+
+def test_every_command_module_owns_its_parser_and_the_cli_lists_them_in_order():
+    from thinkdiff_core.commands import COMMANDS
+
+    on_disk = {p.stem for p in (REPO / "thinkdiff_core" / "commands").glob("*.py")} - {"__init__"}
+    assert set(COMMANDS) == on_disk - {"cobsat_judge", "training_data"}  # the two helpers are no commands
+    code = ("import sys, contextlib, io\nfrom thinkdiff_core.__main__ import main\nout = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit): main(['--help'])\n"
+            f"print(out.getvalue()); print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    listed = out.stdout.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert listed == [name.replace("_", "-") for name in COMMANDS]
+    assert out.stdout.splitlines()[-1] == "[]"  # --help loads no model library
+
+
+def test_the_packaged_modules_are_every_package_on_disk():
+    import tomllib
+
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    on_disk = [".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "thinkdiff_core").rglob("__init__.py")]
+    assert sorted(packages) == sorted(on_disk)
+
+
 def test_requirements_never_touch_the_users_torch():
     for name in ("requirements.txt", "requirements-dev.txt"):
         for line in (REPO / name).read_text().splitlines():

@@ -82,7 +82,7 @@ def write_models(models: Path, tiny_models: dict) -> None:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from thinkdiff_core import extract_vision
-    from thinkdiff_core.tiny import make_tiny_aligner
+    from thinkdiff_core.testing.tiny_models import make_tiny_aligner
 
     torch.manual_seed(0)
     shutil.copytree(tiny_models["vlm"], models / "LLM" / "Qwen2-VL-7B-Instruct")

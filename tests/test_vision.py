@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import REPO
 from thinkdiff_core import VisionEncoder, convert_to_safetensors, extract_vision, load_aligner
 from thinkdiff_core import compose
-from thinkdiff_core.demo import run_demo
+from thinkdiff_core.commands.demo import run_demo
 from thinkdiff_core.render import load_flux
 from thinkdiff_core.vision import downsample_tokens
 

@@ -11,15 +11,16 @@ step but draw noise.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
 
+from .. import ASSETS
+from ..render import GUIDANCE, STEPS, check_options
 from .generate import check_params, draw
-from .render import GUIDANCE, STEPS, check_options
 
-ASSETS = Path(__file__).parent / "assets"
-TINY_FORMAT = 3  # bump when tiny.py writes something different, so caches are rebuilt
+TINY_FORMAT = 3  # bump when testing/tiny_models.py writes something different, so caches are rebuilt
 EXAMPLE_ITEMS = ["white", str(ASSETS / "white_car.png"), "blue", str(ASSETS / "blue_car.png"), "red"]
 EXAMPLE_IMAGES = [str(ASSETS / "cat.png"), str(ASSETS / "pink_sunglasses.png")]
 
@@ -44,7 +45,7 @@ def tiny_models_cache() -> Path:
 
 def ensure_tiny_models() -> Path:
     """The cached tiny models, built on first use (a marker file says the build finished)."""
-    from .tiny import make_tiny_models
+    from ..testing.tiny_models import make_tiny_models
 
     folder = tiny_models_cache()
     if not (folder / "complete").is_file():
@@ -103,3 +104,27 @@ def run_demo(models_dir: str | os.PathLike | None = None, out_dir: str | os.Path
     if tiny:
         log("(Tiny random models: the image is noise" + (" and the answer gibberish" if answer else "") + " by design.)")
     return report
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("demo", help="run the example end to end and write the image")
+    parser.add_argument("--variant", choices=["lvlm", "clip"], default="lvlm",
+                        help="lvlm: reason over white car, blue car, 'red'; clip: compose a cat and pink sunglasses")
+    parser.add_argument("--prompt", default="", help="clip variant: text composed with the images")
+    parser.add_argument("--models-dir", help="folder with FLUX.1-dev/ (diffusers layout) and, for lvlm, "
+                        "Qwen2-VL-7B-Instruct/ + thinkdiff_lvlm.safetensors (or .pth); for clip, "
+                        "blip2_vision.safetensors (or blip2-flan-t5-xxl/) + thinkdiff_clip.safetensors (or .pth); "
+                        "default: tiny random models")
+    parser.add_argument("--out", default="demo_output", help="output folder (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    parser.add_argument("--size", type=int, help="image width and height (default: the paper's, 512 for lvlm, "
+                        "1024 for clip)")
+    parser.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    run_demo(args.models_dir, args.out, variant=args.variant, prompt=args.prompt, seed=args.seed, steps=args.steps,
+             guidance=args.guidance, size=args.size, device=args.device)

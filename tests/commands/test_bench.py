@@ -8,7 +8,7 @@ import torch
 from thinkdiff_core import Reasoner
 from thinkdiff_core.__main__ import main
 from thinkdiff_core.reason import quantized_size
-from thinkdiff_core.bench import (QWEN2_VL_7B, kernel_kind, language_model_bytes, random_qwen2_vl, shallow, summary,
+from thinkdiff_core.commands.bench import (QWEN2_VL_7B, kernel_kind, language_model_bytes, random_qwen2_vl, shallow, summary,
                                   synthetic_inputs)
 
 
@@ -158,7 +158,7 @@ def test_quantisation_errors_name_the_choice_and_the_package(tiny_models, monkey
 def test_bench_measures_the_compiled_path_first_eager_then_compiled(reasoner, car_images, emulated_graphs,
                                                                     monkeypatch):
     """The CUDA-only branch of the benchmark, run with emulated graphs: a GPU run must not fail in it."""
-    from thinkdiff_core import bench
+    from thinkdiff_core.commands import bench
 
     made = []
 

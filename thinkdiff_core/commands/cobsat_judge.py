@@ -42,7 +42,7 @@ class VLMJudge:
         import transformers
         from transformers import AutoProcessor
 
-        from .versions import release
+        from ..versions import release
 
         folder = Path(folder)
         check_judge_folder(folder)

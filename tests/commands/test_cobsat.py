@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_aligner
-from thinkdiff_core import cobsat
-from thinkdiff_core.cobsat import ITEMS, Run, build_prompt, parse_option, questions, run_cobsat
-from thinkdiff_core.judge import SYSTEM_PROMPT
+from thinkdiff_core.commands import cobsat
+from thinkdiff_core.commands.cobsat import ITEMS, Run, build_prompt, parse_option, questions, run_cobsat
+from thinkdiff_core.commands.cobsat_judge import SYSTEM_PROMPT
 from thinkdiff_core.render import load_flux
 
 PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -250,7 +250,7 @@ def test_missing_outputs_count_as_wrong(data, tmp_path, models):
 
 
 def test_judge_runs_a_local_vlm_folder(tiny_models):
-    from thinkdiff_core.judge import VLMJudge
+    from thinkdiff_core.commands.cobsat_judge import VLMJudge
 
     judge = VLMJudge.from_pretrained(tiny_models["vlm"], device="cpu")
     calls, real_generate = [], judge.model.generate
@@ -286,7 +286,7 @@ def test_a_llava_judge_gets_the_benchmarks_llava_prompt(reasoner):
     """CoBSAT's LLaVA-1.5 judge ran LLaVA's llava_v1 conversation: "<system> USER: <image>\n<question> ASSISTANT:"."""
     from types import SimpleNamespace
 
-    from thinkdiff_core.judge import LLAVA_SYSTEM_PROMPT, VLMJudge
+    from thinkdiff_core.commands.cobsat_judge import LLAVA_SYSTEM_PROMPT, VLMJudge
 
     model = SimpleNamespace(config=SimpleNamespace(model_type="llava"))
     model.eval = lambda: model

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_aligner
-from thinkdiff_core.generate import generate
+from thinkdiff_core.commands.generate import generate
 
 ASSETS = REPO / "thinkdiff_core" / "assets"
 
@@ -89,7 +89,7 @@ def run_main(argv, capsys):
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Mistakes that can be seen in the arguments and files must be refused before any model loads."""
-    from thinkdiff_core import generate as module
+    from thinkdiff_core.commands import generate as module
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the mistake was reported")

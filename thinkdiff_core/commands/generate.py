@@ -6,6 +6,7 @@ run.json` runs it again.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -16,11 +17,20 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import compose, condition
-from .aligner import aligner_state_dict, load_aligner, width_mismatch
-from .reason import Reasoner, check_vlm_folder, quantization_config
-from .render import GUIDANCE, SIZE, STEPS, check_flux_folder, check_options, free_memory, load_flux, render
-from .vision import VisionEncoder, vision_hidden_size
+from .. import compose, condition
+from ..aligner import aligner_state_dict, load_aligner, width_mismatch
+from ..reason import Reasoner, check_vlm_folder, quantization_config
+from ..render import (
+    GUIDANCE,
+    SIZE,
+    STEPS,
+    check_flux_folder,
+    check_options,
+    free_memory,
+    load_flux,
+    render,
+)
+from ..vision import VisionEncoder, vision_hidden_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # The parameters of a run (what run.json holds besides its results).
@@ -256,3 +266,53 @@ def generate(params: dict, out_dir: str | os.PathLike, log=print, progress: bool
         log(f"wrote {out / (name + '.png')}")
     (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def read_config(path: str) -> dict:
+    """The parameters of a run.json given to --config."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--config {path}: file not found (expected the run.json of an earlier run)")
+    try:
+        params = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path}: not a run.json (not JSON: {e})") from e
+    if not isinstance(params, dict):
+        raise ValueError(f"--config {path}: not a run.json (expected a JSON object of parameters)")
+    return params
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("generate", help="draw with ThinkDiff through diffusers (several seeds, reproducible)")
+    parser.add_argument("--config", help="a run.json of an earlier run: run it again (other options override it)")
+    parser.add_argument("--variant", choices=["lvlm", "clip"])
+    parser.add_argument("--vlm", help="lvlm: Qwen2-VL folder")
+    parser.add_argument("--aligner", help="the variant's aligner (.safetensors or .pth)")
+    parser.add_argument("--vision", help="clip: BLIP-2 vision file or folder")
+    parser.add_argument("--flux", help="FLUX.1 diffusers folder")
+    parser.add_argument("--items", nargs="+", help="lvlm: words and image paths in order, e.g. white a.jpg blue b.jpg red")
+    parser.add_argument("--images", nargs="+", help="clip: images to compose, in order")
+    parser.add_argument("--prompt", help="clip: text composed with the images")
+    parser.add_argument("--instruction", help="lvlm: replaces the paper's instruction")
+    parser.add_argument("--seeds", nargs="+", type=int, help="one image per seed (default: 0)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--size", type=int, help="default: 512 for lvlm, 1024 for clip")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", dest="top_p", type=float)
+    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    parser.add_argument("--device")
+    parser.add_argument("--quantize", choices=["8bit", "4bit"], help="lvlm: load Qwen2-VL quantised (bitsandbytes) "
+                        "for GPUs of 24 GB or less; its states drift from the bf16 ones the aligner was trained on")
+    parser.add_argument("--out", default="generate_output", help="output folder (default: %(default)s)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    params = read_config(args.config) if args.config else {}
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("command", "run", "config", "out") and v is not None}
+    # A run.json may hold options its variant never used (older versions recorded them, or --variant
+    # switches): they are not asked for now, so they are dropped rather than refused.
+    variant = options.get("variant", params.get("variant", "lvlm"))
+    params = {k: v for k, v in params.items() if k not in OTHER_VARIANT_OPTIONS.get(variant, ())}
+    generate({**params, **options}, args.out)

@@ -16,6 +16,7 @@ judge -> results.jsonl), so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -26,7 +27,14 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from .render import check_flux_folder, check_options, free_memory
+from ..render import (
+    GUIDANCE,
+    SIZE,
+    STEPS,
+    check_flux_folder,
+    check_options,
+    free_memory,
+)
 
 ITEMS = {
     "color": ["yellow", "white", "red", "purple", "pink", "orange", "green", "brown", "blue", "black"],
@@ -105,7 +113,7 @@ class Prompt:
     name: str  # the benchmark's save name: <i>_<theta>_<x_1>_..._<x_q>
 
     def items(self) -> list:
-        from .prompt import interleave
+        from ..prompt import interleave
 
         return interleave(self.words, [Image.open(path) for path in self.images])
 
@@ -205,9 +213,9 @@ class Run:
         """Reason over every prompt without tokens on disk; `vlm`/`aligner` are paths or loaded models."""
         from safetensors.torch import save_file
 
-        from .aligner import load_aligner
+        from ..aligner import load_aligner
+        from ..reason import Reasoner, check_vlm_folder
         from .generate import check_aligner_width, vlm_hidden_size
-        from .reason import Reasoner, check_vlm_folder
 
         pending = self.unreasoned()
         if not pending:
@@ -235,8 +243,8 @@ class Run:
     def render(self, flux, steps: int, guidance: float, size: int, log=print) -> int:
         from safetensors.torch import load_file
 
-        from .condition import flux_inputs
-        from .render import load_flux, render
+        from ..condition import flux_inputs
+        from ..render import load_flux, render
 
         pending = [p for p in self.prompts if self.files(p)["tokens"].is_file() and not self.files(p)["image"].is_file()]
         if not pending:
@@ -342,9 +350,9 @@ class Run:
 def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all", limit: int | None = None,
                seed: int = 0, steps: int = 28, guidance: float = 3.5, size: int = 512, log=print) -> dict:
     """All stages: models are loaded one at a time (paths) or used as given (loaded objects, e.g. in tests)."""
-    from .aligner import aligner_state_dict
+    from ..aligner import aligner_state_dict
+    from .cobsat_judge import VLMJudge, check_judge_folder
     from .generate import check_flux_width
-    from .judge import VLMJudge, check_judge_folder
 
     run = Run(data, out, shot, tasks, limit, seed)
     # Checked now rather than after hours of reasoning (the VLM and aligner are checked before reasoning).
@@ -365,3 +373,27 @@ def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all",
     summary = run.summarize()
     log((run.out / "accuracy.md").read_text())
     return summary
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("cobsat", help="evaluate ThinkDiff-LVLM on CoBSAT (resumable)")
+    parser.add_argument("--data", required=True, help="CoBSAT checkout (datasets/, load_datasets/)")
+    parser.add_argument("--shots", type=int, default=2)
+    parser.add_argument("--tasks", default="all", help="all, or e.g. 1,2 or Color-I,Style-II")
+    parser.add_argument("--limit", type=int, help="the first N prompts of each task (default: all 1000)")
+    parser.add_argument("--vlm", required=True, help="Qwen2-VL folder")
+    parser.add_argument("--aligner", required=True, help="ThinkDiff-LVLM aligner")
+    parser.add_argument("--flux", required=True, help="FLUX.1 diffusers folder")
+    parser.add_argument("--judge", help="judge VLM folder (default: --vlm)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    parser.add_argument("--size", type=int, default=SIZE["lvlm"])
+    parser.add_argument("--out", default="cobsat_output", help="output folder (default: %(default)s)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    run_cobsat(args.data, args.out, args.vlm, args.aligner, args.flux, args.judge or args.vlm, shot=args.shots,
+               tasks=args.tasks, limit=args.limit, seed=args.seed, steps=args.steps, guidance=args.guidance,
+               size=args.size)

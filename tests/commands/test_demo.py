@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import REPO
 from thinkdiff_core import load_aligner
 from thinkdiff_core.condition import clip_pooled, flux_inputs
-from thinkdiff_core.demo import EXAMPLE_ITEMS, run_demo
+from thinkdiff_core.commands.demo import EXAMPLE_ITEMS, run_demo
 from thinkdiff_core.render import load_flux
 
 
@@ -86,7 +86,7 @@ def test_example_is_the_two_shot_car_prompt():
     (["--device", "cuda"], "--device cuda: no CUDA GPU is usable here"),
 ])
 def test_bad_options_are_refused_before_the_tiny_models_are_built(monkeypatch, capsys, options, message):
-    from thinkdiff_core import demo
+    from thinkdiff_core.commands import demo
     from thinkdiff_core.__main__ import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

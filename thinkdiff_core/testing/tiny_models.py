@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-ASSETS = Path(__file__).parent / "assets"
+from .. import ASSETS
+
 QWEN2_VL_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -61,7 +62,15 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _qwen2_tokenizer(folder: Path) -> dict[str, int]:
     """Byte-level BPE with Qwen2's pre-tokenizer, trained on a small fixed corpus; returns the special ids."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
@@ -186,7 +195,7 @@ def make_tiny_vlm(folder: Path, seed: int = 0) -> dict:
 
 def make_tiny_aligner(path: Path, d_in: int, d_out: int, norm_weight: torch.Tensor, seed: int = 0) -> None:
     """An aligner saved the way the authors' runner saves a training checkpoint."""
-    from .aligner import PREFIX, Aligner
+    from ..aligner import PREFIX, Aligner
 
     torch.manual_seed(seed)
     aligner = Aligner(d_in, d_out)
@@ -230,7 +239,14 @@ def _clip_tokenizer(folder: Path) -> int:
 
 def _t5_tokenizer(folder: Path) -> int:
     """A small Unigram tokenizer.json in T5's layout (<pad>=0, </s>=1, <unk>=2, '▁' word marks)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     letters = sorted({c for text in CORPUS for c in text if not c.isspace()})
@@ -252,7 +268,11 @@ def _t5_tokenizer(folder: Path) -> int:
 
 def make_tiny_flux(folder: Path, seed: int = 0) -> dict:
     """A tiny FLUX.1 diffusers folder; returns the widths a ThinkDiff aligner must match."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -299,7 +319,7 @@ def make_tiny_blip2(folder: Path, seed: int = 0) -> dict:
     from safetensors.torch import save_file
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
-    from .vision import BLIP2_IMAGE_PROCESSOR
+    from ..vision import BLIP2_IMAGE_PROCESSOR
 
     folder.mkdir(parents=True, exist_ok=True)
     config = {

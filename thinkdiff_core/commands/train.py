@@ -1,17 +1,14 @@
-"""Training the aligner with the paper's recipe (THINKDIFF.md, "Training the aligner").
+"""train: an aligner trained with the paper's recipe (THINKDIFF.md, "Training the aligner").
 
-- `prepare_lvlm`: Qwen2-VL answers a brief instruction about each image; the final-norm states of its
-  generated tokens (bf16), their ids and the text are stored in safetensors shards, with the VLM's
-  tokenizer beside them so that training never loads the VLM.
-- `train`: only the aligner learns; a frozen Flan-T5 decoder reads its output as encoder states.
-  LVLM: a random split s in [1, min(L-1, 128)]; the aligner reads the first s states and the decoder
-  must produce the T5 tokens of the text of generated tokens s..L. CLIP: the aligner reads BLIP-2's 65
-  tokens per image, the T5 encoder reads the caption (normalised as BLIP's `blip_caption`) up to a
-  random word, and the decoder must produce the rest. AdamW (lr 1e-4, linear warm-up from 1e-6 over
-  2000 steps, cosine to 8e-5, weight decay 0.05 except biases and the norm), bf16 autocast over a bf16
-  T5, the aligner's norm initialised from the T5 encoder's final norm. Multi-GPU through
-  `accelerate launch` (DDP); the batch size is per process, as the authors' per-GPU batch. All data
-  trains (the authors hold nothing out); `val_fraction` can hold a fixed share out.
+Only the aligner learns; a frozen Flan-T5 decoder reads its output as encoder states. LVLM (on the shards
+of prepare-lvlm): a random split s in [1, min(L-1, 128)]; the aligner reads the first s states and the
+decoder must produce the T5 tokens of the text of generated tokens s..L. CLIP: the aligner reads BLIP-2's
+65 tokens per image, the T5 encoder reads the caption (normalised as BLIP's `blip_caption`) up to a random
+word, and the decoder must produce the rest. AdamW (lr 1e-4, linear warm-up from 1e-6 over 2000 steps,
+cosine to 8e-5, weight decay 0.05 except biases and the norm), bf16 autocast over a bf16 T5, the
+aligner's norm initialised from the T5 encoder's final norm. Multi-GPU through `accelerate launch` (DDP);
+the batch size is per process, as the authors' per-GPU batch. All data trains (the authors hold nothing
+out); `val_fraction` can hold a fixed share out.
 
 Every step's batch, split points and dropout come from (seed, step, process index), so a resumed run
 (on as many processes) continues exactly where it stopped.
@@ -19,6 +16,7 @@ Every step's batch, split points and dropout come from (seed, step, process inde
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import json
@@ -26,73 +24,16 @@ import math
 import os
 import random
 import re
-import shutil
-import tarfile
 import time
-from io import BytesIO
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from .aligner import PREFIX, Aligner
-from .files import save_safetensors
-
-BRIEF_INSTRUCTIONS = [  # the authors' instructions for the precomputed answers (LLaVA's brief ones + theirs)
-    "Describe the image concisely.",
-    "Provide a brief description of the given image.",
-    "Offer a succinct explanation of the picture presented.",
-    "Summarize the visual content of the image.",
-    "Give a short and clear explanation of the subsequent image.",
-    "Share a concise interpretation of the image provided.",
-    "Present a compact description of the photo's key features.",
-    "Relay a brief, clear account of the picture shown.",
-    "Render a clear and concise summary of the photo.",
-    "Write a terse but informative summary of the picture.",
-    "Create a compact narrative representing the image presented.",
-    "Generate a prompt that can recreate the image in a 2D diffusion model.",
-    "Provide a descriptive prompt to reproduce the given image using a diffusion model.",
-    "Create a prompt suitable for a 2D diffusion model to generate the same image.",
-    "Summarize the visual details as a prompt for a 2D diffusion model.",
-    "Write a clear prompt to guide a 2D diffusion model in recreating the image.",
-]
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.json")
-
+from ..aligner import PREFIX, Aligner
+from ..files import save_safetensors
+from .training_data import image_caption_samples, prepared_keys
 
 # ---------------------------------------------------------------- data
-
-
-def image_caption_samples(source: str | os.PathLike):
-    """(key, image, caption or None) from a folder of images (caption: same-stem .txt) or WebDataset .tar shards."""
-    source = Path(source)
-    if not source.exists():
-        raise FileNotFoundError(f"data not found: {source}")
-    tars = [source] if source.suffix == ".tar" else sorted(source.glob("*.tar"))
-    if tars:
-        for tar in tars:
-            members: dict[str, dict[str, bytes]] = {}
-            with tarfile.open(tar) as archive:
-                for member in archive:
-                    if member.isfile():
-                        key, _, extension = member.name.partition(".")
-                        members.setdefault(key, {})[extension.lower()] = archive.extractfile(member).read()
-            for key, parts in members.items():
-                image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
-                if image is None:
-                    continue
-                caption = parts["txt"].decode() if "txt" in parts else \
-                    json.loads(parts["json"]).get("caption") if "json" in parts else None
-                yield f"{tar.stem}/{key}", Image.open(BytesIO(image)), caption
-        return
-    images = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise FileNotFoundError(f"no images or .tar shards in {source}")
-    for path in images:
-        caption_path = path.with_suffix(".txt")
-        yield (path.relative_to(source).with_suffix("").as_posix(), Image.open(path),
-               caption_path.read_text().strip() if caption_path.is_file() else None)
 
 
 def blip_caption(caption: str, max_words: int = 50) -> str:
@@ -125,76 +66,6 @@ def is_validation(key: str, fraction: float) -> bool:
     """A fixed, content-free split: the same keys are held out on every run and every process."""
     return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 10_000 < fraction * 10_000
 
-
-# ---------------------------------------------------------------- prepare (LVLM)
-
-
-def prepared_keys(folder: Path) -> dict[str, Path]:
-    from safetensors import safe_open
-
-    keys = {}
-    for shard in sorted(folder.glob("shard-*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            keys.update({name.rsplit(".", 1)[0]: shard for name in f.keys()})
-    return keys
-
-
-def prepare_lvlm(vlm, data, out, max_new_tokens: int = 256, seed: int = 0, shard_size: int = 256,
-                 limit: int | None = None, log=print) -> int:
-    """Precompute the VLM's answers and states over image data; resumable (done keys are skipped)."""
-    from safetensors.torch import save_file
-
-    from .prompt import SYSTEM_PROMPT, to_rgb
-    from .reason import Reasoner
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    done = prepared_keys(out)
-    reasoner = None
-    pending: dict[str, torch.Tensor] = {}
-    texts: dict[str, dict] = {}
-    shard_number = len(list(out.glob("shard-*.safetensors")))
-    count = 0
-
-    def flush():
-        nonlocal shard_number
-        if pending:
-            save_file(pending, str(out / f"shard-{shard_number:06d}.safetensors"),
-                      metadata={"texts": json.dumps(texts)})
-            shard_number += 1
-            pending.clear()
-            texts.clear()
-
-    for index, (key, image, _caption) in enumerate(image_caption_samples(data)):
-        if limit is not None and index >= limit:
-            break
-        if key in done:
-            continue
-        if reasoner is None:
-            reasoner = Reasoner.from_pretrained(vlm) if isinstance(vlm, (str, os.PathLike)) else vlm
-            tokenizer_dir = out / "tokenizer"
-            if isinstance(vlm, (str, os.PathLike)) and not tokenizer_dir.exists():
-                tokenizer_dir.mkdir()
-                for name in TOKENIZER_FILES:
-                    if (Path(vlm) / name).is_file():
-                        shutil.copy(Path(vlm) / name, tokenizer_dir / name)
-        instruction = BRIEF_INSTRUCTIONS[random.Random(f"{seed}/{key}").randrange(len(BRIEF_INSTRUCTIONS))]
-        messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-        prompt = reasoner.processor.tokenizer.apply_chat_template(
-            messages, chat_template=getattr(reasoner.processor, "chat_template", None), tokenize=False,
-            add_generation_prompt=True)
-        result = reasoner.generate(prompt, [to_rgb(image)], seed=seed + index, max_new_tokens=max_new_tokens,
-                                   min_new_tokens=1)
-        pending[f"{key}.states"] = result.hidden_states.to(torch.bfloat16).contiguous()
-        pending[f"{key}.ids"] = result.token_ids.contiguous()
-        texts[key] = {"text": result.text, "instruction": instruction}
-        count += 1
-        log(f"[prepare] {key}: {len(result.token_ids)} tokens")
-        if len(texts) >= shard_size:
-            flush()
-    flush()
-    return count
 
 
 # ---------------------------------------------------------------- the schedule
@@ -338,7 +209,7 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
     from accelerate.utils import is_tensorboard_available
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-    from .versions import release
+    from ..versions import release
 
     if variant not in ("lvlm", "clip"):
         raise ValueError(f"variant must be lvlm or clip, got {variant!r}")
@@ -366,7 +237,7 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
         dataset = LVLMData(data, t5_tokenizer, max_split=max_split, max_text_tokens=max_text_tokens or 128)
         d_in = dataset.sample(dataset.keys[0])[0].shape[-1]
     else:
-        from .vision import VisionEncoder
+        from ..vision import VisionEncoder
 
         encoder = VisionEncoder.from_pretrained(vision, device=accelerator.device) \
             if isinstance(vision, (str, os.PathLike)) else vision
@@ -483,3 +354,37 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
                 progress_file.write_text(json.dumps({"step": step, "variant": variant, "steps": steps}) + "\n")
     accelerator.end_training()
     return {"last": last, "aligner": accelerator.unwrap_model(aligner), "t5": t5}
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="train an aligner (the paper's recipe; `accelerate launch` for DDP)")
+    parser.add_argument("--variant", choices=["lvlm", "clip"], required=True)
+    parser.add_argument("--t5", required=True, help="Flan-T5 folder (google/flan-t5-xxl): its decoder stays frozen")
+    parser.add_argument("--data", required=True, help="lvlm: a prepare-lvlm folder; clip: images + .txt captions "
+                        "or .tar shards")
+    parser.add_argument("--vision", help="clip: BLIP-2 vision file or folder")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=200_000, help="default: the paper's 40 epochs x 5000 steps")
+    parser.add_argument("--batch-size", type=int, help="per process; default 32 (lvlm), 42 (clip)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--min-lr", type=float, default=8e-5)
+    parser.add_argument("--warmup-lr", type=float, default=1e-6)
+    parser.add_argument("--warmup-steps", type=int, default=2000)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--max-text-tokens", type=int, help="T5 target length; default 128 (lvlm), 32 (clip)")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="share of samples held out for validation; default 0 (the authors hold none out)")
+    parser.add_argument("--val-every", type=int, default=1000)
+    parser.add_argument("--save-every", type=int, default=5000)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
+    parser.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "variant", "t5", "data", "out")}
+    options["cpu"] = True if options["cpu"] else None
+    train(args.variant, args.t5, args.data, args.out, **options)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from thinkdiff_core.tiny import QWEN2_VL_SPECIAL_TOKENS
+from thinkdiff_core.testing.tiny_models import QWEN2_VL_SPECIAL_TOKENS
 
 
 def digest(folder):

@@ -13,8 +13,9 @@ from safetensors import safe_open
 
 from conftest import REPO
 from thinkdiff_core import load_aligner
-from thinkdiff_core.train import (BRIEF_INSTRUCTIONS, CLIPData, LVLMData, batch_keys, blip_caption, is_validation,
-                                  learning_rate, prepare_lvlm, split_caption, train)
+from thinkdiff_core.commands.prepare_lvlm import BRIEF_INSTRUCTIONS, prepare_lvlm
+from thinkdiff_core.commands.train import (CLIPData, LVLMData, batch_keys, blip_caption, is_validation, learning_rate,
+                                           split_caption, train)
 
 QUIET_STEP = dict(steps=1, batch_size=2, lr=0.0, min_lr=0.0, warmup_lr=0.0, warmup_steps=0, save_every=1,
                   log=lambda _: None)  # one step that leaves the aligner as it started
@@ -45,7 +46,7 @@ def readable_t5(tmp_path_factory, tiny_models):
     states (a random decoder barely can, so no aligner could steer it)."""
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-    from thinkdiff_core.tiny import CORPUS
+    from thinkdiff_core.testing.tiny_models import CORPUS
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["flan_t5"])
     model = T5ForConditionalGeneration.from_pretrained(tiny_models["flan_t5"]).train()
@@ -381,7 +382,7 @@ def test_clip_loss_reads_the_image_tokens_before_the_encoded_caption_start(image
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     from thinkdiff_core.aligner import Aligner
-    from thinkdiff_core.train import t5_loss
+    from thinkdiff_core.commands.train import t5_loss
     from thinkdiff_core.vision import VisionEncoder
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["flan_t5"])

@@ -11,20 +11,23 @@ states; a leak check over repeated runs; optionally load throughput and quantisa
 
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .decode import FastDecoder, reset_compiled_layers
-from .reason import QUANTIZATIONS, Reasoner, load_qwen2_vl
-from .render import check_device
+from .. import ASSETS
+from ..decode import FastDecoder, reset_compiled_layers
+from ..reason import QUANTIZATIONS, Reasoner, load_qwen2_vl
+from ..render import check_device
 
 # Qwen/Qwen2-VL-7B-Instruct's config.json (the sizes that set the cost of a forward pass).
 QWEN2_VL_7B = {
@@ -53,7 +56,7 @@ def random_qwen2_vl(config: dict, device: torch.device, dtype: torch.dtype):
     import transformers
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from .versions import release
+    from ..versions import release
 
     dtype_option = "dtype" if release(transformers) >= (4, 56) else "torch_dtype"
     config = {**config, "torch_dtype": str(dtype).removeprefix("torch.")}
@@ -101,8 +104,7 @@ def two_shot_inputs(reasoner: Reasoner) -> dict:
     """The white car / blue car / "red" example at 448x448, through the model's own processor."""
     from PIL import Image
 
-    assets = Path(__file__).parent / "assets"
-    white, blue = (Image.open(assets / name).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
+    white, blue = (Image.open(ASSETS / name).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
                    for name in ("white_car.png", "blue_car.png"))
     return reasoner.prepare_inputs(*reasoner.render_prompt(["white", white, "blue", blue, "red"]))
 
@@ -195,7 +197,7 @@ def step_profile(decoder: FastDecoder, prompt_tokens: int, steps: int = 8) -> di
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from .decode import cuda_indices
+    from ..decode import cuda_indices
 
     b = decoder._buffers
     device = b.keys.device
@@ -563,9 +565,37 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
-if __name__ == "__main__":  # python -m thinkdiff_core.bench RESULT.json ...: the summary of each
-    import sys
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("bench", help="reasoning latency and memory: transformers' generate against the "
+                                 "fast path (default: Qwen2-VL-7B's architecture with random weights)")
+    parser.add_argument("--vlm", help="a Qwen2-VL folder to load instead of random weights")
+    parser.add_argument("--config", help="random weights with this config.json instead of Qwen2-VL-7B's")
+    parser.add_argument("--device", help="default: cuda if available")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="warm runs per path (the median is reported)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument("--prompt-tokens", type=int, default=612, help="random weights: prompt length")
+    parser.add_argument("--image-size", type=int, default=448, help="random weights: side of the two images")
+    parser.add_argument("--leak-runs", type=int, default=10, help="fast path runs of the leak check (0: none)")
+    parser.add_argument("--quantize", nargs="+", default=[], choices=["8bit", "4bit"],
+                        help="also load quantised (needs bitsandbytes) and measure the drift of its states")
+    parser.add_argument("--save-random", help="save the random model here (safetensors) to measure loading "
+                        "and quantisation")
+    parser.add_argument("--drop-page-cache", action="store_true", help="before each load, drop Linux's page "
+                        "cache (root only) so that loading reads the disk")
+    parser.add_argument("--out", help="also write the JSON here (rewritten after each stage)")
+    parser.set_defaults(run=run)
 
+
+def run(args: argparse.Namespace) -> None:
+    results = run_bench(args.vlm, args.device, args.tokens, args.repeats, args.seed, args.paths, args.quantize,
+                        args.save_random, args.config, args.prompt_tokens, args.image_size, args.leak_runs, args.out,
+                        args.drop_page_cache, log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":  # python -m thinkdiff_core.commands.bench RESULT.json ...: the summary of each
     for name in sys.argv[1:]:
         print(name)
         print("\n".join(summary(json.loads(Path(name).read_text()))))

@@ -1,0 +1,117 @@
+"""prepare-lvlm: precompute Qwen2-VL's answers and states over image data for ThinkDiff-LVLM's aligner training
+(THINKDIFF.md, "Training the aligner").
+
+Qwen2-VL answers one of the authors' brief instructions about each image; the final-norm states of its
+generated tokens (bf16), their ids and the text are stored in safetensors shards, with the VLM's tokenizer
+beside them so that training never loads the VLM. Resumable: samples already in the shards are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from .training_data import image_caption_samples, prepared_keys
+
+BRIEF_INSTRUCTIONS = [  # the authors' instructions for the precomputed answers (LLaVA's brief ones + theirs)
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.",
+    "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.",
+    "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented.",
+    "Generate a prompt that can recreate the image in a 2D diffusion model.",
+    "Provide a descriptive prompt to reproduce the given image using a diffusion model.",
+    "Create a prompt suitable for a 2D diffusion model to generate the same image.",
+    "Summarize the visual details as a prompt for a 2D diffusion model.",
+    "Write a clear prompt to guide a 2D diffusion model in recreating the image.",
+]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json")
+
+
+def prepare_lvlm(vlm, data, out, max_new_tokens: int = 256, seed: int = 0, shard_size: int = 256,
+                 limit: int | None = None, log=print) -> int:
+    """Precompute the VLM's answers and states over image data; resumable (done keys are skipped)."""
+    from safetensors.torch import save_file
+
+    from ..prompt import SYSTEM_PROMPT, to_rgb
+    from ..reason import Reasoner
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = prepared_keys(out)
+    reasoner = None
+    pending: dict[str, torch.Tensor] = {}
+    texts: dict[str, dict] = {}
+    shard_number = len(list(out.glob("shard-*.safetensors")))
+    count = 0
+
+    def flush():
+        nonlocal shard_number
+        if pending:
+            save_file(pending, str(out / f"shard-{shard_number:06d}.safetensors"),
+                      metadata={"texts": json.dumps(texts)})
+            shard_number += 1
+            pending.clear()
+            texts.clear()
+
+    for index, (key, image, _caption) in enumerate(image_caption_samples(data)):
+        if limit is not None and index >= limit:
+            break
+        if key in done:
+            continue
+        if reasoner is None:
+            reasoner = Reasoner.from_pretrained(vlm) if isinstance(vlm, (str, os.PathLike)) else vlm
+            tokenizer_dir = out / "tokenizer"
+            if isinstance(vlm, (str, os.PathLike)) and not tokenizer_dir.exists():
+                tokenizer_dir.mkdir()
+                for name in TOKENIZER_FILES:
+                    if (Path(vlm) / name).is_file():
+                        shutil.copy(Path(vlm) / name, tokenizer_dir / name)
+        instruction = BRIEF_INSTRUCTIONS[random.Random(f"{seed}/{key}").randrange(len(BRIEF_INSTRUCTIONS))]
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        prompt = reasoner.processor.tokenizer.apply_chat_template(
+            messages, chat_template=getattr(reasoner.processor, "chat_template", None), tokenize=False,
+            add_generation_prompt=True)
+        result = reasoner.generate(prompt, [to_rgb(image)], seed=seed + index, max_new_tokens=max_new_tokens,
+                                   min_new_tokens=1)
+        pending[f"{key}.states"] = result.hidden_states.to(torch.bfloat16).contiguous()
+        pending[f"{key}.ids"] = result.token_ids.contiguous()
+        texts[key] = {"text": result.text, "instruction": instruction}
+        count += 1
+        log(f"[prepare] {key}: {len(result.token_ids)} tokens")
+        if len(texts) >= shard_size:
+            flush()
+    flush()
+    return count
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("prepare-lvlm", help="precompute Qwen2-VL answers and states for aligner training")
+    parser.add_argument("--vlm", required=True, help="Qwen2-VL folder")
+    parser.add_argument("--data", required=True, help="a folder of images (+ .txt captions) or WebDataset .tar shards")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--limit", type=int, help="only the first N samples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    count = prepare_lvlm(args.vlm, args.data, args.out, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                         shard_size=args.shard_size, limit=args.limit)
+    print(f"prepared {count} new samples in {args.out}")
