@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 1024
 
+# Sampling draws from torch's global generators (as transformers' generate does, so that a seed gives
+# generate's tokens), reseeded per run under fork_rng, and a decoder's buffers are shared by its runs:
+# runs in one process take turns, on one model or several (re-entrant for a callback that reasons).
+SAMPLING_LOCK = threading.RLock()
+
 # Signatures (layer_signature) of decoder layers whose compilation succeeded in this process. Dynamo
 # keeps their code, so a new decoder for such layers compiles in its warm-up steps at once.
 _compiled_signatures: set[tuple] = set()
@@ -306,19 +311,26 @@ class FastDecoder:
         `forced_tokens` feeds the given tokens instead of the sampled ones (for comparing states on
         the same tokens); the returned tokens are then those.
         """
+        with SAMPLING_LOCK:
+            return self._run(inputs, new_tokens, seed, temperature, top_p, eos_token_ids, forced_tokens, on_token)
+
+    def _run(self, inputs, new_tokens, seed, temperature, top_p, eos_token_ids, forced_tokens, on_token):
         device = self.embed.weight.device
         prompt_tokens = inputs["input_ids"].shape[1]
-        buffers = self._prepare(cache_length(prompt_tokens, new_tokens), new_tokens, device)
-        buffers.eos_mask.zero_()
-        buffers.eos_mask[eos_token_ids] = True
-        if device.type == "cuda":
-            buffers.temperature.copy_(torch.tensor(1.0) / torch.tensor(temperature))  # float32 on the host
-        else:
-            buffers.temperature.fill_(temperature)
-        buffers.top_p_floor.fill_(1 - top_p)
-        buffers.forcing.fill_(forced_tokens is not None)
-        if forced_tokens is not None:
-            buffers.forced[:new_tokens] = forced_tokens.to(device)
+        # The buffers are always made and written in inference mode, whether or not the caller is in it
+        # (ComfyUI is, a library user usually is not): inference tensors may only be written there.
+        with torch.inference_mode():
+            buffers = self._prepare(cache_length(prompt_tokens, new_tokens), new_tokens, device)
+            buffers.eos_mask.zero_()
+            buffers.eos_mask[eos_token_ids] = True
+            if device.type == "cuda":
+                buffers.temperature.copy_(torch.tensor(1.0) / torch.tensor(temperature))  # float32 on the host
+            else:
+                buffers.temperature.fill_(temperature)
+            buffers.top_p_floor.fill_(1 - top_p)
+            buffers.forcing.fill_(forced_tokens is not None)
+            if forced_tokens is not None:
+                buffers.forced[:new_tokens] = forced_tokens.to(device)
         graph = self._ensure_graph(buffers) if self._use_graph(device) else None
 
         with torch.random.fork_rng(devices=cuda_indices(device)), torch.inference_mode():
@@ -336,8 +348,10 @@ class FastDecoder:
         return tokens, states
 
     def release(self) -> None:
-        """Free the cache and the captured graph (a compilation under way goes on; it holds no model memory)."""
-        self._graph = self._graph_key = self._buffers = None
+        """Free the cache and the captured graph (a compilation under way goes on; it holds no model memory).
+        Waits for a run under way in another thread (e.g. ComfyUI unloading the model meanwhile)."""
+        with SAMPLING_LOCK:
+            self._graph = self._graph_key = self._buffers = None
 
     def wait_for_compilation(self, timeout: float | None = None) -> bool:
         """Wait for a background compilation under way; True when the next run uses compiled layers."""

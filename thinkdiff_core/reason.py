@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .decode import FastDecoder, cuda_indices
+from .decode import SAMPLING_LOCK, FastDecoder, cuda_indices
 from .files import check_safetensors_folder
 from .prompt import Item, build_messages
 from .versions import release
@@ -329,10 +329,11 @@ class Reasoner:
         fast = self.fast if fast is None else fast
         if forced_tokens is not None and not (fast and min_new_tokens == max_new_tokens == len(forced_tokens)):
             raise ValueError("forced_tokens needs the fast path and exactly max_new_tokens = min_new_tokens tokens")
-        if fast and min_new_tokens == max_new_tokens:
-            return self.decoder.run(inputs, max_new_tokens, seed, temperature, top_p, self.eos_token_ids,
-                                    forced_tokens, on_token)
-        return self._generate_plain(inputs, seed, temperature, top_p, max_new_tokens, min_new_tokens, on_token)
+        with SAMPLING_LOCK:  # one run at a time in the process (see decode.SAMPLING_LOCK)
+            if fast and min_new_tokens == max_new_tokens:
+                return self.decoder.run(inputs, max_new_tokens, seed, temperature, top_p, self.eos_token_ids,
+                                        forced_tokens, on_token)
+            return self._generate_plain(inputs, seed, temperature, top_p, max_new_tokens, min_new_tokens, on_token)
 
     @property
     def compile(self) -> bool | None:

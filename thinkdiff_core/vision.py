@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -142,6 +143,7 @@ class VisionEncoder:
     def __init__(self, model, image_processor):
         self.model = model.eval()
         self.image_processor = image_processor
+        self._lock = threading.Lock()  # calls from several threads take turns, as the Reasoner's do
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
@@ -182,9 +184,9 @@ class VisionEncoder:
         """PIL images -> [n, 65, hidden] float32 on CPU."""
         if not images:
             raise ValueError("no images to encode")
-        pixels = self.image_processor(images=list(images), return_tensors="pt").pixel_values
-        first = next(self.model.parameters())
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
+            pixels = self.image_processor(images=list(images), return_tensors="pt").pixel_values
+            first = next(self.model.parameters())
             hidden = self.model(pixel_values=pixels.to(device=first.device, dtype=first.dtype)).last_hidden_state
         return downsample_tokens(hidden).float().cpu()
 
