@@ -23,6 +23,8 @@ embedding is ordinary 1-D RoPE at that position (`next_position` continues from 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import contextvars
 import copy
 import inspect
@@ -35,9 +37,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # PyTorch < 2.2, which has no cuDNN attention to avoid either
+    SDPBackend = sdpa_kernel = None
+
 logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 1024
+
+# On CUDA progress is reported per this many tokens, once the device has computed them (see _Progress).
+PROGRESS_CHUNK = 8
 
 # Sampling draws from torch's global generators (as transformers' generate does, so that a seed gives
 # generate's tokens), reseeded per run under fork_rng, and a decoder's buffers are shared by its runs:
@@ -159,6 +169,28 @@ def decoder_layer_step(layer, x, key_cache, value_cache, cos, sin, slot, bias, h
     return output(layer, x, attended)
 
 
+EAGER_PIECES = (layer_inputs, layer_output)
+
+
+def decode_attention_backends(device: torch.device) -> list | None:
+    """The sdpa backends the decode step's attention may use on `device`, in order; None: PyTorch's choice.
+
+    On CUDA PyTorch may route the one-query attention with an additive mask to cuDNN's kernel on Hopper
+    (PyTorch 2.5 preferred it there); naming memory-efficient attention, then math, keeps the step on
+    kernels that take any additive mask and can be captured, whatever the release prefers. Elsewhere
+    PyTorch's own choice stays (on the CPU its flash kernel, which generate uses too).
+    """
+    if device.type != "cuda" or sdpa_kernel is None:
+        return None
+    return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def state_tolerance(dtype: torch.dtype) -> float:
+    """How far (relative L2) a checked step's state may be from the eager one's: 16 ulps of the dtype, for
+    bf16 about the benchmark's tolerance (cosine 0.99); a wrong graph or wrong code is off by far more."""
+    return max(16 * torch.finfo(dtype).eps, 1e-3)
+
+
 def compile_layer_pieces():
     """layer_inputs and layer_output compiled whole; one layer's code serves all layers (equal shapes)."""
     return (torch.compile(layer_inputs, fullgraph=True, dynamic=False),
@@ -191,8 +223,11 @@ class BackgroundCompilation:
         self.signature = layer_signature(layer, heads, kv_heads)
         weight = next(layer.parameters())
         shapes = dict(hidden=weight.shape[-1], heads=heads, kv_heads=kv_heads, head_dim=head_dim, cache_len=cache_len)
-        # Copied outside inference mode: the copies' tensor flags must be the originals' for the guards.
-        scratch = (copy.deepcopy(layer), inv_freq.detach().clone())
+        # Dynamo's guards compare the inference-tensor flag, so the copy is made in inference mode exactly
+        # when the weights are inference tensors (ComfyUI moves models in inference mode, except with
+        # --highvram): otherwise the real layers would not match the copy's code and compile again.
+        with torch.inference_mode(weight.is_inference()):
+            scratch = (copy.deepcopy(layer), inv_freq.detach().clone())
         copied = torch.cuda.Event()
         copied.record(torch.cuda.current_stream(weight.device))  # the thread's stream waits for the copies
         # The caller's context goes along: newer PyTorch keeps compiler settings in context variables.
@@ -207,6 +242,7 @@ class BackgroundCompilation:
             pieces = compile_layer_pieces()
             weight = next(layer.parameters())
             device, dtype = weight.device, weight.dtype
+            # The inputs are inference tensors, as the decode step's are (it always runs in inference mode).
             with torch.inference_mode(), torch.cuda.device(device):
                 stream = torch.cuda.Stream(device)
                 stream.wait_event(copied)
@@ -270,6 +306,11 @@ class FastDecoder:
     compilation. `compile` may be switched between runs; compiled layers are kept for switching back.
     Layers compiled before in this process (same signature) are compiled at once instead: no eager run.
 
+    Nothing is trusted unchecked: before compiled code serves a step, and before a newly captured graph
+    is replayed, one step of it is compared with the launched step on the run's own first token (the same
+    inputs and random draws); if the token or the state differs beyond rounding, or it raises, one
+    warning says so and by how much, and the decoder goes on without it (eager layers / no graph).
+
     Call `release()` when the model moves or is unloaded: the cache and graph hold device memory
     and the graph holds the weights' addresses (a moved model is also detected and recaptured).
     """
@@ -291,7 +332,11 @@ class FastDecoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.vocab_size = self.lm_head.weight.shape[0]
-        self._compiled_pieces = None  # once compiled; in use while `compile` is on (see _pieces)
+        self._compiled_pieces = None  # once compiled; in use while `compile` is on and checked (see _pieces)
+        self._compiled_checked = False  # whether _compiled_pieces passed the check against eager layers
+        # What the step's attention may use, and what PyTorch picks for it (for the benchmark), per device.
+        self.attention_backends: list | None = None
+        self.attention_backend: str | None = None
         self._buffers: _Buffers | None = None
         self._graph = None
         self._graph_key = None
@@ -331,17 +376,17 @@ class FastDecoder:
             buffers.forcing.fill_(forced_tokens is not None)
             if forced_tokens is not None:
                 buffers.forced[:new_tokens] = forced_tokens.to(device)
-        graph = self._ensure_graph(buffers) if self._use_graph(device) else None
 
         with torch.random.fork_rng(devices=cuda_indices(device)), torch.inference_mode():
             torch.manual_seed(seed)
             self._prefill(inputs, buffers)
-            if on_token:
-                on_token(1, new_tokens)
+            progress = _Progress(on_token, new_tokens, self._asynchronous(device))
+            progress.computed(1)
+            # After the prefill, so that new compiled code and a new graph are checked on this run's step.
+            graph = self._ensure_graph(buffers) if self._use_graph(device) else None
             for done in range(2, new_tokens + 1):
                 graph.replay() if graph is not None else self._step(buffers)
-                if on_token:
-                    on_token(done, new_tokens)
+                progress.computed(done)
             # Copies: the buffers are overwritten by the next run (on CPU .cpu() would alias them).
             states = buffers.states[:new_tokens].to("cpu", torch.float32, copy=True)
             tokens = buffers.tokens[:new_tokens].to("cpu", copy=True)
@@ -400,25 +445,97 @@ class FastDecoder:
         buffers.position.fill_(captured["next_position"])
         buffers.step.fill_(1)
 
-    def _step(self, b: _Buffers) -> None:
-        """Feed `b.token`; record the state it produces and the next token. Device tensors only."""
+    def _step(self, b: _Buffers, pieces=None) -> None:
+        """Feed `b.token`; record the state it produces and the next token. Device tensors only.
+
+        `pieces`: the layer pieces to run (default: those in use, see _pieces)."""
         x = self.embed(b.token).view(1, 1, -1)
         cos, sin = rotary_cos_sin(b.position, self.rotary.inv_freq, self.rotary.attention_scaling, x.dtype)
         bias = attention_bias(b.slot_ids, b.slot, x.dtype)
-        inputs, output = self._pieces
-        for layer, keys, values in zip(self.layers, b.keys, b.values):
-            x = decoder_layer_step(layer, x, keys, values, cos, sin, b.slot, bias, self.heads, self.kv_heads,
-                                   inputs, output)
+        inputs, output = pieces or self._pieces
+        with self._attention():
+            for layer, keys, values in zip(self.layers, b.keys, b.values):
+                x = decoder_layer_step(layer, x, keys, values, cos, sin, b.slot, bias, self.heads, self.kv_heads,
+                                       inputs, output)
         state = self.norm(x).view(1, -1)
-        token = sample_paper(self.lm_head(state).float(), b.eos_mask, b.temperature, b.top_p_floor,
-                             reciprocal=b.keys.is_cuda)
-        token = torch.where(b.forcing, b.forced.index_select(0, b.step), token)
+        token = self._next_token(b, state)
         b.states.index_copy_(0, b.step, state)
         b.tokens.index_copy_(0, b.step, token)
         b.token.copy_(token)
         b.slot.add_(1)
         b.position.add_(1)
         b.step.add_(1)
+
+    def _next_token(self, b: _Buffers, state: torch.Tensor) -> torch.Tensor:
+        """The token the step draws after final-norm `state` [1, hidden] (or the forced one)."""
+        token = sample_paper(self.lm_head(state).float(), b.eos_mask, b.temperature, b.top_p_floor,
+                             reciprocal=b.keys.is_cuda)
+        return torch.where(b.forcing, b.forced.index_select(0, b.step), token)
+
+    def _attention(self):
+        """The step's attention backend selection (see decode_attention_backends). sdpa_kernel sets
+        process-wide flags; only runs, which take turns (SAMPLING_LOCK), set them."""
+        return sdpa_kernel(self.attention_backends) if self.attention_backends else contextlib.nullcontext()
+
+    def _asynchronous(self, device: torch.device) -> bool:
+        """Whether steps return before the device has computed them (CUDA: launches are queued)."""
+        return device.type == "cuda"
+
+    # -- checks against the eager step -----------------------------------------------------------
+
+    def _differs(self, b: _Buffers, candidate: Callable[[], None], reference) -> str | None:
+        """How one step by `candidate` differs from the launched step with `reference` pieces on the same
+        inputs and random draws, or the error it raised; None when the token agrees and the state is within
+        rounding. The buffers' scalars and the random state are left as they were, so the run then takes
+        this step itself."""
+        scalars, random = _scalars(b), _random_state(b.keys.device)
+        row = int(b.step)
+
+        def from_start():
+            _restore_scalars(b, scalars)
+            _set_random_state(b.keys.device, random)
+
+        try:
+            self._step(b, reference)
+            want_token, want_state = int(b.tokens[row]), b.states[row].clone()
+            from_start()
+            candidate()
+            token, state = int(b.tokens[row]), b.states[row].clone()
+            from_start()
+            off = float((state.float() - want_state.float()).norm() / want_state.float().norm())
+            tolerance = state_tolerance(state.dtype)
+            # A draw nearly tied may flip on rounding; then the candidate's token must be the one its own
+            # state gives with the same draws, or the sampler in it is wrong.
+            token_ok = token == want_token or int(self._next_token(b, state.view(1, -1))) == token
+            if token_ok and off <= tolerance:
+                return None
+            token_text = "" if token == want_token else f"token {token} instead of {want_token}, "
+            return f"{token_text}state off by {off:.3g} (relative L2; tolerance {tolerance:.3g})"
+        except Exception as e:  # noqa: BLE001 - e.g. the compiler failing on its first call
+            return f"{type(e).__name__}: {e}"
+        finally:
+            from_start()
+
+    def _check_compiled(self, b: _Buffers) -> None:
+        """Compiled layers against eager ones on this run's first step; given up unless they agree."""
+        problem = self._differs(b, lambda: self._step(b, self._compiled_pieces), EAGER_PIECES)
+        if problem is None:
+            self._compiled_checked = True
+            return
+        logger.warning("ThinkDiff: the compiled decode step failed its check against the eager step (%s); using "
+                       "eager layers", problem)
+        self.compile = False
+        self._compiled_pieces = None
+
+    def _check_graph(self, b: _Buffers, graph) -> bool:
+        """A new graph's replay against the launched step (same pieces); graphs given up unless they agree."""
+        problem = self._differs(b, graph.replay, self._pieces)
+        if problem is None:
+            return True
+        logger.warning("ThinkDiff: the CUDA graph of the decode step failed its check against the launched step "
+                       "(%s); decoding without graphs", problem)
+        self.cuda_graph = False
+        return False
 
     # -- buffers, compilation and graphs --------------------------------------------------------
 
@@ -448,7 +565,22 @@ class FastDecoder:
             temperature=torch.ones((), device=device),
             top_p_floor=torch.zeros((), device=device),
         )
+        self.attention_backends = decode_attention_backends(device)
+        self.attention_backend = self._attention_choice(self._buffers)
         return self._buffers
+
+    def _attention_choice(self, b: _Buffers) -> str | None:
+        """The backend PyTorch picks for the step's attention under the selection; None where this PyTorch
+        cannot say (torch._fused_sdp_choice is private). It only inspects the arguments; nothing runs."""
+        query = b.keys.new_zeros(1, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        bias = attention_bias(b.slot_ids, b.slot, b.keys.dtype)
+        try:
+            with self._attention():
+                choice = torch._fused_sdp_choice(query, b.keys[0], b.values[0], bias, 0.0, False,
+                                                 scale=self.head_dim ** -0.5)
+            return SDPBackend(choice).name
+        except Exception:  # noqa: BLE001 - only reported
+            return None
 
     def _use_graph(self, device: torch.device) -> bool:
         if device.type != "cuda":
@@ -464,8 +596,13 @@ class FastDecoder:
 
     @property
     def _pieces(self):
-        """The layer pieces the step runs: compiled while `compile` is on and they exist, else eager."""
-        return self._compiled_pieces if self.compiled else (layer_inputs, layer_output)
+        """The layer pieces the step runs: compiled while `compile` is on and they passed their check, else
+        eager (also a graph-less step never runs unchecked compiled code)."""
+        return self._compiled_pieces if self.compiled and self._compiled_checked else EAGER_PIECES
+
+    def _use_compiled(self, pieces) -> None:
+        """New compiled pieces: used once they pass their check (_check_compiled)."""
+        self._compiled_pieces, self._compiled_checked = pieces, False
 
     def _adopt_compilation(self) -> None:
         """Use the background compilation's layers once it is done. A failed one is tried once more (it
@@ -476,7 +613,7 @@ class FastDecoder:
         self._compilation = None
         self.compile_seconds = compilation.seconds
         if compilation.pieces is not None:
-            self._compiled_pieces = compilation.pieces
+            self._use_compiled(compilation.pieces)
         elif self._failed_compilations == 0:
             self._failed_compilations += 1
             logger.warning("ThinkDiff: compiling the decode step failed (%s: %s); trying once more",
@@ -498,11 +635,18 @@ class FastDecoder:
 
     def _ensure_graph(self, b: _Buffers):
         """The captured step for these buffers, recaptured when the weights moved or compiled layers became
-        ready; None if capture failed. Starts the background compilation when it is wanted."""
+        ready; None if capture failed. Starts the background compilation when it is wanted. Called after
+        the prefill: new compiled code and a new graph are checked on the run's first step (warm-up
+        steps, capture and checks leave the buffers' scalars as the prefill set them)."""
         self._adopt_compilation()
-        compiled_before = self._signature() in _compiled_signatures and not BackgroundCompilation.running()
+        idle = not BackgroundCompilation.running()
+        compiled_before = self._signature() in _compiled_signatures and idle
         if self.compile and self._compiled_pieces is None and (not self.compile_in_background or compiled_before):
-            self._compiled_pieces = compile_layer_pieces()  # compiled by the warm-up steps
+            self._use_compiled(compile_layer_pieces())  # compiled by their check's step
+        # Only while no compilation runs, as a capture (compiled code may compile again, see
+        # BackgroundCompilation); unchecked pieces are not used meanwhile.
+        if self.compiled and not self._compiled_checked and idle:
+            self._check_compiled(b)
         graph = self._captured_step(b)
         if graph is not None and self.compile and not self.compiled and self.compile_in_background \
                 and self._compilation is None:
@@ -516,7 +660,7 @@ class FastDecoder:
 
     def _captured_step(self, b: _Buffers):
         weights = self._weights_key()  # new buffers always come with release(), which drops the graph
-        if self._graph is not None and self._graph_key == (weights, self.compiled):
+        if self._graph is not None and self._graph_key == (weights, self._pieces):
             return self._graph
         self._graph = None
         if BackgroundCompilation.running():
@@ -527,18 +671,19 @@ class FastDecoder:
             # belongs to whichever GPU captured first in the process.
             self._stream = torch.cuda.Stream(device)
         stream = self._stream
+        scalars = _scalars(b)  # the prefill's, which warm-ups move (see _park); restored for the run
         stream.wait_stream(torch.cuda.current_stream(device))
-        # Warm-up steps consume random numbers and write junk into the buffers; the run's prefill
-        # resets the counters and reseeds, and the junk lands in slots the run overwrites first.
+        # Warm-up steps consume random numbers (restored by fork_rng) and write junk into the last cache
+        # slot and state row, which the run writes before it reads them, or never reads.
         with torch.random.fork_rng(devices=cuda_indices(device)), torch.inference_mode(), torch.cuda.device(device):
             try:
                 with torch.cuda.stream(stream):
-                    for _ in range(3):  # compiles (when asked) and sets up cuBLAS and attention kernels
+                    for _ in range(3):  # sets up cuBLAS and attention kernels (and compiled code) on this stream
                         self._warm_step(b)
-                if self.compiled:
+                if self._pieces is not EAGER_PIECES:
                     _compiled_signatures.add(self._signature())
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager layers
-                if not self.compiled:
+                if self._pieces is EAGER_PIECES:
                     raise
                 self._give_up_compiling(e)
                 with torch.cuda.stream(stream):
@@ -562,8 +707,11 @@ class FastDecoder:
                                "without it%s", type(e).__name__, e, ", trying again next run" if again else "")
                 if not again:
                     self.cuda_graph = False
+                graph = None
+            _restore_scalars(b, scalars)
+            if graph is None or not self._check_graph(b, graph):
                 return None
-        self._graph, self._graph_key = graph, (weights, self.compiled)
+        self._graph, self._graph_key = graph, (weights, self._pieces)
         return graph
 
     def _warm_step(self, b: _Buffers) -> None:
@@ -574,6 +722,64 @@ class FastDecoder:
         """Point the step at the last cache slot and state row: warm-up writes land where a run writes first."""
         b.slot.fill_(b.keys.shape[3] - 1)
         b.step.fill_(b.states.shape[0] - 1)
+
+
+class _Progress:
+    """Calls on_token(done, total) for tokens the device has computed; on_token may raise to cancel.
+
+    Where steps are synchronous (CPU) every token is reported as its step returns. On CUDA the host
+    queues steps ahead of the device, so an event marks every PROGRESS_CHUNK-th token: finished chunks
+    (queried, not waited for) are reported, and the host waits for the oldest only when two are in
+    flight. That keeps the device one chunk ahead (no idle gaps), costs one host sync per chunk instead
+    of per token, and lets a cancel stop the run at most a chunk after the last token reported.
+    """
+
+    def __init__(self, on_token: Callable[[int, int], None] | None, total: int, asynchronous: bool):
+        self.on_token, self.total = on_token, total
+        self.in_flight = collections.deque() if asynchronous else None
+
+    def computed(self, done: int) -> None:
+        """Token `done` (1-based) has been launched."""
+        if self.on_token is None:
+            return
+        if self.in_flight is None:
+            self.on_token(done, self.total)
+            return
+        if done % PROGRESS_CHUNK and done not in (1, self.total):
+            return
+        event = torch.cuda.Event()
+        event.record()
+        self.in_flight.append((done, event))
+        last = done == self.total  # the final sync: everything is reported before the run returns
+        while self.in_flight:
+            finished, event = self.in_flight[0]
+            if not (last or len(self.in_flight) > 1 or event.query()):
+                break
+            event.synchronize()
+            self.in_flight.popleft()
+            self.on_token(finished, self.total)
+
+
+def _scalars(b: _Buffers) -> tuple[torch.Tensor, ...]:
+    """Copies of the step's counters and fed token, which warm-up steps and checks change."""
+    return tuple(t.clone() for t in (b.token, b.slot, b.position, b.step))
+
+
+def _restore_scalars(b: _Buffers, scalars: tuple[torch.Tensor, ...]) -> None:
+    for tensor, saved in zip((b.token, b.slot, b.position, b.step), scalars):
+        tensor.copy_(saved)
+
+
+def _random_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator the step draws from (the device's)."""
+    return torch.cuda.get_rng_state(cuda_indices(device)[0]) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_random_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, cuda_indices(device)[0])
+    else:
+        torch.set_rng_state(state)
 
 
 def cuda_indices(device: torch.device) -> list[int]:
