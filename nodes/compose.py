@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -26,7 +27,8 @@ def paper_t5_tokens(batches: list[list[tuple]], length: int = PAPER_T5_LENGTH) -
     result = []
     for batch in batches:
         ids = [t[0] for t in batch]
-        end = ids.index(T5_EOS) if T5_EOS in ids else len(batch)
+        # The closing end token is the last one: a "</s>" written in the text is tokenized as one too.
+        end = len(ids) - 1 - ids[::-1].index(T5_EOS) if T5_EOS in ids else len(batch)
         text = list(batch[:min(end, length - 1)])
         closing = [entry(T5_EOS, batch[0])]
         result.append(text + closing + [entry(T5_PAD, batch[0])] * (length - len(text) - 1))
@@ -89,7 +91,12 @@ class ThinkDiffCompose:
         }
 
     def compose(self, vision, aligner, clip, text, strength, t5_length, conditioning=None, **images):
-        batches = collect(images)
+        given = pictures(collect(images, MAX_IMAGE_INPUTS))  # bad images are refused before anything loads
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a string (it may be empty), got a {type(text).__name__}")
+        # A linked value skips the widget's range check (and NaN passes it): NaN or inf would fill every image token.
+        if not (isinstance(strength, numbers.Real) and not isinstance(strength, bool) and math.isfinite(strength)):
+            raise ValueError(f"strength must be a finite number (1.0 = the paper), got {strength!r}")
         if aligner.in_features != vision.hidden_size:
             raise ValueError(aligner.mismatch(vision.hidden_size, f"the vision encoder '{vision.name}'"))
         if conditioning is not None and text.strip():
@@ -115,7 +122,7 @@ class ThinkDiffCompose:
                 check_attention_mask(extras, cond.shape)
 
         managed.load(vision.patcher, aligner.patcher)
-        composed = image_tokens(vision.encoder, aligner.module, pictures(batches)) * strength
+        composed = image_tokens(vision.encoder, aligner.module, given) * strength
         device, dtype = managed.intermediate()
         composed = composed.unsqueeze(0).to(device=device, dtype=dtype)
         result = []

@@ -8,13 +8,12 @@ filtered by what the files hold, so other packs' models in the same folders are 
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 
 import folder_paths
 
-from ..thinkdiff_core.files import MAX_SAFETENSORS_HEADER
+from ..thinkdiff_core.files import MAX_SAFETENSORS_HEADER, parse_json, read_json
 
 VLM_KEYS = ("LLM", "thinkdiff")
 ALIGNER_KEY = "thinkdiff"
@@ -52,11 +51,12 @@ def _walk(base: str):
 
 
 def _model_type(folder: str) -> str | None:
+    """config.json's model_type; None where it is unreadable (of any content: other packs' folders share
+    models/LLM), so that the folder is listed and loading it names what is wrong."""
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            return json.load(f).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None  # unreadable: listed, so that loading it reports what is wrong
+        return read_json(os.path.join(folder, "config.json")).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def safetensors_keys(path: str) -> set[str] | None:
@@ -70,10 +70,10 @@ def safetensors_keys(path: str) -> set[str] | None:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > min(MAX_SAFETENSORS_HEADER, os.fstat(f.fileno()).st_size - 8):
                 return None
-            header = json.loads(f.read(length))
+            header = parse_json(f.read(length), path)
     except (OSError, ValueError, struct.error):
         return None
-    return set(header) - {"__metadata__"} if isinstance(header, dict) else None
+    return set(header) - {"__metadata__"}
 
 
 def _model_folders(keys, model_type: str) -> dict[str, str]:

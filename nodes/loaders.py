@@ -20,6 +20,7 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PRECISION_TOOLTIP = "bf16 as the paper (the aligners were trained on bf16 features); fp16 is refused"
 # The VLM may also load bitsandbytes-quantised, for GPUs of 24 GB or less (language model only).
 QUANTIZED = {"8-bit (bitsandbytes)": "8bit", "4-bit (bitsandbytes)": "4bit"}
+VLM_PRECISIONS = (*PRECISIONS, *QUANTIZED)
 VLM_PRECISION_TOOLTIP = (PRECISION_TOOLTIP + ". 8-bit / 4-bit need bitsandbytes, load straight onto the GPU and stay "
                          "there; their states drift from the bf16 ones the aligner was trained on")
 # How the VLM decodes: the Reasoner's `compile` setting.
@@ -69,11 +70,11 @@ class ThinkDiffAligner:
 _loaded: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
 
 
-def _check_precision(precision: str):
-    if precision.lower() in ("fp16", "float16", "half"):
+def _check_precision(precision, choices=tuple(PRECISIONS)):
+    if isinstance(precision, str) and precision.lower() in ("fp16", "float16", "half"):
         return FP16_REFUSAL
-    if precision not in PRECISIONS:
-        return f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'"
+    if precision not in choices:
+        return f"precision must be one of {', '.join(choices)}, got {precision!r}"
     return True
 
 
@@ -136,6 +137,8 @@ class ThinkDiffLoadVLM:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model, precision):
+        if precision is not None and precision not in VLM_PRECISIONS:
+            return _check_precision(precision, VLM_PRECISIONS)
         if precision in QUANTIZED:
             if importlib.util.find_spec("bitsandbytes") is None:
                 return f"precision '{precision}' needs bitsandbytes: pip install bitsandbytes"
@@ -143,6 +146,11 @@ class ThinkDiffLoadVLM:
         return _validate(folders.vlm_folders(), model, "Qwen2-VL folder", folders.VLM_KEYS, precision)
 
     def load(self, model, precision, decoding="compiled"):
+        # A linked value skips ComfyUI's choice checks.
+        if precision not in VLM_PRECISIONS:
+            raise ValueError(_check_precision(precision, VLM_PRECISIONS))
+        if decoding not in tuple(DECODINGS):
+            raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
         quantization = QUANTIZED.get(precision)
         path = _find(folders.vlm_folders(), model, "Qwen2-VL folder", folders.VLM_KEYS,
                      None if quantization else precision)
@@ -185,6 +193,8 @@ class ThinkDiffLoadVisionEncoder:
         return _validate(folders.vision_models(), vision_name, "BLIP-2 vision encoder", folders.VISION_KEYS, precision)
 
     def load(self, vision_name, precision):
+        if precision not in PRECISIONS:  # a linked value skips ComfyUI's choice check (and None _find's)
+            raise ValueError(_check_precision(precision))
         path = _find(folders.vision_models(), vision_name, "BLIP-2 vision encoder", folders.VISION_KEYS, precision)
         return (_load_once(("vision", path, precision), lambda: ThinkDiffVision(
             VisionEncoder.from_pretrained(path, device=mm.unet_offload_device(), dtype=PRECISIONS[precision]),

@@ -11,7 +11,8 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..thinkdiff_core import PAPER_INSTRUCTION
-from ..thinkdiff_core.prompt import interleave
+from ..thinkdiff_core.prompt import check_items, check_plain_text, interleave
+from ..thinkdiff_core.reason import check_sampling
 from . import managed
 from .images import collect, pictures
 from .loaders import CATEGORY
@@ -21,7 +22,11 @@ MAX_IMAGE_INPUTS = 8
 
 def parse_words(text: str) -> list[str]:
     """One word (or phrase) per line; surrounding blank lines are ignored, inner ones are errors."""
+    if not isinstance(text, str):
+        raise ValueError(f"words must be a string (one word per line), got a {type(text).__name__}")
     lines = text.strip().splitlines()
+    if not lines:
+        raise ValueError("words is empty: write one word per line (one per image, in order, then the query word)")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             raise ValueError(f"word {number} is empty: write one word per line, without blank lines")
@@ -96,8 +101,15 @@ class ThinkDiffReason:
         self._last = None  # (key, output): a repeat with identical inputs returns it without generating
 
     def reason(self, vlm, aligner, clip, words, instruction, seed, temperature, top_p, max_new_tokens, **images):
-        batches = collect(images)
+        batches = collect(images, MAX_IMAGE_INPUTS)
         items = interleave(parse_words(words), pictures(batches))
+        if not isinstance(instruction, str):
+            raise ValueError(f"instruction must be a string, got a {type(instruction).__name__}")
+        # Before anything loads: a prompt sent over HTTP may hold any value, and words that would add chat turns
+        # or image slots are refused (the core checks the rendered chat again).
+        check_sampling(seed, temperature, top_p, max_new_tokens)
+        check_items(items)
+        check_plain_text(vlm.reasoner.processor.tokenizer, items, instruction)
         if aligner.in_features != vlm.hidden_size:
             raise ValueError(aligner.mismatch(vlm.hidden_size, f"the VLM '{vlm.name}' (hidden size {vlm.hidden_size})"))
 

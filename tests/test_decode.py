@@ -140,22 +140,27 @@ def test_sampler_draws_what_transformers_and_torch_multinomial_draw():
     assert drawn == expected
 
 
-def test_compiled_layer_parts_are_one_graph_each_for_all_layers_and_equal_eager(reasoner):
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_compiled_layer_parts_are_one_graph_each_for_all_layers_and_equal_eager(reasoner, fused):
     """torch.compile traces each part whole (fullgraph) and reuses it across layers (regional compile)."""
     import torch._dynamo
 
-    decoder = FastDecoder(reasoner.model, compile=True)
+    decoder = FastDecoder(copy.deepcopy(reasoner.model), compile=True, fuse=fused)
+    decoder._ensure_fused()
+    assert all(isinstance(layer, decode.FusedLayer) == fused for layer in decoder._step_layers)
     inputs, output = compile_layer_pieces()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     generator = torch.Generator().manual_seed(0)
     length, head_dim = 32, decoder.head_dim
     with torch.inference_mode():
-        for layer in decoder.layers:
+        for layer in decoder._step_layers:
             x = torch.randn(1, 1, reasoner.hidden_size, generator=generator)
             keys = torch.randn(1, decoder.kv_heads, length, head_dim, generator=generator)
             values = torch.randn(1, decoder.kv_heads, length, head_dim, generator=generator)
             cos, sin = torch.randn(2, 1, 1, 1, head_dim, generator=generator)
+            if fused:
+                cos, sin = decode.rotation_matrix(cos, sin), None
             slot = torch.tensor([5])
             bias = attention_bias(torch.arange(length).view(1, 1, 1, length), slot, x.dtype)
             copies, original = (keys.clone(), values.clone()), keys.clone()

@@ -15,12 +15,18 @@ def main(argv: list[str] | None = None) -> int:
     # As the user typed it: the `thinkdiff` command of `pip install .`, or the module.
     prog = "thinkdiff" if Path(sys.argv[0]).stem == "thinkdiff" else "python -m thinkdiff_core"
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
-    register_all(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
     try:
+        register_all(parser.add_subparsers(dest="command", required=True))  # imports torch: Ctrl-C-able too
+        args = parser.parse_args(argv)
         args.run(args)
-    # ImportError: an optional dependency an option needs (bitsandbytes for --quantize).
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, ImportError) as e:
+    # Ctrl-C: one line and the shell's exit status for SIGINT, no traceback. A long command re-raises it as
+    # KeyboardInterrupt("interrupted ...; <what is kept>; <how to resume>"); a bare one says only that.
+    except KeyboardInterrupt as e:
+        print(str(e) or "interrupted", file=sys.stderr)
+        return 130
+    # ImportError: an optional dependency an option needs (bitsandbytes for --quantize); PermissionError: an
+    # --out the user may not write to.
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

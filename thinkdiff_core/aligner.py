@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import check_safetensors_file, save_safetensors
+from .files import check_safetensors_file, check_torch_file, save_safetensors
 
 PREFIX = "mm_projector."
 EXPECTED_KEYS = ("0.weight", "0.bias", "2.weight", "2.bias", "3.weight")
@@ -24,8 +24,8 @@ T5_NORM_EPS = 1e-6
 # The released aligners, told apart by their input width.
 VARIANTS = {3584: "lvlm", 1408: "clip"}
 VARIANT_NAMES = {"lvlm": "ThinkDiff-LVLM (Qwen2-VL-7B states)", "clip": "ThinkDiff-CLIP (BLIP-2 ViT-g features)"}
-# How every file torch.save writes opens: a zip archive, or (before PyTorch 1.6) its pickled magic number.
-TORCH_HEADERS = (b"PK\x03\x04", pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2))
+# Widths far beyond any VLM's hidden size or T5's (3584 and 4096 for the released aligners).
+MAX_WIDTH = 65536
 
 
 def width_mismatch(aligner: str, d_in: int, source: str, width: int) -> str:
@@ -91,12 +91,9 @@ def _read_file(path: Path) -> tuple[dict, dict]:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from e
-    with open(path, "rb") as f:
-        header = f.read(max(map(len, TORCH_HEADERS)))
-    if not any(header.startswith(start) for start in TORCH_HEADERS):
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint or safetensors file (expected the official "
-                              f".pth or a .safetensors aligner)")
+    check_torch_file(path, "the official .pth or a .safetensors aligner", CheckpointError)
     try:
+        # torch checks each storage's size in the pickle against its record before allocating it.
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # Only torch's diagnosis, without its advice to load with weights_only=False or to allowlist the globals.
@@ -116,6 +113,25 @@ def _read_file(path: Path) -> tuple[dict, dict]:
     if "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     return obj, {}
+
+
+def _check_tensor(path: Path, key: str, value) -> None:
+    """An aligner weight is a dense floating-point tensor whose elements all have bytes of their own in the file:
+    a view claiming more elements than its storage holds (stride 0, a 2 KB file "holding" 160 GB) is refused
+    before any copy of it is made."""
+    name = PREFIX + key
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        raise CheckpointError(f"{path}: {name} is {type(value).__name__}"
+                              f"{'' if not isinstance(value, torch.Tensor) else f' ({value.layout})'}; expected a "
+                              f"dense tensor of weights")
+    if not value.is_floating_point():
+        raise CheckpointError(f"{path}: {name} holds {value.dtype} values; expected floating-point weights")
+    claimed = value.numel() * value.element_size()
+    held = value.untyped_storage().nbytes() - value.storage_offset() * value.element_size()
+    if claimed > held:
+        raise CheckpointError(f"{path}: {name} claims shape {tuple(value.shape)} ({claimed:,} bytes of "
+                              f"{value.dtype}) but the file holds {max(held, 0):,} bytes for it; expected weights "
+                              f"stored whole, as torch.save and safetensors write them")
 
 
 def aligner_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -150,11 +166,16 @@ def aligner_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
             f"{path}: unexpected aligner keys {', '.join(PREFIX + k for k in unexpected)}; "
             f"this is not the mlp2x_gelu_t5_norm aligner ThinkDiff uses"
         )
+    for key in EXPECTED_KEYS:
+        _check_tensor(path, key, weights[key])
     layout = (f"the mlp2x_gelu_t5_norm aligner needs {PREFIX}0.weight [d_out, d_in], 0.bias [d_out], "
               f"2.weight [d_out, d_out], 2.bias [d_out], 3.weight [d_out]")
     if weights["0.weight"].dim() != 2:
         raise CheckpointError(f"{path}: {PREFIX}0.weight has shape {tuple(weights['0.weight'].shape)}; {layout}")
     d_out, d_in = weights["0.weight"].shape
+    if not (0 < d_in <= MAX_WIDTH and 0 < d_out <= MAX_WIDTH):
+        raise CheckpointError(f"{path}: {PREFIX}0.weight has shape {tuple(weights['0.weight'].shape)}; {layout} "
+                              f"with d_in and d_out from 1 to {MAX_WIDTH:,}")
     expected = {"0.bias": (d_out,), "2.weight": (d_out, d_out), "2.bias": (d_out,), "3.weight": (d_out,)}
     for key, shape in expected.items():
         if tuple(weights[key].shape) != shape:

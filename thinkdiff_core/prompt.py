@@ -22,6 +22,7 @@ PAPER_INSTRUCTION = (
 INSTRUCTION_SEPARATOR = "\n\n"
 
 Item = Union[str, Image.Image]
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses longer, thinner images
 
 
 def check_items(items: Sequence[Item]) -> None:
@@ -40,6 +41,9 @@ def check_items(items: Sequence[Item]) -> None:
                                  f"PIL.Image.open({item!r})")
         elif not isinstance(item, Image.Image):
             raise TypeError(f"item {index} is a {type(item).__name__}; expected a str (a word) or a PIL image")
+        elif max(item.size) > MAX_ASPECT_RATIO * min(item.size):  # a 0-pixel side included
+            raise ValueError(f"item {index} is a {item.width}x{item.height} image; Qwen2-VL takes images whose "
+                             f"longer side is at most {MAX_ASPECT_RATIO} times the shorter")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -70,6 +74,8 @@ def build_messages(items: Sequence[Item], instruction: str | None = None) -> tup
     `instruction=None` uses the paper's; an empty string leaves the instruction out.
     """
     check_items(items)
+    if instruction is not None and not isinstance(instruction, str):
+        raise TypeError(f"instruction is a {type(instruction).__name__}; expected a str (or None for the paper's)")
     instruction = PAPER_INSTRUCTION if instruction is None else instruction
     content: list[dict] = []
     if instruction.strip():
@@ -89,3 +95,55 @@ def build_messages(items: Sequence[Item], instruction: str | None = None) -> tup
         {"role": "user", "content": content},
     ]
     return messages, images
+
+
+def special_tokens(tokenizer) -> dict[int, str]:
+    """The tokenizer's special tokens by id, read from the tokenizer itself: its named ones and every added token
+    marked special (for Qwen2-VL the chat-turn, vision and grounding markers; any other tokenizer's own)."""
+    tokens = set(tokenizer.all_special_tokens)
+    tokens.update(added.content for added in getattr(tokenizer, "added_tokens_decoder", {}).values() if added.special)
+    return {tokenizer.convert_tokens_to_ids(token): token for token in tokens}
+
+
+def _special_sequence(tokenizer, text: str, specials: dict[int, str]) -> list[str]:
+    return [specials[i] for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i in specials]
+
+
+PLAIN_TEXT = "words and the instruction are plain text: they cannot open chat turns or add image slots"
+
+
+def check_plain_text(tokenizer, items: Sequence[Item], instruction: str | None = None) -> None:
+    """Refuse a word or an instruction that holds one of the tokenizer's special tokens, written out or formed
+    by the tokenizer's normalisation (an added token may be matched after it)."""
+    specials = special_tokens(tokenizer)
+    texts = [("the instruction", instruction)] if instruction else []
+    words = [item for item in items if isinstance(item, str)]
+    texts += [(f"word {n} ({word.strip()!r})", word) for n, word in enumerate(words, start=1)]
+    for name, text in texts:
+        written = [token for token in specials.values() if token in text]
+        if written:
+            raise ValueError(f"{name} contains {min(written, key=text.find)!r}, a special token of the VLM's "
+                             f"tokenizer: remove it ({PLAIN_TEXT})")
+        formed = _special_sequence(tokenizer, text, specials)
+        if formed:
+            raise ValueError(f"{name} forms {formed[0]!r}, a special token of the VLM's tokenizer, once the tokenizer "
+                             f"normalises it: remove it ({PLAIN_TEXT})")
+
+
+def placeholder(items: Sequence[Item], instruction: str | None = None) -> tuple[list[Item], str | None]:
+    """The same sequence (words, images, instruction or none) with harmless text, for `check_structure`."""
+    blank = Image.new("RGB", (1, 1))  # only the image's slot is rendered, never its pixels
+    shape = ["x" if isinstance(item, str) else blank for item in items]
+    return shape, (instruction if instruction is None else "x" if instruction.strip() else "")
+
+
+def check_structure(tokenizer, prompt: str, reference: str) -> None:
+    """The rendered chat's special tokens must be exactly those of `reference`, the same chat rendered from
+    `placeholder` text: nothing the inputs hold, alone or where they meet the chat's own text, adds any."""
+    specials = special_tokens(tokenizer)
+    got, expected = _special_sequence(tokenizer, prompt, specials), _special_sequence(tokenizer, reference, specials)
+    if got != expected:
+        changed = sorted(token for token in {*got, *expected} if got.count(token) != expected.count(token))
+        changed = ", ".join(map(repr, changed)) or "their order"
+        raise ValueError(f"the words or the instruction change the chat's special tokens ({changed}) where they meet "
+                         f"the chat's own text: change them ({PLAIN_TEXT})")

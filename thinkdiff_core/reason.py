@@ -10,10 +10,11 @@ generation makes one forward call per new token.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import math
+import numbers
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,16 @@ from typing import Callable, Sequence
 import torch
 
 from .decode import SAMPLING_LOCK, FastDecoder, cuda_indices
-from .files import check_safetensors_folder
-from .prompt import Item, build_messages
+from .files import (
+    check_config_sizes,
+    check_model_folder,
+    check_safetensors_file,
+    check_safetensors_folder,
+    check_torch_file,
+    json_kind,
+    read_json,
+)
+from .prompt import Item, build_messages, check_plain_text, check_structure, placeholder
 from .versions import release
 
 logger = logging.getLogger(__name__)
@@ -63,7 +72,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
 
 
 def check_vlm_folder(folder: Path) -> None:
-    """Raise a clear error unless `folder` looks like a local Qwen2-VL Hugging Face folder."""
+    """Raise a clear error unless `folder` looks like a local Qwen2-VL Hugging Face folder whose files hold what
+    they claim: readable JSON files asking for no code of their own, a config that fits its weights, and
+    plausible image sizes. Nothing is loaded (safetensors headers and JSON files only)."""
     if not folder.exists():
         raise FileNotFoundError(f"VLM folder not found: {folder}")
     if not folder.is_dir():
@@ -74,10 +85,7 @@ def check_vlm_folder(folder: Path) -> None:
             f"{folder} is not a Hugging Face model folder: config.json is missing. Expected a local copy "
             f"of Qwen/Qwen2-VL-7B-Instruct (config.json, *.safetensors, tokenizer and preprocessor files)"
         )
-    try:
-        model_type = json.loads(config_path.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"{config_path} is not a readable model config ({e})") from e
+    model_type = read_json(config_path, json_kind(config_path.name)).get("model_type")
     if model_type != QWEN2_VL_MODEL_TYPE:
         raise ValueError(
             f"{folder} holds a {model_type!r} model; ThinkDiff-LVLM needs Qwen2-VL "
@@ -92,7 +100,100 @@ def check_vlm_folder(folder: Path) -> None:
                                                              for name in ("vocab.json", "merges.txt")):
         raise FileNotFoundError(f"{folder} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt); "
                                 f"the Qwen2-VL processor needs them")
-    check_safetensors_folder(folder)
+    configs = check_model_folder(folder)
+    if not any(folder.glob("*.safetensors")):  # then transformers torch.loads the .bin files
+        for path in sorted(folder.glob("*.bin")):
+            check_torch_file(path, "a PyTorch weight file")
+    config = qwen2_vl_config(config_path, configs["config.json"])
+    check_qwen2_vl_weights(config_path, config, check_safetensors_folder(folder),
+                           quantized="quantization_config" in configs["config.json"])
+    check_qwen2_vl_processor(folder / "preprocessor_config.json", configs["preprocessor_config.json"], config)
+
+
+# Qwen2-VL's image sizing enlarges every image to min_pixels and shrinks it to max_pixels (Qwen2-VL-7B: 3,136
+# and 12,845,056, as `size` shortest_edge / longest_edge in newer files). No image needs enlarging beyond the
+# largest the model was released to see; beyond these the vision tower only runs for minutes.
+QWEN2_VL_PROCESSOR_BOUNDS = {"min_pixels": (1, 12_845_056), "shortest_edge": (1, 12_845_056),
+                             "max_pixels": (1, 1 << 26), "longest_edge": (1, 1 << 26), "patch_size": (1, 1024),
+                             "temporal_patch_size": (1, 64), "merge_size": (1, 64)}
+
+
+def qwen2_vl_config(path: Path, config: dict):
+    """transformers' Qwen2VLConfig of a config.json (its defaults filled in, as from_pretrained will), built
+    without loading anything."""
+    from transformers import Qwen2VLConfig
+
+    try:
+        return Qwen2VLConfig(**config)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+        raise ValueError(f"{path} is not a usable Qwen2-VL config ({type(e).__name__}: {e})") from e
+
+
+def check_qwen2_vl_weights(path: Path, config, shapes: dict[str, list[int]], quantized: bool = False) -> None:
+    """The sizes in config.json (`path`) against the tensors its folder's shards hold (their headers only).
+    from_pretrained builds the model from the config and initialises at random, at the config's size, whatever
+    the shards lack: a config that claims more layers or wider ones would allocate for minutes before failing,
+    or load a model that is not the one in the files. (Quantised checkpoints pack their weights: only their
+    layer counts are compared.)"""
+    text, vision = config.get_text_config(), config.vision_config
+    problem = "does not fit the weights beside it"
+    advice = "the config and the weights must come from the same model: download the folder again"
+    for prefix, count, key in ((r"(?:model\.language_model|model)\.layers", text.num_hidden_layers,
+                                "num_hidden_layers"),
+                               (r"(?:model\.)?visual\.blocks", vision.depth, "vision_config.depth")):
+        held = {int(m.group(1)) for name in shapes if (m := re.match(prefix + r"\.(\d+)\.", name))}
+        if shapes and held != set(range(count)):
+            raise ValueError(f"{path} {problem}: {key} is {count} but the weights hold {len(held)} such layers; "
+                             f"{advice}")
+    if quantized or not shapes:
+        return
+    head = text.hidden_size // text.num_attention_heads
+    if text.hidden_size % text.num_attention_heads or text.num_attention_heads % text.num_key_value_heads \
+            or vision.embed_dim % vision.num_heads:
+        raise ValueError(f"{path} {problem}: its widths do not divide into its attention heads (hidden_size "
+                         f"{text.hidden_size}, num_attention_heads {text.num_attention_heads}, num_key_value_heads "
+                         f"{text.num_key_value_heads}; vision embed_dim {vision.embed_dim}, num_heads "
+                         f"{vision.num_heads})")
+    rope = getattr(text, "rope_scaling", None) or getattr(text, "rope_parameters", None) or {}
+    section = rope.get("mrope_section") if isinstance(rope, dict) else None
+    if section is not None and (not isinstance(section, list) or not all(type(n) is int for n in section)
+                                or 2 * sum(section) != head):
+        raise ValueError(f"{path} {problem}: rope_scaling's mrope_section {section} must add up to half the "
+                         f"attention head width ({head // 2})")
+    merged = vision.embed_dim * vision.spatial_merge_size ** 2
+    expected = {
+        "embed_tokens.weight": [text.vocab_size, text.hidden_size],
+        "layers.0.mlp.gate_proj.weight": [text.intermediate_size, text.hidden_size],
+        "layers.0.self_attn.k_proj.weight": [text.num_key_value_heads * head, text.hidden_size],
+        "lm_head.weight": [text.vocab_size, text.hidden_size],
+        "visual.patch_embed.proj.weight": [vision.embed_dim, None, vision.temporal_patch_size, vision.patch_size,
+                                           vision.patch_size],
+        "visual.blocks.0.mlp.fc1.weight": [int(vision.embed_dim * vision.mlp_ratio), vision.embed_dim],
+        "visual.merger.mlp.2.weight": [vision.hidden_size, merged],
+    }
+    for name, shape in shapes.items():
+        for suffix, want in expected.items():
+            if (name == suffix or name.endswith("." + suffix)) and (len(shape) != len(want) or any(
+                    w is not None and w != s for w, s in zip(want, shape))):
+                raise ValueError(f"{path} {problem}: it makes {name} {[w if w is not None else '*' for w in want]} "
+                                 f"but the weights hold {shape}; {advice}")
+
+
+def check_qwen2_vl_processor(path: Path, processor: dict, config) -> None:
+    """preprocessor_config.json's sizes: plausible (QWEN2_VL_PROCESSOR_BOUNDS), and the patches it cuts the
+    vision tower's own (another patch size makes tensors the tower cannot multiply)."""
+    check_config_sizes(processor, path, QWEN2_VL_PROCESSOR_BOUNDS)
+    for low, high in (("min_pixels", "max_pixels"), ("shortest_edge", "longest_edge")):
+        sizes = processor.get("size") if low == "shortest_edge" else processor
+        if isinstance(sizes, dict) and sizes.get(low) is not None and sizes.get(high) is not None \
+                and sizes[low] > sizes[high]:
+            raise ValueError(f"{path}: {low} {sizes[low]:,} is more than {high} {sizes[high]:,}")
+    vision = config.vision_config
+    for key, own in (("patch_size", vision.patch_size), ("temporal_patch_size", vision.temporal_patch_size),
+                     ("merge_size", vision.spatial_merge_size)):
+        if processor.get(key, own) != own:
+            raise ValueError(f"{path}: {key} is {processor[key]} but the vision tower in config.json takes {own}; "
+                             f"the processor config belongs to another model")
 
 
 QUANTIZATIONS = ("8bit", "4bit")
@@ -122,7 +223,8 @@ def load_qwen2_vl(folder: str | os.PathLike, device: torch.device, dtype: torch.
         logger.warning("ThinkDiff: %s", QUANTIZATION_DRIFT.format(quantization))
     # device_map places each tensor on the device as it is read (no full CPU copy first).
     return Qwen2VLForConditionalGeneration.from_pretrained(
-        folder, local_files_only=True, attn_implementation="sdpa", device_map={"": device}, **options
+        folder, local_files_only=True, trust_remote_code=False, attn_implementation="sdpa", device_map={"": device},
+        **options
     )
 
 
@@ -157,6 +259,7 @@ def quantized_size(folder: str | os.PathLike, quantization: str, dtype: torch.dt
     element = torch.tensor([], dtype=dtype).element_size()
     total = 0.0
     for file in sorted(Path(folder).glob("*.safetensors")):
+        check_safetensors_file(file)  # names a broken shard before safe_open fails on it
         with safe_open(file, framework="pt") as tensors:
             for name in tensors.keys():
                 shape = tensors.get_slice(name).get_shape()
@@ -186,6 +289,26 @@ def capture_last_positions(module: torch.nn.Module, on_state: Callable[[int], No
         yield states
     finally:
         handle.remove()
+
+
+def check_sampling(seed, temperature, top_p, max_new_tokens: int, min_new_tokens: int = 1) -> None:
+    """Refuse settings that would fail deep inside sampling or draw from a broken distribution (NaN passes
+    no comparison and inf passes `> 0`, so each value is checked for what it must be)."""
+    def integer(value):
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    def finite(value):
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not (integer(seed) and 0 <= seed < 2**64):  # torch.manual_seed's range, as ComfyUI's seed widget
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+    if not (finite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be > 0 and finite (the paper samples at 0.6), got {temperature!r}")
+    if not (finite(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (the paper uses 0.9), got {top_p!r}")
+    if not (integer(min_new_tokens) and integer(max_new_tokens) and 1 <= min_new_tokens <= max_new_tokens):
+        raise ValueError(f"need integers 1 <= min_new_tokens <= max_new_tokens (the paper generates 128), got "
+                         f"{min_new_tokens!r} and {max_new_tokens!r}")
 
 
 class Reasoner:
@@ -237,8 +360,12 @@ class Reasoner:
         # The PIL image processor is the one the authors' pipeline ran (the torchvision one
         # resamples slightly differently); transformers 5 selects it by backend name.
         pil_option = {"backend": "pil"} if release(transformers) >= (5, 0) else {"use_fast": False}
-        image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, **pil_option)
-        processor = AutoProcessor.from_pretrained(folder, local_files_only=True, image_processor=image_processor)
+        # trust_remote_code=False: no code from the folder runs, and transformers never asks (check_vlm_folder
+        # has already refused a folder that wants its own code, naming the file).
+        image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
+                                                             **pil_option)
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
+                                                  image_processor=image_processor)
         return cls(load_qwen2_vl(folder, device, dtype, quantization), processor, **options)
 
     @property
@@ -250,18 +377,29 @@ class Reasoner:
         return final_norm(self.model).weight.shape[0]
 
     def render_prompt(self, items: Sequence[Item], instruction: str | None = None):
-        """The exact chat text and the images, in order, for `items`."""
+        """The exact chat text and the images, in order, for `items`. Words and an instruction that would give
+        the chat special tokens of their own (a turn, an image slot) are refused."""
         messages, images = build_messages(items, instruction)
+        tokenizer = self.processor.tokenizer
+        check_plain_text(tokenizer, items, instruction)
+        prompt = self._chat(messages)
+        # What the per-input check cannot see: text forming a special token only within the whole chat.
+        check_structure(tokenizer, prompt, self._chat(build_messages(*placeholder(items, instruction))[0]))
+        return prompt, images
+
+    def _chat(self, messages: list[dict]) -> str:
         # The tokenizer's renderer passes add_vision_id ("Picture i:") to the template in every
         # transformers version; some processors' apply_chat_template drop it.
-        prompt = self.processor.tokenizer.apply_chat_template(
+        return self.processor.tokenizer.apply_chat_template(
             messages, chat_template=getattr(self.processor, "chat_template", None), tokenize=False,
             add_generation_prompt=True, add_vision_id=True,
         )
-        return prompt, images
 
     def prepare_inputs(self, prompt: str, images: list) -> dict:
-        inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt")
+        # PIL images are height x width x channels; left to guess, transformers 4.x reads an image 1 or 3 pixels
+        # tall as channels first (transposed, or an error about the mean).
+        inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt",
+                                input_data_format="channels_last")
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     def reason(
@@ -279,6 +417,7 @@ class Reasoner:
         `on_token(done, total)` is called as each token's state is computed; an exception it
         raises (e.g. a user's cancel) stops generation and propagates.
         """
+        check_sampling(seed, temperature, top_p, max_new_tokens)  # before any image is processed
         prompt, images = self.render_prompt(items, instruction)
         # The paper's min_tokens = max_tokens with ignore_eos: EOS can never be sampled.
         return self.generate(prompt, images, seed, temperature, top_p, max_new_tokens, max_new_tokens, on_token)
@@ -319,13 +458,7 @@ class Reasoner:
         otherwise transformers' generate runs, which can stop at EOS. `forced_tokens` (fast path only)
         feeds given tokens instead of sampled ones, to compare states on the same tokens.
         """
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (the paper samples at 0.6), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (the paper uses 0.9), got {top_p}")
-        if not 1 <= min_new_tokens <= max_new_tokens:
-            raise ValueError(f"need 1 <= min_new_tokens <= max_new_tokens (the paper generates 128), got "
-                             f"{min_new_tokens} and {max_new_tokens}")
+        check_sampling(seed, temperature, top_p, max_new_tokens, min_new_tokens)
         fast = self.fast if fast is None else fast
         if forced_tokens is not None and not (fast and min_new_tokens == max_new_tokens == len(forced_tokens)):
             raise ValueError("forced_tokens needs the fast path and exactly max_new_tokens = min_new_tokens tokens")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .files import check_safetensors_folder
+from .files import check_layers_held, check_model_folder, check_safetensors_folder, known_class
 from .versions import release
 
 # The paper's FLUX settings: CoBSAT reasoning at 512x512, composition at 1024x1024.
@@ -51,20 +50,32 @@ def check_device(device: str | None) -> None:
 
 def check_flux_folder(folder: str | os.PathLike) -> None:
     """A diffusers FLUX folder whose parts' weight files are whole (a cut-off download is named now, not
-    after the VLM has reasoned)."""
-    index = Path(folder) / "model_index.json"
+    after the VLM has reasoned), whose JSON files are readable, plausible and no more than their weights hold,
+    and which names only classes of diffusers and transformers (no code of its own)."""
+    import diffusers
+    import transformers
+
+    folder = Path(folder)
+    index = folder / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(
             f"{folder} is not a diffusers FLUX folder (model_index.json missing); expected a local "
             f"copy of black-forest-labs/FLUX.1-dev in diffusers layout"
         )
-    try:
-        parts = [name for name in json.loads(index.read_text()) if not name.startswith("_")]
-    except (ValueError, AttributeError) as e:
-        raise ValueError(f"{index} is not a readable diffusers model index ({e})") from e
-    for part in parts:
-        if (Path(folder) / part).is_dir():
-            check_safetensors_folder(Path(folder) / part)
+    libraries = {"diffusers": diffusers, "transformers": transformers}
+    for part, entry in check_model_folder(folder)["model_index.json"].items():
+        if part.startswith("_") or entry == [None, None]:  # bookkeeping, or an optional part left out
+            continue
+        # Any other library than these two would be a module of the folder's own, i.e. its own code.
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in libraries
+                and known_class(entry[1], libraries[entry[0]])):
+            raise ValueError(f"{index}: {part} is {entry!r:.80}; expected [library, class] naming a class of "
+                             f"diffusers or transformers (ThinkDiff never runs code from a model folder)")
+        if (folder / part).is_dir():
+            configs = check_model_folder(folder / part)
+            shapes = check_safetensors_folder(folder / part)
+            if "config.json" in configs:
+                check_layers_held(configs["config.json"], folder / part / "config.json", shapes)
 
 
 def free_memory() -> None:
@@ -84,7 +95,8 @@ def load_flux(folder: str | os.PathLike, device: str | torch.device | None = Non
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     dtype_option = "dtype" if release(diffusers) >= (0, 40) else "torch_dtype"  # renamed in diffusers 0.40
-    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True, **{dtype_option: dtype})
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
+                                        **{dtype_option: dtype})
     if device.type == "cuda":
         pipe.enable_model_cpu_offload(device=device)
     else:

@@ -19,7 +19,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .files import check_safetensors_file, check_shards, save_safetensors
+from .files import (
+    check_config_sizes,
+    check_safetensors_file,
+    check_shards,
+    json_kind,
+    parse_json,
+    read_json,
+    read_weight_map,
+    save_safetensors,
+)
 
 PREFIX = "vision_model."
 BLIP2_MODEL_TYPE = "blip-2"
@@ -52,7 +61,7 @@ def _vision_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_weight_map(index)
         shards: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
             if key.startswith(PREFIX):
@@ -79,12 +88,13 @@ def _read_folder(folder: Path) -> tuple[dict, dict, dict]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: config.json is missing")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, json_kind(config_path.name))
     if config.get("model_type") != BLIP2_MODEL_TYPE:
         raise ValueError(f"{folder} holds a {config.get('model_type')!r} model; ThinkDiff-CLIP needs BLIP-2 "
                          f"(model_type 'blip-2', e.g. Salesforce/blip2-flan-t5-xxl)")
     processor_path = folder / "preprocessor_config.json"
-    processor = json.loads(processor_path.read_text()) if processor_path.is_file() else BLIP2_IMAGE_PROCESSOR
+    processor = read_json(processor_path, json_kind(processor_path.name)) if processor_path.is_file() \
+        else BLIP2_IMAGE_PROCESSOR
     return _vision_tensors(folder), config.get("vision_config", {}), processor
 
 
@@ -98,8 +108,10 @@ def _read_file(path: Path) -> tuple[dict, dict, dict]:
             metadata = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
-    config = json.loads(metadata["vision_config"]) if "vision_config" in metadata else {}
-    processor = json.loads(metadata["image_processor"]) if "image_processor" in metadata else BLIP2_IMAGE_PROCESSOR
+    config = parse_json(metadata["vision_config"], f"{path} (its vision_config metadata)", "a vision config") \
+        if "vision_config" in metadata else {}
+    processor = parse_json(metadata["image_processor"], f"{path} (its image_processor metadata)",
+                           "an image processor config") if "image_processor" in metadata else BLIP2_IMAGE_PROCESSOR
     return tensors, config, processor
 
 
@@ -115,6 +127,10 @@ def read_vision_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
             f"{path}: not a BLIP-2 vision tower. Expected the EVA ViT keys {PREFIX}embeddings.*, {QKV_KEY}, ... "
             f"(Salesforce/blip2-flan-t5-xxl); found {found}"
         )
+    source = path / "config.json" if path.is_dir() else f"{path} (its vision_config metadata)"
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: vision_config is {type(config).__name__}; expected a JSON object")
+    check_config_sizes(config, source)
     return tensors, config, processor
 
 
@@ -128,13 +144,34 @@ def vision_hidden_size(path: str | os.PathLike) -> int | None:
     path = Path(path)
     try:
         if path.is_dir():
-            config = json.loads((path / "config.json").read_text()).get("vision_config", {})
+            config = read_json(path / "config.json").get("vision_config", {})
         else:
             with safe_open(str(path), framework="pt") as f:
-                config = json.loads((f.metadata() or {}).get("vision_config", "{}"))
+                config = parse_json((f.metadata() or {}).get("vision_config", "{}"), path)
         return int(config.get("hidden_size", Blip2VisionConfig().hidden_size))
     except Exception:  # noqa: BLE001 - safetensors and json raise many kinds; the loader reports them
         return None
+
+
+def check_image_processor(path, processor: dict, image_size: int) -> None:
+    """BLIP's image processor settings: images resized to the square the vision tower takes (another size
+    fails inside its position embeddings), and mean, std and resampling of the types BlipImageProcessor uses."""
+    size = processor.get("size", {"height": image_size, "width": image_size})
+    size = {"height": size, "width": size} if type(size) is int else size
+    if not (isinstance(size, dict) and size.get("height") == size.get("width") == image_size):
+        raise ValueError(f"{path}: its image processor resizes to {size!r:.80}, but the vision tower takes "
+                         f"{image_size}x{image_size} images (expected size {{'height': {image_size}, 'width': "
+                         f"{image_size}}})")
+    for key in ("image_mean", "image_std"):
+        value = processor.get(key, [1.0])
+        if not (isinstance(value, list) and len(value) in (1, 3)
+                and all(type(v) in (int, float) and v == v and (key == "image_mean" or v > 0) for v in value)):
+            raise ValueError(f"{path}: its image processor's {key} is {value!r:.80}; expected 3 numbers (one per "
+                             f"colour{', above 0' if key == 'image_std' else ''})")
+    resample = processor.get("resample", 3)
+    if type(resample) is not int or not 0 <= resample <= 5:
+        raise ValueError(f"{path}: its image processor's resample is {resample!r:.40}; expected a PIL "
+                         f"resampling filter number from 0 to 5 (BLIP-2: 3, bicubic)")
 
 
 class VisionEncoder:
@@ -156,14 +193,23 @@ class VisionEncoder:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         config = {k: v for k, v in config.items() if k not in CONFIG_BOOKKEEPING}
+        try:
+            config = Blip2VisionConfig(**config)
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+            raise ValueError(f"{path}: not a usable BLIP-2 vision config ({type(e).__name__}: {e})") from e
+        check_image_processor(path, processor, config.image_size)
         with torch.device("meta"):  # no random init of a billion parameters that are overwritten anyway
-            model = Blip2VisionModel(Blip2VisionConfig(**config))
+            model = Blip2VisionModel(config)
         state = {k[len(PREFIX):]: v for k, v in tensors.items()}
-        expected = set(model.state_dict())
-        if set(state) != expected:
-            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        expected = model.state_dict()
+        if set(state) != set(expected):
+            missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
             raise ValueError(f"{path}: the vision tensors do not match the vision config "
                              f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+        wrong = [f"{PREFIX}{k} is {list(v.shape)} where the config makes {list(expected[k].shape)}"
+                 for k, v in state.items() if v.shape != expected[k].shape]
+        if wrong:
+            raise ValueError(f"{path}: the vision tensors do not match the vision config ({'; '.join(wrong[:2])})")
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
         # The PIL processor resamples as the authors' did; transformers 5 names it BlipImageProcessorPil
         # (its BlipImageProcessor resizes tensors with torchvision, slightly differently).

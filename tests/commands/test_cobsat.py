@@ -143,7 +143,12 @@ def test_bad_input_is_a_clear_error(data, tmp_path):
         Run(tmp_path, tmp_path)
     (tmp_path / "datasets").mkdir()
     (tmp_path / "load_datasets").mkdir()
-    (tmp_path / "load_datasets" / "prompts_list_default.json").write_text('{"x_list": []}')
+    lists = tmp_path / "load_datasets" / "prompts_list_default.json"
+    lists.write_text('{"x_list": []}')
+    with pytest.raises(ValueError, match=r"is not CoBSAT's prompt lists \(a list of .*\): it holds an object where a "
+                                         "JSON array is expected"):
+        Run(tmp_path, tmp_path / "out")
+    lists.write_text('[{"x_list": []}]')
     with pytest.raises(ValueError, match="expected a list of"):
         Run(tmp_path, tmp_path / "out")
 

@@ -233,11 +233,16 @@ def test_a_config_that_is_not_a_run_record_is_named(tmp_path, capsys):
     notes = tmp_path / "notes.md"
     notes.write_text("# notes\n")
     code, err = run_main(["generate", "--config", notes], capsys)
-    assert code == 2 and err == f"error: --config {notes}: not a run.json (not JSON: Expecting value: line 1 " \
-                                "column 1 (char 0))\n"
+    assert code == 2 and err == f"error: --config {notes} is not a run.json (a JSON object of parameters): it is " \
+                                "not readable JSON (Expecting value: line 1 column 1 (char 0))\n"
     notes.write_text("[1, 2]\n")
     code, err = run_main(["generate", "--config", notes], capsys)
-    assert code == 2 and err == f"error: --config {notes}: not a run.json (expected a JSON object of parameters)\n"
+    assert code == 2 and err == f"error: --config {notes} is not a run.json (a JSON object of parameters): it " \
+                                "holds an array where a JSON object is expected\n"
+    notes.write_text("[" * 100_000 + "]" * 100_000)  # nests past json's recursion: still one error line
+    code, err = run_main(["generate", "--config", notes], capsys)
+    assert code == 2 and err == f"error: --config {notes} is not a run.json (a JSON object of parameters): it " \
+                                "nests deeper than 64 levels\n"
     code, err = run_main(["generate", "--config", tmp_path / "nope.json"], capsys)
     assert code == 2 and err.startswith(f"error: --config {tmp_path / 'nope.json'}: file not found")
 

@@ -26,6 +26,7 @@ import torch
 
 from .. import ASSETS
 from ..decode import FastDecoder, reset_compiled_layers
+from ..files import read_json
 from ..reason import QUANTIZATIONS, Reasoner, load_qwen2_vl
 from ..render import check_device
 
@@ -294,6 +295,7 @@ class Bench:
         if decoder is not None:
             result["cuda_graph"] = decoder._graph is not None
             result["compiled"] = decoder.compiled
+            result["attention_backend"] = decoder.attention_backend
         self.log(f"{path}: {json.dumps(result)}")
         return result, run, decoder, tokens, states
 
@@ -509,7 +511,7 @@ def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 1
         architecture = reasoner.model.config.to_dict()
         source = {"model": str(vlm), "load_s": round(load_s, 3)}
     else:
-        architecture = json.loads(Path(config).read_text()) if config else QWEN2_VL_7B
+        architecture = read_json(config, "a Qwen2-VL config (a JSON object)") if config else QWEN2_VL_7B
         build_s, model = timed(lambda: random_qwen2_vl(architecture, device, dtype), device)
         reasoner = Reasoner(model)
         del model
@@ -598,4 +600,4 @@ def run(args: argparse.Namespace) -> None:
 if __name__ == "__main__":  # python -m thinkdiff_core.commands.bench RESULT.json ...: the summary of each
     for name in sys.argv[1:]:
         print(name)
-        print("\n".join(summary(json.loads(Path(name).read_text()))))
+        print("\n".join(summary(read_json(name, "a bench result (a JSON object)"))))

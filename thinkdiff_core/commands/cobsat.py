@@ -11,13 +11,16 @@ A judge answers two 10-option questions (the detail, the object) about each gene
 is correct only if both answers are right. Missing outputs count as wrong.
 
 Work happens in stages that each skip what is already on disk (reason -> tokens, render -> images,
-judge -> results.jsonl), so an interrupted run resumes where it stopped.
+judge -> results.jsonl), so an interrupted run resumes where it stopped. Every file is written aside and
+renamed into place, and results.jsonl, appended to, loses at most a last line cut off by a kill (dropped,
+with a warning, when the run resumes), so whatever a kill leaves is either whole or redone.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import random
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from ..files import atomic_write_text, complete_lines, parse_json, read_json, save_safetensors, written_aside
 from ..render import (
     GUIDANCE,
     SIZE,
@@ -90,8 +94,9 @@ def prompt_lists(data: Path) -> list[dict]:
     """The benchmark's 1000 index permutations: its JSON, or the same seed-123 shuffles when it is absent."""
     path = data / "load_datasets" / "prompts_list_default.json"
     if path.is_file():
-        lists = json.loads(path.read_text())
-        if not isinstance(lists, list) or not all({"x_list", "theta_list"} <= set(entry) for entry in lists):
+        lists = read_json(path, "CoBSAT's prompt lists (a list of {'x_list': [...], 'theta_list': [...]})",
+                          expected=list)
+        if not all({"x_list", "theta_list"} <= set(entry) for entry in lists):
             raise ValueError(f"{path}: expected a list of {{'x_list': [...], 'theta_list': [...]}}")
         return lists
     rng = random.Random(PROMPT_SEED)
@@ -171,7 +176,8 @@ def parse_tasks(text: str) -> list[int]:
 class Run:
     """One CoBSAT evaluation: shot count, tasks, the item limit, and where its files go."""
 
-    def __init__(self, data, out, shot: int = 2, tasks="all", limit: int | None = None, seed: int = 0):
+    def __init__(self, data, out, shot: int = 2, tasks="all", limit: int | None = None, seed: int = 0,
+                 log=print):
         if not 1 <= shot <= MAX_SHOTS:
             raise ValueError(f"--shots must be between 1 and {MAX_SHOTS} (CoBSAT's prompts draw the demonstrations, "
                              f"the query and the shared attribute from 10 items), got {shot}")
@@ -180,7 +186,7 @@ class Run:
         self.data, self.out = Path(data), Path(out) / f"shot_{shot}"
         if not (self.data / "datasets").is_dir():
             raise FileNotFoundError(f"no CoBSAT datasets/ folder in {self.data}")
-        self.shot, self.seed = shot, seed
+        self.shot, self.seed, self.log = shot, seed, log
         self.tasks = parse_tasks(tasks) if isinstance(tasks, str) else list(tasks)
         lists = prompt_lists(self.data)
         count = min(limit or PROMPTS, len(lists))
@@ -195,14 +201,14 @@ class Run:
                 "image": base.with_suffix(".jpg")}
 
     def judged(self) -> dict[str, dict]:
+        """The judgements in results.jsonl; a last line cut off by a kill is dropped with a warning (its prompt
+        is judged again), and the file left ending in a whole line for the next append."""
         records = {}
         for task in self.tasks:
-            path = self.out / f"task_{task}" / "results.jsonl"
-            if path.is_file():
-                for line in path.read_text().splitlines():
-                    if line.strip():
-                        record = json.loads(line)
-                        records[f"{task}/{record['name']}"] = record
+            for line in complete_lines(self.out / f"task_{task}" / "results.jsonl",
+                                       lambda line: isinstance(parse_json(line, "results.jsonl")["name"], str), self.log):
+                record = parse_json(line, "results.jsonl")
+                records[f"{task}/{record['name']}"] = record
         return records
 
     def unreasoned(self) -> list[Prompt]:
@@ -211,8 +217,6 @@ class Run:
 
     def reason(self, vlm, aligner, log=print) -> int:
         """Reason over every prompt without tokens on disk; `vlm`/`aligner` are paths or loaded models."""
-        from safetensors.torch import save_file
-
         from ..aligner import load_aligner
         from ..reason import Reasoner, check_vlm_folder
         from .generate import check_aligner_width, vlm_hidden_size
@@ -234,9 +238,10 @@ class Run:
                 tokens = aligner(result.hidden_states).float().cpu()
             files = self.files(prompt)
             files["tokens"].parent.mkdir(parents=True, exist_ok=True)
-            files["answer"].write_text(json.dumps({"text": result.text, "words": prompt.words, "seed": self.seed +
-                                                   prompt.index, "images": [str(p) for p in prompt.images]}) + "\n")
-            save_file({"tokens": tokens.contiguous()}, str(files["tokens"]))  # written last: marks the item done
+            atomic_write_text(files["answer"], json.dumps({"text": result.text, "words": prompt.words, "seed":
+                                                            self.seed + prompt.index,
+                                                            "images": [str(p) for p in prompt.images]}) + "\n")
+            save_safetensors({"tokens": tokens.contiguous()}, files["tokens"])  # written last: marks the item done
             log(f"[reason {n}/{len(pending)}] task {prompt.task} {prompt.name}: {result.text[:80]!r}")
         return len(pending)
 
@@ -255,9 +260,8 @@ class Run:
             tokens = load_file(str(files["tokens"]))["tokens"]
             image = render(pipe, *flux_inputs(pipe, tokens), seed=self.seed + prompt.index, steps=steps,
                            guidance=guidance, height=size, width=size)
-            temporary = files["image"].with_suffix(".part.jpg")
-            image.save(temporary, quality=95)
-            temporary.replace(files["image"])
+            with written_aside(files["image"]) as temporary:
+                image.save(temporary, format="JPEG", quality=95)
             log(f"[render {n}/{len(pending)}] {files['image']}")
         return len(pending)
 
@@ -300,13 +304,14 @@ class Run:
         if paper_average is None and len(PAPER.get(self.shot, {})) == len(TASKS) and len(rows) == len(TASKS):
             paper_average = round(sum(PAPER[self.shot].values()) / len(TASKS), 3)
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "accuracy.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-            writer.writerow({"task": "average", "prompts": sum(r["prompts"] for r in rows),
-                             "judged": sum(r["judged"] for r in rows), "correct": sum(r["correct"] for r in rows),
-                             "accuracy": average, "paper": paper_average})
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        writer.writerow({"task": "average", "prompts": sum(r["prompts"] for r in rows),
+                         "judged": sum(r["judged"] for r in rows), "correct": sum(r["correct"] for r in rows),
+                         "accuracy": average, "paper": paper_average})
+        atomic_write_text(self.out / "accuracy.csv", table.getvalue())
 
         def cell(value):
             return "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -316,7 +321,7 @@ class Run:
         lines += [f"| {r['task']} | {r['prompts']} | {r['judged']} | {r['correct']} | {cell(r['accuracy'])} | "
                   f"{cell(r['paper'])} |" for r in rows]
         lines.append(f"| **average** | | | | **{average:.3f}** | {cell(paper_average)} |")
-        (self.out / "accuracy.md").write_text("\n".join(lines) + "\n")
+        atomic_write_text(self.out / "accuracy.md", "\n".join(lines) + "\n")
         self.grid(judged, grid_per_task)
         return {"rows": rows, "average": average, "paper_average": paper_average}
 
@@ -344,7 +349,8 @@ class Run:
             draw.text((x, y + cell + 4), f"{prompt.words[-1]} -> {verdict}", fill=colour)
             draw.text((8, y + cell + 20), f"{TASKS[prompt.task][0]} #{prompt.index}: expected "
                                           f"{word(prompt.truth['detail'])} {word(prompt.truth['obj'])}", fill="black")
-        sheet.save(self.out / "grid.png")
+        with written_aside(self.out / "grid.png") as temporary:
+            sheet.save(temporary, format="PNG")
 
 
 def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all", limit: int | None = None,
@@ -354,7 +360,7 @@ def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all",
     from .cobsat_judge import VLMJudge, check_judge_folder
     from .generate import check_flux_width
 
-    run = Run(data, out, shot, tasks, limit, seed)
+    run = Run(data, out, shot, tasks, limit, seed, log)
     # Checked now rather than after hours of reasoning (the VLM and aligner are checked before reasoning).
     check_options(steps, size)
     if is_path(flux):
@@ -364,12 +370,19 @@ def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all",
     if is_path(judge):
         check_judge_folder(Path(judge))
     log(f"CoBSAT {shot}-shot: {len(run.prompts)} prompts over tasks {', '.join(TASKS[t][0] for t in run.tasks)}")
-    run.reason(vlm, aligner, log)
-    free_memory()
-    run.render(flux, steps, guidance, size, log)
-    free_memory()
-    if run.unjudged():
-        run.judge(VLMJudge.from_pretrained(judge) if is_path(judge) else judge, log)
+    try:
+        run.reason(vlm, aligner, log)
+        free_memory()
+        run.render(flux, steps, guidance, size, log)
+        free_memory()
+        if run.unjudged():
+            run.judge(VLMJudge.from_pretrained(judge) if is_path(judge) else judge, log)
+    except KeyboardInterrupt:
+        reasoned = len(run.prompts) - len(run.unreasoned())
+        rendered = sum(run.files(p)["image"].is_file() for p in run.prompts)
+        judged = rendered - len(run.unjudged())  # of this run's prompts (judging needs the image)
+        raise KeyboardInterrupt(f"interrupted; kept in {run.out}: {reasoned} of {len(run.prompts)} prompts reasoned, "
+                                f"{rendered} rendered, {judged} judged; run the same command again to resume") from None
     summary = run.summarize()
     log((run.out / "accuracy.md").read_text())
     return summary

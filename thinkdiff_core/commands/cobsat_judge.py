@@ -23,8 +23,13 @@ SYSTEM_PROMPTS = {"llava": LLAVA_SYSTEM_PROMPT}  # by config model_type; the oth
 
 
 def check_judge_folder(folder: Path) -> None:
+    from ..files import check_layers_held, check_model_folder, check_safetensors_folder
+
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"judge: {folder} is not a Hugging Face model folder (config.json missing)")
+    # Every JSON file read safely, no remote code, sizes plausible and no more layers than the weights hold.
+    check_layers_held(check_model_folder(folder)["config.json"], folder / "config.json",
+                      check_safetensors_folder(folder))
 
 
 class VLMJudge:
@@ -45,13 +50,14 @@ class VLMJudge:
         from ..versions import release
 
         folder = Path(folder)
-        check_judge_folder(folder)
+        check_judge_folder(folder)  # also refuses a folder that asks for its own code (trust_remote_code stays off)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model_class = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
         dtype_option = "dtype" if release(transformers) >= (4, 56) else "torch_dtype"
-        model = model_class.from_pretrained(folder, local_files_only=True, **{dtype_option: dtype})
-        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        model = model_class.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
+                                            **{dtype_option: dtype})
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         return cls(model.to(device), processor)
 
     def prompt(self, question: str) -> str:

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from .. import ASSETS
+from ..files import atomic_write_text, written_aside
 from ..render import GUIDANCE, STEPS, check_options
 from .generate import check_params, draw
 
@@ -50,7 +51,7 @@ def ensure_tiny_models() -> Path:
     folder = tiny_models_cache()
     if not (folder / "complete").is_file():
         make_tiny_models(folder)
-        (folder / "complete").write_text("ok\n")
+        atomic_write_text(folder / "complete", "ok\n")
     return folder
 
 
@@ -89,17 +90,18 @@ def run_demo(models_dir: str | os.PathLike | None = None, out_dir: str | os.Path
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    image.save(out / "image.png")
+    with written_aside(out / "image.png") as temporary:  # each file whole (see written_aside)
+        image.save(temporary, format="PNG")
     written = ["image.png", "timings.json"]
     if answer is not None:
-        (out / "answer.txt").write_text(answer + "\n")
+        atomic_write_text(out / "answer.txt", answer + "\n")
         written.append("answer.txt")
     else:  # an earlier lvlm run's answer would pass for this image's
         (out / "answer.txt").unlink(missing_ok=True)
     report = {"variant": variant, "models": "tiny-random" if tiny else str(models),
               **{k: params[k] for k in ("vlm", "vision", "aligner", "flux", "prompt") if params[k] is not None},
               "seed": seed, "steps": steps, "guidance": guidance, "size": image.width, **report}
-    (out / "timings.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "timings.json", json.dumps(report, indent=2) + "\n")
     log(f"Wrote {', '.join(str(out / name) for name in written)}")
     if tiny:
         log("(Tiny random models: the image is noise" + (" and the answer gibberish" if answer else "") + " by design.)")

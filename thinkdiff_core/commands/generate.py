@@ -1,7 +1,9 @@
 """Standalone generation through diffusers' FluxPipeline: both variants, several seeds, reproducible runs.
 
 A run writes `run.json` (every parameter, the software versions and the outputs); `generate --config
-run.json` runs it again.
+run.json` runs it again. Each seed's image is written, and run.json rewritten to list it, as soon as it is
+drawn (every file written aside and renamed into place), so an interrupted run keeps what it drew; the
+same command continues it. A folder holds one run: images of a run with other parameters are never mixed in.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import compose, condition
 from ..aligner import aligner_state_dict, load_aligner, width_mismatch
+from ..files import atomic_write_text, read_json, written_aside
 from ..reason import Reasoner, check_vlm_folder, quantization_config
 from ..render import (
     GUIDANCE,
@@ -79,13 +82,14 @@ def vlm_hidden_size(folder: str | os.PathLike) -> int:
     """The hidden size in a VLM folder's config.json, read without loading the model."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config().hidden_size
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    return config.get_text_config().hidden_size
 
 
 def flux_text_width(folder: str | os.PathLike) -> int | None:
     """The width of the T5 features a diffusers FLUX folder reads (transformer/config.json), or None."""
     try:
-        return int(json.loads((Path(folder) / "transformer" / "config.json").read_text())["joint_attention_dim"])
+        return int(read_json(Path(folder) / "transformer" / "config.json")["joint_attention_dim"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -183,8 +187,9 @@ class Timings(dict):
         self[name] = round(self.get(name, 0.0) + time.perf_counter() - started, 3)
 
 
-def draw(params: dict, log=print, progress: bool = True) -> tuple[dict, dict]:
-    """Run a checked job: {seed: (image, VLM answer or None)} and a report (timings, token count, device).
+def draw(params: dict, log=print, progress: bool = True, on_image=None) -> tuple[dict, dict]:
+    """Run a checked job: {seed: (image, VLM answer or None)} and a report (timings, token count, device);
+    on_image(seed, image, answer), if given, as each image is drawn.
 
     One model family is in memory at a time: the VLM (or vision tower) leaves before FLUX arrives."""
     from tqdm.auto import tqdm
@@ -236,35 +241,112 @@ def draw(params: dict, log=print, progress: bool = True) -> tuple[dict, dict]:
         with timings("render_s"):
             drawn[seed] = (render(pipe, *inputs, seed=seed, steps=params["steps"], guidance=params["guidance"],
                                   height=size, width=size), answer)
+        if on_image is not None:
+            on_image(seed, *drawn[seed])
     timings["total_s"] = round(time.perf_counter() - started, 3)
     return drawn, {"timings": timings, "conditioning_tokens": inputs[0].shape[1],
                    "device_used": str(pipe._execution_device)}
 
 
+def seed_list(seeds: list[int]) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def earlier_outputs(out: Path, record: dict) -> list[dict]:
+    """The outputs an interrupted run of the same parameters left in `out` (its run.json), to keep.
+
+    A folder holds one run: images of a run with other parameters are refused, not mixed in. A run.json that
+    lists no image (its run drew none) is taken over, with the image a kill may have left unlisted."""
+    path = out / "run.json"
+    if not path.is_file():
+        return []
+    try:
+        stored = read_json(path, "a run record")
+        if not isinstance(stored.get("outputs", []), list):
+            raise ValueError("not a JSON object with a list of outputs")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"--out {out} holds a run.json that is no run record ({e}); choose another --out") from e
+    changed = [f"{name} {json.dumps(stored.get(name, DEFAULTS[name]))} there, {json.dumps(record[name])} now"
+               for name in DEFAULTS if stored.get(name, DEFAULTS[name]) != record[name]]
+    # Only this command's own names (a record names no other file), and an image since removed is drawn again.
+    outputs = [o for o in stored.get("outputs", []) if isinstance(o, dict) and isinstance(o.get("seed"), int)
+               and o.get("image") == f"seed_{o['seed']}.png" and (out / o["image"]).is_file()]
+    if changed and outputs:
+        raise ValueError(f"--out {out} holds the images of another run (its run.json: {'; '.join(changed)}); "
+                         f"choose another --out, or run that one again to continue it")
+    if changed:
+        for seed in (s for s in stored.get("seeds", []) if isinstance(s, int)):
+            for suffix in (".png", ".txt"):
+                (out / f"seed_{seed}{suffix}").unlink(missing_ok=True)
+    return outputs
+
+
+def writable_out(out: Path) -> bool:
+    """Make `out` (when missing) before any model loads, so that an unusable folder fails in seconds; True if
+    it was made here."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; give a folder for the images and run.json")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot make that folder ({e.strerror}); give a folder you may write to") \
+            from e
+    return created
+
+
 def generate(params: dict, out_dir: str | os.PathLike, log=print, progress: bool = True) -> dict:
-    """Run one generation job; returns the run record also written to `out_dir/run.json`."""
+    """Run one generation job; returns the run record also written to `out_dir/run.json`.
+
+    Each seed's image (and answer) is written, and run.json rewritten to list it, as soon as it is drawn. A
+    folder holding an interrupted run of the same parameters is continued: only the seeds it lacks are drawn."""
     params = check_params(params)
     out = Path(out_dir)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)  # before the models load: an unusable folder fails fast
+    record = {**params, "size": params["size"] or SIZE[params["variant"]], "versions": _versions(), "outputs": []}
+    record["outputs"] = earlier_outputs(out, record)
+    created = writable_out(out)
+
+    def write_record():
+        atomic_write_text(out / "run.json", json.dumps(record, indent=2) + "\n")
+
     try:
-        drawn, report = draw(params, log, progress)
-    except BaseException:
-        if created and not any(out.iterdir()):  # a run that failed leaves no empty folder behind
-            out.rmdir()
-        raise
-    record = {**params, "size": params["size"] or SIZE[params["variant"]], "versions": _versions(), **report,
-              "outputs": []}
-    for seed, (image, answer) in drawn.items():
+        write_record()  # before any model loads: a folder that takes no files fails now
+    except OSError as e:
+        raise ValueError(f"--out {out} is not writable ({e.strerror}); give a folder you may write to") from e
+    done = [output["seed"] for output in record["outputs"]]
+    remaining = [seed for seed in params["seeds"] if seed not in done]
+    if not remaining:
+        log(f"{out} already holds every seed of this run ({seed_list(done)}): nothing to draw")
+        return record
+
+    def save(seed, image, answer):
         name = f"seed_{seed}"
-        image.save(out / f"{name}.png")
+        with written_aside(out / f"{name}.png") as temporary:
+            image.save(temporary, format="PNG")
         output = {"seed": seed, "image": f"{name}.png"}
         if answer is not None:
-            (out / f"{name}.txt").write_text(answer + "\n")
+            atomic_write_text(out / f"{name}.txt", answer + "\n")
             output.update(answer=answer, answer_file=f"{name}.txt")
         record["outputs"].append(output)
+        write_record()  # after the files it lists
         log(f"wrote {out / (name + '.png')}")
-    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    try:
+        _, report = draw({**params, "seeds": remaining}, log, progress, on_image=save)
+    except BaseException as e:
+        kept = [output["seed"] for output in record["outputs"]]
+        if not kept:  # a run that drew nothing leaves nothing behind (no empty folder, no record of nothing)
+            (out / "run.json").unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        if isinstance(e, KeyboardInterrupt):
+            missing = [seed for seed in params["seeds"] if seed not in kept]
+            what = f"{seed_list(kept)} kept in {out} (listed in its run.json)" if kept else "no image drawn yet"
+            raise KeyboardInterrupt(f"interrupted; {what}; run the same command again to draw "
+                                    f"{seed_list(missing)}") from None
+        raise
+    record.update(report)
+    write_record()
     return record
 
 
@@ -273,12 +355,9 @@ def read_config(path: str) -> dict:
     if not Path(path).is_file():
         raise FileNotFoundError(f"--config {path}: file not found (expected the run.json of an earlier run)")
     try:
-        params = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--config {path}: not a run.json (not JSON: {e})") from e
-    if not isinstance(params, dict):
-        raise ValueError(f"--config {path}: not a run.json (expected a JSON object of parameters)")
-    return params
+        return read_json(path, "a run.json (a JSON object of parameters)")
+    except ValueError as e:
+        raise ValueError(f"--config {e}") from e
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -4,6 +4,8 @@
 Qwen2-VL answers one of the authors' brief instructions about each image; the final-norm states of its
 generated tokens (bf16), their ids and the text are stored in safetensors shards, with the VLM's tokenizer
 beside them so that training never loads the VLM. Resumable: samples already in the shards are skipped.
+Each shard is written aside and renamed into place (as the tokenizer folder), so a kill leaves only whole
+shards; Ctrl-C writes the samples generated so far as a last shard before stopping.
 """
 
 from __future__ import annotations
@@ -44,8 +46,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 def prepare_lvlm(vlm, data, out, max_new_tokens: int = 256, seed: int = 0, shard_size: int = 256,
                  limit: int | None = None, log=print) -> int:
     """Precompute the VLM's answers and states over image data; resumable (done keys are skipped)."""
-    from safetensors.torch import save_file
-
+    from ..files import save_safetensors
     from ..prompt import SYSTEM_PROMPT, to_rgb
     from ..reason import Reasoner
 
@@ -53,50 +54,60 @@ def prepare_lvlm(vlm, data, out, max_new_tokens: int = 256, seed: int = 0, shard
     out.mkdir(parents=True, exist_ok=True)
     done = prepared_keys(out)
     reasoner = None
-    pending: dict[str, torch.Tensor] = {}
-    texts: dict[str, dict] = {}
-    shard_number = len(list(out.glob("shard-*.safetensors")))
-    count = 0
+    # key -> (states, ids, text record): one assignment per sample, so that Ctrl-C never leaves part of one.
+    pending: dict[str, tuple[torch.Tensor, torch.Tensor, dict]] = {}
+    # After the highest number: a gap (a damaged shard deleted, as its error says) never leads to overwriting one.
+    shard_number = 1 + max((int(path.stem[len("shard-"):]) for path in out.glob("shard-*.safetensors")
+                            if path.stem[len("shard-"):].isdigit()), default=-1)
+    written = 0
 
     def flush():
-        nonlocal shard_number
+        nonlocal shard_number, written
         if pending:
-            save_file(pending, str(out / f"shard-{shard_number:06d}.safetensors"),
-                      metadata={"texts": json.dumps(texts)})
+            tensors = {f"{key}.{name}": tensor for key, (states, ids, _) in pending.items()
+                       for name, tensor in (("states", states), ("ids", ids))}
+            save_safetensors(tensors, out / f"shard-{shard_number:06d}.safetensors",
+                             metadata={"texts": json.dumps({key: text for key, (_, _, text) in pending.items()})})
             shard_number += 1
+            written += len(pending)
             pending.clear()
-            texts.clear()
 
-    for index, (key, image, _caption) in enumerate(image_caption_samples(data)):
-        if limit is not None and index >= limit:
-            break
-        if key in done:
-            continue
-        if reasoner is None:
-            reasoner = Reasoner.from_pretrained(vlm) if isinstance(vlm, (str, os.PathLike)) else vlm
-            tokenizer_dir = out / "tokenizer"
-            if isinstance(vlm, (str, os.PathLike)) and not tokenizer_dir.exists():
-                tokenizer_dir.mkdir()
-                for name in TOKENIZER_FILES:
-                    if (Path(vlm) / name).is_file():
-                        shutil.copy(Path(vlm) / name, tokenizer_dir / name)
-        instruction = BRIEF_INSTRUCTIONS[random.Random(f"{seed}/{key}").randrange(len(BRIEF_INSTRUCTIONS))]
-        messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-        prompt = reasoner.processor.tokenizer.apply_chat_template(
-            messages, chat_template=getattr(reasoner.processor, "chat_template", None), tokenize=False,
-            add_generation_prompt=True)
-        result = reasoner.generate(prompt, [to_rgb(image)], seed=seed + index, max_new_tokens=max_new_tokens,
-                                   min_new_tokens=1)
-        pending[f"{key}.states"] = result.hidden_states.to(torch.bfloat16).contiguous()
-        pending[f"{key}.ids"] = result.token_ids.contiguous()
-        texts[key] = {"text": result.text, "instruction": instruction}
-        count += 1
-        log(f"[prepare] {key}: {len(result.token_ids)} tokens")
-        if len(texts) >= shard_size:
-            flush()
-    flush()
-    return count
+    try:
+        for index, (key, image, _caption) in enumerate(image_caption_samples(data)):
+            if limit is not None and index >= limit:
+                break
+            if key in done:
+                continue
+            if reasoner is None:
+                reasoner = Reasoner.from_pretrained(vlm) if isinstance(vlm, (str, os.PathLike)) else vlm
+                tokenizer_dir = out / "tokenizer"
+                if isinstance(vlm, (str, os.PathLike)) and not tokenizer_dir.exists():
+                    partial = out / ".tokenizer.partial"  # copied aside, renamed into place: whole or absent
+                    shutil.rmtree(partial, ignore_errors=True)
+                    partial.mkdir()
+                    for name in TOKENIZER_FILES:
+                        if (Path(vlm) / name).is_file():
+                            shutil.copy(Path(vlm) / name, partial / name)
+                    partial.rename(tokenizer_dir)
+            instruction = BRIEF_INSTRUCTIONS[random.Random(f"{seed}/{key}").randrange(len(BRIEF_INSTRUCTIONS))]
+            messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+            prompt = reasoner.processor.tokenizer.apply_chat_template(
+                messages, chat_template=getattr(reasoner.processor, "chat_template", None), tokenize=False,
+                add_generation_prompt=True)
+            result = reasoner.generate(prompt, [to_rgb(image)], seed=seed + index, max_new_tokens=max_new_tokens,
+                                       min_new_tokens=1)
+            pending[key] = (result.hidden_states.to(torch.bfloat16).contiguous(), result.token_ids.contiguous(),
+                            {"text": result.text, "instruction": instruction})
+            log(f"[prepare] {key}: {len(result.token_ids)} tokens")
+            if len(pending) >= shard_size:
+                flush()
+        flush()
+    except KeyboardInterrupt:
+        flush()  # the samples generated so far are whole: kept, not generated again
+        raise KeyboardInterrupt(f"interrupted; {written} new samples are kept in {out} ({len(done) + written} in "
+                                f"all); run the same command again to resume") from None
+    return written
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -11,7 +11,9 @@ the batch size is per process, as the authors' per-GPU batch. All data trains (t
 out); `val_fraction` can hold a fixed share out.
 
 Every step's batch, split points and dropout come from (seed, step, process index), so a resumed run
-(on as many processes) continues exactly where it stopped.
+(on as many processes, with the same hyperparameters, which trainer.json records) continues exactly where
+it stopped. A checkpoint is written aside and renamed into place, trainer.json (which one is current)
+last: a kill at any moment leaves the previous checkpoint or the new one whole.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from ..aligner import PREFIX, Aligner
-from ..files import save_safetensors
+from ..files import (atomic_write_text, check_layers_held, check_model_folder, check_safetensors_folder, complete_lines,
+                     json_kind, read_json, save_safetensors)
 from .training_data import image_caption_samples, prepared_keys
 
 # ---------------------------------------------------------------- data
@@ -93,8 +97,11 @@ class LVLMData:
         if not self.shards:
             raise FileNotFoundError(f"no prepared shards (shard-*.safetensors) in {self.folder}; run prepare-lvlm")
         self.keys = sorted(self.shards)
+        if vlm_tokenizer is None:
+            check_model_folder(self.folder / "tokenizer")  # names a broken tokenizer file; refuses remote code
         self.vlm_tokenizer = vlm_tokenizer or AutoTokenizer.from_pretrained(self.folder / "tokenizer",
-                                                                            local_files_only=True)
+                                                                            local_files_only=True,
+                                                                            trust_remote_code=False)
         self.t5_tokenizer, self.max_split, self.max_text_tokens = t5_tokenizer, max_split, max_text_tokens
 
     def sample(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,13 +169,66 @@ def t5_loss(t5, aligner, batch: dict) -> torch.Tensor:
 # ---------------------------------------------------------------- training
 
 
+LOG_FIELDS = ["step", "loss", "lr", "samples_per_s", "val_loss"]
+# The folders accelerate's save_state fills: state-<step> (current or stale), .state-<step>.partial (being
+# written, or a kill's leftover) and `state`, the single folder of runs from before checkpoints were numbered.
+STATE_FOLDER = re.compile(r"state|state-\d{7}|\.state-\d{7}\.partial")
+# What `--override-hyperparameters` names: flags as typed, and the process count accelerate launch sets.
+SETTING_NAMES = {"processes": "processes (accelerate launch --num_processes)"}
+
+
 def save_aligner(aligner: Aligner, path: Path, variant: str, step: int) -> None:
     state = {PREFIX + k: v.detach().float().cpu().contiguous() for k, v in aligner.state_dict().items()}
-    temporary = path.with_suffix(".part")
-    save_safetensors(state, temporary, metadata={"format": "pt", "variant": variant, "d_in": str(aligner.in_features),
-                                                 "d_out": str(aligner.out_features), "step": str(step),
-                                                 "architecture": "mlp2x_gelu_t5_norm"})
-    temporary.replace(path)
+    save_safetensors(state, path, metadata={"format": "pt", "variant": variant, "d_in": str(aligner.in_features),
+                                            "d_out": str(aligner.out_features), "step": str(step),
+                                            "architecture": "mlp2x_gelu_t5_norm"})
+
+
+def read_progress(progress_file: Path) -> tuple[int, str, dict | None]:
+    """(step, checkpoint folder name, hyperparameters) of trainer.json; runs from before numbered checkpoints
+    kept theirs in `state/` and recorded no hyperparameters."""
+    try:
+        record = read_json(progress_file, "the record of a training run")
+        return int(record["step"]), str(record.get("state", "state")), record.get("hyperparameters")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{progress_file} does not say which step to resume from ({type(e).__name__}: {e}); "
+                         f"continue in another --out, or remove {progress_file.parent} to start again") from e
+
+
+def changed_hyperparameters(stored: dict, now: dict) -> list[str]:
+    """`--lr: stored 0.01, now 0.02` for each hyperparameter both record and that differs."""
+    def shown(value):
+        return "(none)" if value is None else str(value)
+
+    return [f"{SETTING_NAMES.get(name, '--' + name.replace('_', '-'))}: stored {shown(stored[name])}, now "
+            f"{shown(value)}" for name, value in now.items() if name in stored and stored[name] != value]
+
+
+def resume_log(log_file: Path, step: int, log) -> None:
+    """log.csv as of the checkpoint of `step`: a row cut off by a kill is dropped (with a warning), and so are
+    the rows past the checkpoint, which the resumed run logs again, so that it reads as one uninterrupted run."""
+    def valid(line):
+        fields = line.split(",")
+        return len(fields) == len(LOG_FIELDS) and (fields == LOG_FIELDS or fields[0].isdigit())
+
+    lines = complete_lines(log_file, valid, log)
+    kept = [line for line in lines if line.split(",")[0] == "step" or int(line.split(",")[0]) <= step]
+    if kept[1:] and kept[0].split(",")[0] == "step":
+        if kept != lines:
+            atomic_write_text(log_file, "".join(line + "\n" for line in kept))
+    else:  # no row left (or none with its header): start the file again
+        log_file.unlink(missing_ok=True)
+
+
+def sync_folder(folder: Path) -> None:
+    """The files accelerate wrote reach the disk before the folder is renamed into place (see written_aside)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
 
 
 def check_t5_folder(folder: Path) -> None:
@@ -176,10 +236,12 @@ def check_t5_folder(folder: Path) -> None:
     config = folder / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{folder}: no config.json; --t5 expects a Flan-T5 folder (google/flan-t5-xxl)")
-    model_type = json.loads(config.read_text()).get("model_type")
+    model_type = read_json(config, json_kind(config.name)).get("model_type")
     if model_type != "t5":
         raise ValueError(f"{folder}: not a Flan-T5 folder (its config.json has model_type {model_type!r}); --t5 "
                          f"expects one with model_type 't5', such as google/flan-t5-xxl")
+    # Every JSON file read safely, no remote code, sizes plausible and no more layers than the weights hold.
+    check_layers_held(check_model_folder(folder)["config.json"], config, check_safetensors_folder(folder))
 
 
 def stored_encoder_norm(folder: Path, t5) -> torch.Tensor:
@@ -199,11 +261,13 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
           weight_decay: float = 0.05, max_split: int = 128, max_text_tokens: int | None = None,
           val_fraction: float = 0.0, val_every: int = 1000, save_every: int = 5000, log_every: int = 10,
           seed: int = 42, precision: str | None = None, resume: bool = False, cpu: bool | None = None,
-          log=print) -> dict:
-    """Train an aligner. Checkpoints: out/aligner.safetensors (+ one per save step), out/state (to resume).
+          override_hyperparameters: bool = False, log=print) -> dict:
+    """Train an aligner. Checkpoints: out/aligner.safetensors (+ one per save step), out/state-<step> (to
+    resume), named by out/trainer.json with the run's hyperparameters.
 
     batch_size is per process; precision "bf16" (the default on GPU) also holds the frozen T5 in bf16, as the
-    authors did. Returns the last logged values ("last"), the trained aligner and the frozen T5."""
+    authors did. Resuming with other hyperparameters than the stored ones is refused unless
+    override_hyperparameters. Returns the last logged values ("last"), the trained aligner and the frozen T5."""
     import transformers
     from accelerate import Accelerator
     from accelerate.utils import is_tensorboard_available
@@ -222,7 +286,7 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
     t5_folder = Path(t5)
     check_t5_folder(t5_folder)
     out = Path(out)
-    state_dir, progress_file, log_file = out / "state", out / "trainer.json", out / "log.csv"
+    progress_file, log_file = out / "trainer.json", out / "log.csv"
     if progress_file.is_file() and not resume:  # starting over would overwrite its checkpoints and log
         raise FileExistsError(f"{out} holds a training run ({progress_file.name}); pass --resume to continue it, "
                               f"or another --out to start a new one")
@@ -231,19 +295,40 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
     tensorboard = bool(is_tensorboard_available())  # logs to out/ as well when TensorBoard is installed
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu,
                               log_with="tensorboard" if tensorboard else None, project_dir=str(out))
-    t5_tokenizer = AutoTokenizer.from_pretrained(t5_folder, local_files_only=True)
+    batch_size = batch_size or (32 if variant == "lvlm" else 42)
+    max_text_tokens = max_text_tokens or (128 if variant == "lvlm" else 32)
+    # What the trained weights depend on: a resumed run must continue with the same (before anything loads).
+    hyperparameters = {
+        "variant": variant, "t5": str(t5_folder.resolve()), "data": str(Path(data).resolve()),
+        "vision": str(Path(vision).resolve()) if isinstance(vision, (str, os.PathLike)) else None, "steps": steps,
+        "batch_size": batch_size, "lr": lr, "min_lr": min_lr, "warmup_lr": warmup_lr, "warmup_steps": warmup_steps,
+        "weight_decay": weight_decay, "max_split": max_split, "max_text_tokens": max_text_tokens,
+        "val_fraction": val_fraction, "seed": seed, "precision": precision, "processes": accelerator.num_processes}
+    step, state_name = 0, None
+    if resume and progress_file.is_file():
+        step, state_name, stored = read_progress(progress_file)
+        changes = changed_hyperparameters(stored or {}, hyperparameters)
+        if changes and not override_hyperparameters:
+            raise ValueError(f"{out} was trained with other hyperparameters ({'; '.join(changes)}); resume with the "
+                             f"stored ones, pass --override-hyperparameters to continue with the new ones, or "
+                             f"another --out to start a new run")
+        if not (out / state_name).is_dir():
+            raise ValueError(f"{progress_file} names the checkpoint {out / state_name}, which is missing; continue in "
+                             f"another --out, or remove {out} to start again")
+        if changes and accelerator.is_main_process:
+            log(f"overriding the stored hyperparameters: {'; '.join(changes)}")
+    t5_tokenizer = AutoTokenizer.from_pretrained(t5_folder, local_files_only=True, trust_remote_code=False)
     # The data first: its mistakes are reported before the frozen T5 (11B parameters for Flan-T5-XXL) loads.
     if variant == "lvlm":
-        dataset = LVLMData(data, t5_tokenizer, max_split=max_split, max_text_tokens=max_text_tokens or 128)
+        dataset = LVLMData(data, t5_tokenizer, max_split=max_split, max_text_tokens=max_text_tokens)
         d_in = dataset.sample(dataset.keys[0])[0].shape[-1]
     else:
         from ..vision import VisionEncoder
 
         encoder = VisionEncoder.from_pretrained(vision, device=accelerator.device) \
             if isinstance(vision, (str, os.PathLike)) else vision
-        dataset = CLIPData(data, encoder, t5_tokenizer, max_text_tokens=max_text_tokens or 32)
+        dataset = CLIPData(data, encoder, t5_tokenizer, max_text_tokens=max_text_tokens)
         d_in = encoder.hidden_size
-    batch_size = batch_size or (32 if variant == "lvlm" else 42)
     train_keys = [k for k in dataset.keys if not is_validation(k, val_fraction)]
     val_keys = [k for k in dataset.keys if is_validation(k, val_fraction)]
     if not train_keys:
@@ -251,7 +336,8 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     dtype_option = "dtype" if release(transformers) >= (4, 56) else "torch_dtype"
-    t5 = T5ForConditionalGeneration.from_pretrained(t5_folder, local_files_only=True, **{dtype_option: dtype})
+    t5 = T5ForConditionalGeneration.from_pretrained(t5_folder, local_files_only=True, trust_remote_code=False,
+                                                    **{dtype_option: dtype})
     encoder_norm = stored_encoder_norm(t5_folder, t5).detach().clone()
     if variant == "lvlm":  # the decoder reads the aligner's output directly; like the authors, drop the encoder
         t5.encoder = None  # (about 9.5 GB of Flan-T5-XXL in bf16) before anything reaches the GPU
@@ -275,17 +361,12 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
                                    {"params": no_decay, "weight_decay": 0.0}], lr=warmup_lr)
     aligner, optimizer = accelerator.prepare(aligner, optimizer)
 
-    step = 0
-    if resume and progress_file.is_file():
-        try:
-            step = int(json.loads(progress_file.read_text())["step"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{progress_file} does not say which step to resume from ({type(e).__name__}: {e}); "
-                             f"continue in another --out, or remove {out} to start again") from e
-        accelerator.load_state(str(state_dir))
+    if state_name is not None:
+        accelerator.load_state(str(out / state_name))
         if accelerator.is_main_process:
             log(f"resumed at step {step}" if step < steps else
                 f"{out} is already at step {step} of --steps {steps}: nothing to train")
+            resume_log(log_file, step, log)
     else:
         if resume and accelerator.is_main_process:
             log(f"--resume: no checkpoint in {out} (no trainer.json), starting from step 0")
@@ -314,44 +395,69 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
     if tensorboard:
         accelerator.init_trackers("tensorboard", config={"variant": variant, "steps": steps, "batch_size": batch_size,
                                                          "lr": lr, "min_lr": min_lr, "seed": seed})
+    def save_checkpoint() -> None:
+        """accelerate's state written aside and renamed into place, the aligners, then trainer.json naming the
+        new state, then the old state removed: whenever a kill comes, trainer.json names a whole checkpoint."""
+        name = f"state-{step:07d}"
+        partial = out / f".{name}.partial"
+        if accelerator.is_main_process and partial.exists():
+            shutil.rmtree(partial)  # a killed run's
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            sync_folder(partial)
+            if (out / name).exists():  # renamed into place by a run killed before its trainer.json: never current
+                shutil.rmtree(out / name)
+            partial.rename(out / name)
+            unwrapped = accelerator.unwrap_model(aligner)
+            save_aligner(unwrapped, out / f"aligner-{step:07d}.safetensors", variant, step)
+            save_aligner(unwrapped, out / "aligner.safetensors", variant, step)
+            atomic_write_text(progress_file, json.dumps({"step": step, "state": name,
+                                                         "hyperparameters": hyperparameters}) + "\n")
+            for folder in out.iterdir():
+                if folder.name != name and folder.is_dir() and STATE_FOLDER.fullmatch(folder.name):
+                    shutil.rmtree(folder)
+
+    saved = step if state_name is not None else None  # the step of the checkpoint trainer.json names
     last, started, samples = {}, time.perf_counter(), 0
-    while step < steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, min_lr, warmup_lr, warmup_steps)
-        batch = batch_at(step)
-        with accelerator.autocast():
-            loss = t5_loss(t5, aligner, batch)
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        samples += len(batch["labels"]) * accelerator.num_processes
-        if step % log_every == 0 or step == steps or (val_every and step % val_every == 0):
-            mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
-            last = {"step": step, "loss": round(mean_loss, 5), "lr": optimizer.param_groups[0]["lr"],
-                    "samples_per_s": round(samples / (time.perf_counter() - started), 2), "val_loss": ""}
-            if val_every and (step % val_every == 0 or step == steps):
-                value = validation_loss()
-                last["val_loss"] = "" if value is None else round(value, 5)
-            if tensorboard:
-                accelerator.log({k: v for k, v in last.items() if k != "step" and v != ""}, step=step)
-            if accelerator.is_main_process:
-                new_file = not log_file.exists()
-                with open(log_file, "a", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=list(last))
-                    if new_file:
-                        writer.writeheader()
-                    writer.writerow(last)
-                log(f"step {step}/{steps} loss {last['loss']} lr {last['lr']:.3g} "
-                    f"{last['samples_per_s']} samples/s" + (f" val {last['val_loss']}" if last["val_loss"] != "" else ""))
-        if step % save_every == 0 or step == steps:
-            accelerator.wait_for_everyone()
-            accelerator.save_state(str(state_dir))
-            if accelerator.is_main_process:
-                unwrapped = accelerator.unwrap_model(aligner)
-                save_aligner(unwrapped, out / f"aligner-{step:07d}.safetensors", variant, step)
-                save_aligner(unwrapped, out / "aligner.safetensors", variant, step)
-                progress_file.write_text(json.dumps({"step": step, "variant": variant, "steps": steps}) + "\n")
+    try:
+        while step < steps:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, steps, lr, min_lr, warmup_lr, warmup_steps)
+            batch = batch_at(step)
+            with accelerator.autocast():
+                loss = t5_loss(t5, aligner, batch)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            samples += len(batch["labels"]) * accelerator.num_processes
+            if step % log_every == 0 or step == steps or (val_every and step % val_every == 0):
+                mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
+                last = {"step": step, "loss": round(mean_loss, 5), "lr": optimizer.param_groups[0]["lr"],
+                        "samples_per_s": round(samples / (time.perf_counter() - started), 2), "val_loss": ""}
+                if val_every and (step % val_every == 0 or step == steps):
+                    value = validation_loss()
+                    last["val_loss"] = "" if value is None else round(value, 5)
+                if tensorboard:
+                    accelerator.log({k: v for k, v in last.items() if k != "step" and v != ""}, step=step)
+                if accelerator.is_main_process:
+                    new_file = not log_file.exists()
+                    with open(log_file, "a", newline="") as f:
+                        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS, lineterminator="\n")
+                        if new_file:
+                            writer.writeheader()
+                        writer.writerow(last)
+                    log(f"step {step}/{steps} loss {last['loss']} lr {last['lr']:.3g} {last['samples_per_s']} "
+                        f"samples/s" + (f" val {last['val_loss']}" if last["val_loss"] != "" else ""))
+            if step % save_every == 0 or step == steps:
+                save_checkpoint()
+                saved = step
+    except KeyboardInterrupt:
+        kept = (f"the checkpoint of step {saved} is kept in {out}; rerun with --resume to continue from it"
+                if saved is not None else f"no checkpoint yet (--save-every {save_every}); rerun to start again")
+        raise KeyboardInterrupt(f"interrupted at step {step}; {kept}") from None
     accelerator.end_training()
     return {"last": last, "aligner": accelerator.unwrap_model(aligner), "t5": t5}
 
@@ -380,7 +486,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
-    parser.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint, with the "
+                        "hyperparameters it was trained with (a change is refused)")
+    parser.add_argument("--override-hyperparameters", action="store_true",
+                        help="with --resume: continue with the hyperparameters given now where they differ from "
+                        "the stored ones (e.g. more --steps); the run is then no longer the same as an "
+                        "uninterrupted one")
     parser.set_defaults(run=run)
 
 

@@ -3,13 +3,14 @@ shards prepare-lvlm writes (for ThinkDiff-LVLM)."""
 
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 from io import BytesIO
 from pathlib import Path
 
 from PIL import Image
+
+from ..files import parse_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -33,7 +34,8 @@ def image_caption_samples(source: str | os.PathLike):
                 if image is None:
                     continue
                 caption = parts["txt"].decode() if "txt" in parts else \
-                    json.loads(parts["json"]).get("caption") if "json" in parts else None
+                    parse_json(parts["json"], f"{tar}:{key}.json", "a sample's metadata").get("caption") \
+                    if "json" in parts else None
                 yield f"{tar.stem}/{key}", Image.open(BytesIO(image)), caption
         return
     images = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -47,11 +49,20 @@ def image_caption_samples(source: str | os.PathLike):
 
 
 def prepared_keys(folder: Path) -> dict[str, Path]:
-    from safetensors import safe_open
+    """The prepared samples' keys and their shards. Shards are written aside and renamed into place (a kill's
+    leftover is a hidden .tmp file, never a shard), so one that is not whole was damaged otherwise: it is named."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..files import check_safetensors_file
 
     keys = {}
     for shard in sorted(folder.glob("shard-*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            keys.update({name.rsplit(".", 1)[0]: shard for name in f.keys()})
+        try:
+            check_safetensors_file(shard)
+            with safe_open(str(shard), framework="pt") as f:
+                keys.update({name.rsplit(".", 1)[0]: shard for name in f.keys()})
+        except (ValueError, SafetensorError) as e:
+            raise ValueError(f"{shard} is cut off or damaged (not a whole safetensors file); delete it and run "
+                             f"prepare-lvlm again to prepare its samples anew") from e
     return keys
 
