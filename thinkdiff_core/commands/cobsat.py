@@ -31,14 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from ..files import atomic_write_text, complete_lines, parse_json, read_json, save_safetensors, written_aside
-from ..render import (
-    GUIDANCE,
-    SIZE,
-    STEPS,
-    check_flux_folder,
-    check_options,
-    free_memory,
-)
+from ..render import GUIDANCE, SIZE, STEPS, check_flux_folder, check_options, free_memory
 
 ITEMS = {
     "color": ["yellow", "white", "red", "purple", "pink", "orange", "green", "brown", "blue", "black"],

@@ -23,16 +23,7 @@ from .. import compose, condition
 from ..aligner import aligner_state_dict, load_aligner, width_mismatch
 from ..files import atomic_write_text, read_json, written_aside
 from ..reason import Reasoner, check_vlm_folder, quantization_config
-from ..render import (
-    GUIDANCE,
-    SIZE,
-    STEPS,
-    check_flux_folder,
-    check_options,
-    free_memory,
-    load_flux,
-    render,
-)
+from ..render import GUIDANCE, SIZE, STEPS, check_flux_folder, check_options, free_memory, load_flux, render
 from ..vision import VisionEncoder, vision_hidden_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
