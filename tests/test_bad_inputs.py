@@ -95,9 +95,9 @@ def other_tokenizer(reasoner):
     """The same model with a tokenizer of other special tokens: one matched after an NFKC normalisation
     (fullwidth brackets become ASCII) and one that text can only form together with the chat's own text."""
     processor = copy.deepcopy(reasoner.processor)
-    processor.tokenizer.add_special_tokens({"additional_special_tokens": [
-        AddedToken("<|extra|>", special=True, normalized=True), AddedToken("!\n\n", special=True, normalized=False),
-    ]}, replace_additional_special_tokens=False)
+    # add_tokens(special_tokens=True): the same call in transformers 4 and 5 (add_special_tokens' options differ).
+    processor.tokenizer.add_tokens([AddedToken("<|extra|>", special=True, normalized=True),
+                                    AddedToken("!\n\n", special=True, normalized=False)], special_tokens=True)
     processor.tokenizer.backend_tokenizer.normalizer = normalizers.NFKC()
     return Reasoner(reasoner.model, processor)
 

@@ -263,8 +263,10 @@ def test_ctrl_c_in_train_prints_which_checkpoint_is_kept_and_exits_130(prepared,
     command = ["train", "--variant", "lvlm", "--t5", tiny_models["flan_t5"], "--data", prepared, "--out", tmp_path,
                "--steps", 2, "--batch-size", 2, "--save-every", 1, "--cpu"]
     code, err = run_main(command, capsys)
-    assert code == 130 and err == (f"interrupted at step 1; the checkpoint of step 1 is kept in {tmp_path}; rerun "
-                                   f"with --resume to continue from it\n")
+    # transformers 5 draws a loading bar on stderr before the interruption; the CLI's own output is one line.
+    assert code == 130 and "Traceback" not in err and err.endswith(
+        f"interrupted at step 1; the checkpoint of step 1 is kept in {tmp_path}; rerun with --resume to continue "
+        f"from it\n")
     code, err = run_main(command + ["--resume"], capsys)
     assert code == 0 and json.loads((tmp_path / "trainer.json").read_text())["step"] == 2
 
