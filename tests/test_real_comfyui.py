@@ -34,6 +34,7 @@ SCREENSHOTS = os.environ.get("THINKDIFF_SCREENSHOTS")  # a folder: the page afte
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="set THINKDIFF_COMFYUI to a ComfyUI checkout to run")
 
 WORKFLOWS = REPO / "workflows"
+API_FOLDER = REPO / "api_workflows"
 API_WORKFLOWS = ["thinkdiff_lvlm_reasoning", "thinkdiff_clip_two_images", "thinkdiff_clip_image_text"]
 T5_WIDTH = 4096
 FLUX_WIDTH = 128
@@ -236,7 +237,7 @@ def test_shipped_api_workflow_runs_unchanged(server, name):
     from PIL import Image
 
     server.skip_without_tiny_flux()
-    prompt = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    prompt = json.loads((API_FOLDER / f"{name}_api.json").read_text())
     entry = server.run(prompt)
 
     latent = next(node["inputs"] for node in prompt.values() if node["class_type"] == "EmptySD3LatentImage")
@@ -263,7 +264,7 @@ def test_reasoning_runs_up_to_the_answer_preview(server, precision):
     """The reasoning workflow's part before FLUX (loaders, Reason, Preview Any), on any ComfyUI."""
     if "bitsandbytes" in precision:
         pytest.importorskip("bitsandbytes")
-    prompt = json.loads((WORKFLOWS / "thinkdiff_lvlm_reasoning_api.json").read_text())
+    prompt = json.loads((API_FOLDER / "thinkdiff_lvlm_reasoning_api.json").read_text())
     preview_id = next(i for i, node in prompt.items() if node["class_type"] == "PreviewAny")
     needed, pending = set(), [preview_id]
     while pending:
@@ -323,7 +324,7 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
         for name in API_WORKFLOWS:
             assert load(json.loads((WORKFLOWS / f"{name}.json").read_text())) == [], name
             frontend_prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
-            api_prompt = declared(json.loads((WORKFLOWS / f"{name}_api.json").read_text()))
+            api_prompt = declared(json.loads((API_FOLDER / f"{name}_api.json").read_text()))
             assert declared(frontend_prompt) == api_prompt, name
         assert page_errors == []
         server.skip_without_tiny_flux()

@@ -10,7 +10,9 @@ import pytest
 from conftest import REPO
 
 WORKFLOWS = REPO / "workflows"
-UI_WORKFLOWS = sorted(p for p in WORKFLOWS.glob("*.json") if not p.stem.endswith("_api"))
+# API-format twins live apart: ComfyUI lists workflows/ in its Templates menu, where an API prompt opens empty.
+API_WORKFLOWS = REPO / "api_workflows"
+UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 
 # ComfyUI built-ins the workflows use, from ComfyUI's source (see ../shared/docs/COMFYUI.md section 6):
 # sockets (name, type), widgets in order (name, kind; "seed" carries control_after_generate, "upload" the
@@ -90,11 +92,20 @@ def check_value(kind, value, extra=None):
         assert extra == "image"
 
 
+def test_every_json_in_a_folder_comfyui_lists_as_templates_is_a_ui_workflow():
+    # ComfyUI's Templates menu lists a custom node pack's example_workflows/, workflows/, examples/ ... folders;
+    # an API-format prompt there opens as an empty tab.
+    for folder in ("example_workflows", "workflows", "workflow", "examples", "example"):
+        for path in (REPO / folder).glob("*.json"):
+            workflow = json.loads(path.read_text())
+            assert isinstance(workflow.get("nodes"), list) and "links" in workflow, f"{path} is not a UI workflow"
+
+
 def test_the_shipped_workflows_have_api_twins():
     names = {p.stem for p in UI_WORKFLOWS}
     assert names == {"thinkdiff_lvlm_reasoning", "thinkdiff_clip_two_images", "thinkdiff_clip_image_text"}
     for path in UI_WORKFLOWS:
-        assert (WORKFLOWS / f"{path.stem}_api.json").is_file()
+        assert (API_WORKFLOWS / f"{path.stem}_api.json").is_file()
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.name)
@@ -221,7 +232,7 @@ def test_flux_settings_appear_in_comfyuis_own_flux_workflows():
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.name)
 def test_api_twin_is_the_same_graph(path, signatures):
     workflow = json.loads(path.read_text())
-    api = json.loads((WORKFLOWS / f"{path.stem}_api.json").read_text())
+    api = json.loads((API_WORKFLOWS / f"{path.stem}_api.json").read_text())
     expected = {}
     links = {l[0]: l for l in workflow["links"]}
     for node in workflow["nodes"]:
@@ -266,7 +277,7 @@ def run_thinkdiff_part(host, api_name, output_class):
     import torch
     from PIL import Image
 
-    api = json.loads((WORKFLOWS / api_name).read_text())
+    api = json.loads((API_WORKFLOWS / api_name).read_text())
     tiny_names = {"ThinkDiffLoadVLM": {"model": "Qwen-VL/Qwen2-VL-tiny", "precision": "fp32"},
                   "ThinkDiffLoadVisionEncoder": {"vision_name": "blip2_vision.safetensors", "precision": "fp32"},
                   "ThinkDiffReason": {"max_new_tokens": 8}}
