@@ -125,9 +125,10 @@ def host(tmp_path_factory, tiny_models):
 class EmulatedGraphs:
     """torch.cuda's graph API on the CPU, enough to check the fast path's capture-and-replay protocol.
 
-    Capturing records nothing and must change nothing (a real capture launches no kernels), so the
-    buffers are restored after the captured step; a replay runs the step again. `failing_captures`
-    captures fail as a capture broken by another thread's CUDA call does.
+    Capturing records the steps launched (with the window and the layer pieces then in use) and must change
+    nothing (a real capture launches no kernels), so the buffers are restored after the captured step runs;
+    a replay runs the recorded steps again. `failing_captures` captures fail as a capture broken by another
+    thread's CUDA call does. `pools` lists the pool each capture was given.
     """
 
     def __init__(self, monkeypatch, decoder):
@@ -135,18 +136,40 @@ class EmulatedGraphs:
 
         self.captures = 0
         self.failing_captures = 0
+        self.pools = []
         emulation = self
 
         class Graph:
+            def __init__(self):
+                self.steps, self.generators = [], []
+
+            def register_generator_state(self, generator):
+                self.generators.append(generator)
+
+            def pool(self):
+                return ("pool of", id(self))
+
             def replay(self):
-                decoder._step(decoder._buffers)
+                for b, window, pieces in self.steps:
+                    step(b, window, pieces)
+
+        step = decoder._step
 
         @contextmanager
-        def graph(_graph, stream=None, capture_error_mode="global"):
+        def graph(captured, pool=None, stream=None, capture_error_mode="global"):
             emulation.captures += 1
+            emulation.pools.append(pool)
             fields = vars(decoder._buffers)
-            saved = {name: tensor.clone() for name, tensor in fields.items()}
-            yield
+            saved = {name: tensor.clone() for name, tensor in fields.items() if isinstance(tensor, torch.Tensor)}
+            def recorded(b, window, pieces=None):  # launched (errors surface as in a real capture) and recorded
+                captured.steps.append((b, window, pieces or decoder._pieces))
+                step(b, window, pieces)
+
+            monkeypatch.setattr(decoder, "_step", recorded)
+            try:
+                yield
+            finally:
+                monkeypatch.setattr(decoder, "_step", step)
             for name, tensor in saved.items():
                 fields[name].copy_(tensor)
             if emulation.failing_captures:
@@ -167,6 +190,7 @@ class EmulatedGraphs:
 
         monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
         monkeypatch.setattr(torch.cuda, "graph", graph)
+
         class Event:
             def record(self, _stream=None):
                 pass

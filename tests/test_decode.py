@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from thinkdiff_core import decode
-from thinkdiff_core.decode import (BackgroundCompilation, FastDecoder, attention_bias, cache_length,
-                                   compile_layer_pieces, decoder_layer_step, sample_paper)
+from thinkdiff_core.decode import (BackgroundCompilation, FastDecoder, attention_bias, attention_window, cache_length,
+                                   compile_layer_pieces, decoder_layer_step, run_windows, sample_paper)
 
 N = 48  # tokens per run: long enough for many sampled steps, short enough for a quick suite
 
@@ -20,7 +20,7 @@ def two_shot_inputs(reasoner, car_images, query="red"):
 
 
 def plain(reasoner, inputs, seed, **options):
-    return reasoner.sample(inputs, seed=seed, max_new_tokens=N, min_new_tokens=N, fast=False, **options)
+    return reasoner.sample(inputs, seed=seed, **{"max_new_tokens": N, "min_new_tokens": N, **options}, fast=False)
 
 
 def fast(reasoner, inputs, seed, **options):
@@ -96,6 +96,83 @@ def test_cache_length_buckets():
     assert cache_length(896, 128) == 1024
     assert cache_length(897, 128) == 2048
     assert cache_length(5000, 128) == 8192
+
+
+def test_attention_windows():
+    assert [attention_window(slot, 1024) for slot in (0, 127, 128, 611, 639, 640, 1023)] == \
+        [128, 128, 256, 640, 640, 768, 1024]
+    assert attention_window(2000, 2048) == 2048
+    # A 612-token prompt's 128 tokens: slots 612..738 (the prefill draws the first token).
+    assert run_windows(612, 128, 1024) == [640, 768]
+    assert run_windows(100, 1, 1024) == []
+
+
+def test_each_step_reads_only_the_filled_part_of_the_cache_and_crossing_a_window_changes_nothing(
+        reasoner, monkeypatch):
+    inputs = reasoner.prepare_inputs(*reasoner.render_prompt(["sun", "moon", "star"]))
+    prompt, n = inputs["input_ids"].shape[1], 24
+    assert attention_window(prompt, 1024) < attention_window(prompt + n - 2, 1024)  # this run crosses a window
+    decoder = FastDecoder(reasoner.model)
+    reads, in_step = [], []
+    sdpa, step = torch.nn.functional.scaled_dot_product_attention, decoder._step
+
+    def recorded_step(b, window, pieces=None):
+        in_step.append(window)
+        step(b, window, pieces)
+        in_step.pop()
+
+    def recorded(query, key, value, attn_mask=None, **kwargs):
+        if in_step:  # not the prefill's attention (the model's own) nor generate's
+            slot = int(decoder._buffers.slot)
+            reads.append((slot, key.shape[-2]))
+            # The window's slots up to `slot` are attended, the rest masked.
+            assert attn_mask.shape[-1] == key.shape[-2] and bool((attn_mask[..., :slot + 1] == 0).all())
+            assert bool(attn_mask[..., slot + 1:].isneginf().all())
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(decode.F, "scaled_dot_product_attention", recorded)
+    monkeypatch.setattr(decoder, "_step", recorded_step)
+    tokens, states = decoder.run(inputs, n, 5, 0.6, 0.9, reasoner.eos_token_ids)
+    layers = len(decoder.layers)
+    assert reads == [(slot, attention_window(slot, 1024)) for slot in range(prompt, prompt + n - 1)
+                     for _ in range(layers)]
+    assert decoder._buffers.keys.shape[3] == 1024
+    expected_tokens, expected_states = plain(reasoner, inputs, 5, max_new_tokens=n, min_new_tokens=n)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(states, expected_states, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_draws_come_from_the_decoders_own_generator_whatever_moves_the_global_one(
+        reasoner, car_images, emulated_graphs, monkeypatch, graphs):
+    """Dynamo puts torch's global generators back as they were when a compilation finishes, also one in
+    another thread while a run draws; other code may seed or draw from them. A run's draws are its seed's."""
+    inputs = two_shot_inputs(reasoner, car_images)
+    expected = plain(reasoner, inputs, 4)
+    decoder = FastDecoder(reasoner.model)
+    if graphs:
+        emulation = emulated_graphs(decoder)
+    step, rewound = decoder._step, torch.get_rng_state()
+
+    def disturbed_step(b, window, pieces=None):
+        torch.set_rng_state(rewound)  # as a compilation finishing meanwhile does
+        torch.rand(7)  # and a draw by someone else
+        step(b, window, pieces)
+
+    monkeypatch.setattr(decoder, "_step", disturbed_step)
+    torch.manual_seed(123)
+    outside = torch.get_rng_state()
+    tokens, states = decoder.run(inputs, N, 4, 0.6, 0.9, reasoner.eos_token_ids)
+    assert torch.equal(tokens, expected[0])
+    torch.testing.assert_close(states, expected[1], atol=1e-5, rtol=1e-5)
+    if graphs:
+        assert emulation.captures and all(graph.generators == [decoder._buffers.generator]
+                                          for graph in decoder._graphs.values())
+    else:  # the run itself leaves the global generator alone
+        monkeypatch.setattr(decoder, "_step", step)
+        torch.set_rng_state(outside)
+        decoder.run(inputs, N, 4, 0.6, 0.9, reasoner.eos_token_ids)
+        assert torch.equal(torch.get_rng_state(), outside)
 
 
 def test_release_frees_the_cache(reasoner):
@@ -180,23 +257,31 @@ def test_captured_step_replays_give_generates_tokens(reasoner, car_images, emula
     graphs = emulated_graphs(decoder)
     inputs = two_shot_inputs(reasoner, car_images)
     eos = reasoner.eos_token_ids
-    for seed in (0, 1):  # the second run replays the same capture
+    windows = set(run_windows(inputs["input_ids"].shape[1], N, cache_length(inputs["input_ids"].shape[1], N)))
+    for seed in (0, 1):  # the second run replays the same captures
         tokens, states = decoder.run(inputs, N, seed, 0.6, 0.9, eos)
         expected_tokens, expected_states = plain(reasoner, inputs, seed)
         assert torch.equal(tokens, expected_tokens)
         torch.testing.assert_close(states, expected_states, atol=1e-5, rtol=1e-5)
-    assert graphs.captures == 1 and decoder.compiled == compile
-    # Another prompt length in the same cache bucket: no new capture (nor compilation).
+    assert graphs.captures == len(windows) == len(decoder._graphs) and decoder.compiled == compile
+    # Another prompt length in the same cache bucket: only the windows not captured yet are (no compilation).
     short = reasoner.prepare_inputs(*reasoner.render_prompt(["red"]))
     assert short["input_ids"].shape[1] < inputs["input_ids"].shape[1]
+    short_windows = set(run_windows(short["input_ids"].shape[1], N, cache_length(short["input_ids"].shape[1], N)))
+    assert short_windows != windows
     tokens, _ = decoder.run(short, N, 2, 0.6, 0.9, eos)
-    assert graphs.captures == 1 and torch.equal(tokens, plain(reasoner, short, 2)[0])
+    assert graphs.captures == len(windows | short_windows) and torch.equal(tokens, plain(reasoner, short, 2)[0])
+    # One memory pool for the decoder's graphs: the first capture's.
+    first = next(iter(decoder._graphs.values()))
+    assert graphs.pools == [None] + [first.pool()] * (graphs.captures - 1)
 
-    # Weights at new addresses (the model moved): the stale capture is not replayed.
+    # Weights at new addresses (the model moved): the stale captures are not replayed.
     layer = decoder.layers[0].mlp.up_proj
     layer.weight.data = layer.weight.data.clone()
+    before = graphs.captures
     tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, eos)
-    assert graphs.captures == 2 and torch.equal(tokens, plain(reasoner, inputs, 0)[0])
+    assert graphs.captures == before + len(windows) and torch.equal(tokens, plain(reasoner, inputs, 0)[0])
+    assert set(decoder._graphs) == windows
 
 
 def test_background_compilation_lets_the_first_run_decode_eagerly_then_the_compiled_step_is_captured(
@@ -260,7 +345,7 @@ def test_a_capture_failing_twice_decodes_eagerly_and_gives_graphs_up(reasoner, c
     for _ in range(3):  # fails, fails again, no capture tried from then on
         tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
         assert torch.equal(tokens, plain(reasoner, inputs, 0)[0])
-    assert graphs.captures == 2 and decoder.cuda_graph is False and decoder._graph is None
+    assert graphs.captures == 2 and decoder.cuda_graph is False and not decoder._graphs
     assert decoder._compilation is None  # compiled layers only serve a captured step
     failure = "capturing the decode step as a CUDA graph failed (RuntimeError: operation not permitted when stream " \
               "is capturing); decoding without it"
@@ -276,7 +361,7 @@ def test_a_capture_failing_once_is_tried_again_on_the_next_run(reasoner, car_ima
     for seed in (0, 1):
         tokens, _ = decoder.run(inputs, N, seed, 0.6, 0.9, reasoner.eos_token_ids)
         assert torch.equal(tokens, plain(reasoner, inputs, seed)[0])
-    assert graphs.captures == 2 and decoder._graph is not None and decoder.cuda_graph is not False
+    assert graphs.captures == 2 and bool(decoder._graphs) and decoder.cuda_graph is not False
 
 
 def test_no_graph_is_captured_while_a_compilation_runs(reasoner, car_images, emulated_graphs, monkeypatch):
@@ -289,20 +374,20 @@ def test_no_graph_is_captured_while_a_compilation_runs(reasoner, car_images, emu
     inputs = two_shot_inputs(reasoner, car_images)
     expected = plain(reasoner, inputs, 0)[0]
     decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)  # captured; compilation started after
-    assert graphs.captures == 1 and decoder._graph is not None and BackgroundCompilation.running()
+    assert graphs.captures == 1 and bool(decoder._graphs) and BackgroundCompilation.running()
 
     # The model moved while compiling: this run decodes without a graph rather than capture now.
     layer = decoder.layers[0].mlp.up_proj
     layer.weight.data = layer.weight.data.clone()
     tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
-    assert torch.equal(tokens, expected) and graphs.captures == 1 and decoder._graph is None
+    assert torch.equal(tokens, expected) and graphs.captures == 1 and not decoder._graphs
     assert decoder.cuda_graph is not False
 
     gate.set()
     assert decoder.wait_for_compilation(timeout=600) and not BackgroundCompilation.running()
     tokens, _ = decoder.run(inputs, N, 0, 0.6, 0.9, reasoner.eos_token_ids)
     assert torch.equal(tokens, expected)
-    assert graphs.captures == 2 and decoder._graph is not None and decoder.compiled
+    assert graphs.captures == 2 and bool(decoder._graphs) and decoder.compiled
 
 
 def test_no_memory_for_the_compilation_copy_leaves_the_eager_graph(reasoner, car_images, emulated_graphs,
@@ -318,7 +403,7 @@ def test_no_memory_for_the_compilation_copy_leaves_the_eager_graph(reasoner, car
     assert torch.equal(tokens, plain(reasoner, inputs, 0)[0])
     assert "compiling the decode step failed (OutOfMemoryError: CUDA out of memory. Tried to allocate 466.00 MiB); " \
            "using eager layers" in caplog.text
-    assert not decoder.compile and decoder._graph is not None and graphs.captures == 1
+    assert not decoder.compile and bool(decoder._graphs) and graphs.captures == 1
 
 
 def test_compilation_switched_off_and_on_between_runs(reasoner, car_images, emulated_graphs, monkeypatch):

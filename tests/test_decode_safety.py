@@ -15,8 +15,10 @@ from thinkdiff_core.decode import (
     PROGRESS_CHUNK,
     BackgroundCompilation,
     FastDecoder,
+    cache_length,
     layer_inputs,
     layer_output,
+    run_windows,
 )
 
 N = 24  # tokens per run: three progress chunks
@@ -25,6 +27,12 @@ N = 24  # tokens per run: three progress chunks
 @pytest.fixture
 def inputs(reasoner):
     return reasoner.prepare_inputs(*reasoner.render_prompt(["sun", "moon", "star"]))
+
+
+def windows(inputs):
+    """The attention windows a run on `inputs` reads (two here: the 109-token prompt's 24 tokens cross 128)."""
+    prompt = inputs["input_ids"].shape[1]
+    return run_windows(prompt, N, cache_length(prompt, N))
 
 
 def run(decoder, reasoner, inputs, seed=0, on_token=None):
@@ -85,7 +93,7 @@ def test_a_graph_failing_its_check_is_never_replayed(reasoner, inputs, emulated_
     [warning] = warnings_of(caplog)
     assert warning.startswith("ThinkDiff: the CUDA graph of the decode step failed its check against the launched "
                               "step (") and warning.endswith("); decoding without graphs") and problem in warning
-    assert len(replays) == 1 and decoder.cuda_graph is False and decoder._graph is None
+    assert len(replays) == 1 and decoder.cuda_graph is False and not decoder._graphs
     # Later runs decode eagerly: no capture, no replay, no check, no warning.
     assert_same(run(decoder, reasoner, inputs), expected)
     assert graphs.captures == 1 and len(replays) == 1 and len(warnings_of(caplog)) == 1
@@ -120,7 +128,7 @@ def test_compiled_code_failing_its_check_is_never_used(reasoner, inputs, emulate
     calls = faulty_output.calls
     assert 1 <= calls <= len(decoder.layers)  # the check's step only
     assert_same(run(decoder, reasoner, inputs), expected)
-    assert graphs.captures == 1 and faulty_output.calls == calls and len(warnings_of(caplog)) == 1
+    assert graphs.captures == len(windows(inputs)) and faulty_output.calls == calls and len(warnings_of(caplog)) == 1
 
 
 def test_faulty_code_from_the_background_compilation_leaves_the_eager_graph(reasoner, inputs, emulated_graphs,
@@ -134,7 +142,7 @@ def test_faulty_code_from_the_background_compilation_leaves_the_eager_graph(reas
     assert decoder.wait_for_compilation(timeout=60)
     for _ in range(2):
         assert_same(run(decoder, reasoner, inputs), expected)
-    assert graphs.captures == 1 and not decoder.compiled and decoder._compilation is None
+    assert graphs.captures == len(windows(inputs)) and not decoder.compiled and decoder._compilation is None
     [warning] = warnings_of(caplog)
     assert "the compiled decode step failed its check against the eager step (state off by" in warning
 
@@ -155,11 +163,12 @@ def test_a_correct_graph_and_compiled_code_pass_their_checks_and_are_used(reason
     for _ in range(2):
         assert_same(run(decoder, reasoner, inputs), expected)
     assert warnings_of(caplog) == []
-    assert decoder.compiled and decoder._graph is not None and decoder._graph_key[1] is pieces
-    # First run: the compiled check's step, three warm-ups, the capture, the graph check's two steps
-    # (launched and replayed) and N - 1 replays; the second run only replays.
-    layers = len(decoder.layers)
-    assert graphs.captures == 1 and len(calls) == layers * (1 + 3 + 1 + 2 + 2 * (N - 1))
+    assert decoder.compiled and bool(decoder._graphs) and decoder._graph_key[1] is pieces
+    # First run: the compiled check's step; per window three warm-ups, the capture, the graph check's two
+    # steps (launched and replayed); N - 1 replays; the second run only replays.
+    layers, captured = len(decoder.layers), len(windows(inputs))
+    assert graphs.captures == captured == len(decoder._graphs) == 2
+    assert len(calls) == layers * (1 + captured * (3 + 1 + 2) + 2 * (N - 1))
 
 
 # -- attention backend ---------------------------------------------------------------------------
@@ -202,10 +211,10 @@ def test_the_selection_is_active_in_every_decode_step_and_changes_nothing_on_the
     emulated_graphs(decoder)  # warm-ups, capture, check and replays all go through the step
     tokens, states = run(decoder, reasoner, inputs)
     assert decoder.attention_backend == "MATH"  # the CPU has no memory-efficient kernel
-    # The decode steps' calls attend over the whole cache (the prefill's, the model's own, over the prompt).
-    steps = [flags for length, flags in calls if length == decoder._buffers.keys.shape[3]]
+    # The decode steps' calls attend over windows of the cache (the prefill's, the model's own, over the prompt).
+    steps = [flags for length, flags in calls if length in windows(inputs)]
     assert len(steps) >= len(decoder.layers) * (N - 1) and set(steps) == {(False, False, True, True)}
-    assert {flags for length, flags in calls if length < decoder._buffers.keys.shape[3]} == {default}
+    assert {flags for length, flags in calls if length not in windows(inputs)} == {default}
     assert enabled() == default  # restored after each step
     assert torch.equal(tokens, expected[0])
     torch.testing.assert_close(states, expected[1], atol=1e-5, rtol=1e-5)  # math vs flash rounding
@@ -266,13 +275,12 @@ class LaggingDevice:
     def __init__(self, monkeypatch, decoder):
         self.queue, self.enqueued, self.executed = [], 0, 0
         device = self
-        replay = decoder._graph.replay
+        for graph in decoder._graphs.values():
+            def queued(replay=graph.replay):
+                device.queue.append(replay)
+                device.enqueued += 1
 
-        def queued():
-            device.queue.append(replay)
-            device.enqueued += 1
-
-        monkeypatch.setattr(decoder._graph, "replay", queued)
+            monkeypatch.setattr(graph, "replay", queued)
 
         class Event:
             def record(self, _stream=None):

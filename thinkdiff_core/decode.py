@@ -14,14 +14,19 @@ with EOS masked, temperature then top-p sampling, the final-norm state of every 
   (bitsandbytes) run the model's own modules;
 - tokens are drawn as transformers draws them: masked EOS, logits / temperature, the top-p filter,
   then torch.multinomial's own algorithm (argmax of probs / Exp(1) noise), so the same seed gives
-  the same random numbers in the same order.
+  the same random numbers in the same order. They come from the decoder's own generator, seeded as
+  torch.manual_seed seeds the global one (the same stream): nothing else in the process moves it, not
+  even Dynamo, which puts the global generators back as they were when a compilation finishes (also
+  one in another thread, while a run draws).
 
-What changes is the bookkeeping. The cache length is bucketed, so one captured graph serves every
-prompt of a bucket; on CUDA the whole step (every layer's kernels plus the sampler) is one graph
-replay with no host synchronisation between tokens; states and tokens land in device buffers read
-once at the end. Optionally each decoder layer is compiled (one layer's code, reused by all); by
-default in a background thread, so the first run decodes with the eager graph instead of waiting. A
-decoder for layers like ones compiled before in the process (a reloaded VLM) uses that code at once.
+What changes is the bookkeeping. The cache length is bucketed (powers of two), so the buffers serve
+every prompt of a bucket; a step's attention reads only the filled part of the cache, rounded up to a
+window of ATTENTION_WINDOW slots, and on CUDA each window has its captured graph: the whole step (every
+layer's kernels plus the sampler) is one graph replay with no host synchronisation between tokens;
+states and tokens land in device buffers read once at the end. Optionally each decoder layer is
+compiled (one layer's code, reused by all); by default in a background thread, so the first run
+decodes with the eager graphs instead of waiting. A decoder for layers like ones compiled before in
+the process (a reloaded VLM) uses that code at once.
 
 Text generated after the prompt has the same M-RoPE position on all three axes, so its rotary
 embedding is ordinary 1-D RoPE at that position (`next_position` continues from the prompt's).
@@ -52,11 +57,15 @@ logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 1024
 
+# A step attends to the cache slots up to the one it writes, rounded up to a multiple of this: a 612-token
+# prompt's 128 tokens read 640 or 768 slots instead of the bucket's 1024, at most two captured graphs a run.
+ATTENTION_WINDOW = 128
+
 # On CUDA progress is reported per this many tokens, once the device has computed them (see _Progress).
 PROGRESS_CHUNK = 8
 
-# Sampling draws from torch's global generators (as transformers' generate does, so that a seed gives
-# generate's tokens), reseeded per run under fork_rng, and a decoder's buffers are shared by its runs:
+# A decoder's buffers (and generator) are shared by its runs, the plain path reseeds torch's global
+# generators (transformers' generate draws from them), and sdpa_kernel's selection is process-wide:
 # runs in one process take turns, on one model or several (re-entrant for a callback that reasons).
 SAMPLING_LOCK = threading.RLock()
 
@@ -82,7 +91,7 @@ def layer_signature(layer, heads: int, kv_heads: int) -> tuple:
 
 
 def cache_length(prompt_tokens: int, new_tokens: int) -> int:
-    """The static cache length: a power of two >= MIN_BUCKET, so prompt lengths share a captured graph."""
+    """The static cache length: a power of two >= MIN_BUCKET, so prompt lengths share the buffers."""
     needed = prompt_tokens + new_tokens
     length = MIN_BUCKET
     while length < needed:
@@ -90,8 +99,22 @@ def cache_length(prompt_tokens: int, new_tokens: int) -> int:
     return length
 
 
+def attention_window(slot: int, cache_len: int) -> int:
+    """How many cache slots a step writing `slot` reads: slots 0..slot rounded up to a multiple of
+    ATTENTION_WINDOW, at most the cache. The rest are masked anyway; not reading them saves the kernel's
+    sequential pass over them (a one-query attention has few thread blocks)."""
+    return min(cache_len, (slot // ATTENTION_WINDOW + 1) * ATTENTION_WINDOW)
+
+
+def run_windows(prompt_tokens: int, new_tokens: int, cache_len: int) -> list[int]:
+    """The windows a run's steps read, in order (the prefill draws token 1; step t writes slot prompt + t - 2)."""
+    slots = range(prompt_tokens, prompt_tokens + new_tokens - 1)
+    return sorted({attention_window(slot, cache_len) for slot in slots})
+
+
 def sample_paper(logits: torch.Tensor, eos_mask: torch.Tensor, temperature: torch.Tensor,
-                 top_p_floor: torch.Tensor, reciprocal: bool = False) -> torch.Tensor:
+                 top_p_floor: torch.Tensor, reciprocal: bool = False,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row, as transformers samples with min_new_tokens not yet reached.
 
     The processors in generate's order: EOS to -inf, divide by temperature, drop the smallest-probability
@@ -101,7 +124,8 @@ def sample_paper(logits: torch.Tensor, eos_mask: torch.Tensor, temperature: torc
 
     transformers divides by temperature as a Python float, which CUDA computes as a product with its
     float32 reciprocal and the CPU as a division; with `reciprocal`, `temperature` holds that
-    reciprocal and is multiplied in, so both devices round as transformers does.
+    reciprocal and is multiplied in, so both devices round as transformers does. The draws come from
+    `generator` (default: torch's global one, as in torch.multinomial).
     """
     scores = logits.masked_fill(eos_mask, float("-inf"))
     scores = scores * temperature if reciprocal else scores / temperature
@@ -110,7 +134,7 @@ def sample_paper(logits: torch.Tensor, eos_mask: torch.Tensor, temperature: torc
     remove_sorted[..., -1:] = False
     remove = remove_sorted.scatter(-1, order, remove_sorted)
     probs = scores.masked_fill(remove, float("-inf")).softmax(dim=-1)
-    draws = torch.empty_like(probs).exponential_(1)
+    draws = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / draws).argmax(dim=-1)
 
 
@@ -271,9 +295,9 @@ def decoder_layer_step(layer, x, key_cache, value_cache, cos, sin, slot, bias, h
                        inputs=layer_inputs, output=layer_output):
     """One Qwen2-VL decoder layer on the single position `slot`; writes its key and value into the cache.
 
-    key_cache, value_cache: [1, kv_heads, cache_len, head_dim]; slot: [1] int64; bias:
-    [1, 1, 1, cache_len] from attention_bias. `inputs` and `output` may be compiled versions of
-    layer_inputs and layer_output: the cache write and attention stay outside compiled code, so
+    key_cache, value_cache: [1, kv_heads, window, head_dim], the cache's first `window` slots (slot <
+    window); slot: [1] int64; bias: [1, 1, 1, window] from attention_bias. `inputs` and `output` may be
+    compiled versions of layer_inputs and layer_output: the cache write and attention stay outside compiled code, so
     nothing compiled mutates its inputs.
     """
     head_dim = key_cache.shape[-1]
@@ -321,9 +345,10 @@ class BackgroundCompilation:
 
     The copy (one layer's weights, ~0.5 GB for Qwen2-VL-7B, freed when done) keeps the thread
     independent of the model, which may move or be freed meanwhile; the thread draws no random
-    numbers, so runs decoding meanwhile draw what their seeds give. Its inputs are made as the decode
-    step makes them, so the compiled code's guards hold for the real layers. No graph is captured while
-    one runs (`running()`): Inductor's autotuning synchronises the whole device, which would break a
+    numbers itself (Dynamo resetting the global generators when it is done does not touch the decoders'
+    own). Its inputs are made as the decode step makes them, so the compiled code's guards hold for the
+    real layers (the attention, which reads a window of the cache, is not compiled). No graph is captured
+    while one runs (`running()`): Inductor's autotuning synchronises the whole device, which would break a
     capture, and a broken capture leaves older PyTorch's allocator unusable.
     """
 
@@ -334,14 +359,13 @@ class BackgroundCompilation:
         """Whether any decoder's compilation thread is running in this process."""
         return any(thread.name == cls.THREAD_NAME and thread.is_alive() for thread in threading.enumerate())
 
-    def __init__(self, layer, inv_freq: torch.Tensor, scaling: float, heads: int, kv_heads: int, head_dim: int,
-                 cache_len: int):
+    def __init__(self, layer, inv_freq: torch.Tensor, scaling: float, heads: int, kv_heads: int, head_dim: int):
         self.pieces = None
         self.error: Exception | None = None
         self.seconds: float | None = None
         self.signature = layer_signature(layer, heads, kv_heads)
         weight = _layer_weight(layer)
-        shapes = dict(hidden=weight.shape[-1], heads=heads, kv_heads=kv_heads, head_dim=head_dim, cache_len=cache_len)
+        shapes = dict(hidden=weight.shape[-1], heads=heads, kv_heads=kv_heads, head_dim=head_dim)
         # Dynamo's guards compare the inference-tensor flag, so the copy is made in inference mode exactly
         # when the weights are inference tensors (ComfyUI moves models in inference mode, except with
         # --highvram): otherwise the real layers would not match the copy's code and compile again.
@@ -371,10 +395,10 @@ class BackgroundCompilation:
                         cos, sin = rotary_inputs(isinstance(layer, FusedLayer),
                                                  torch.zeros(1, dtype=torch.long, device=device), inv_freq,
                                                  scaling, dtype)
-                        cache = torch.zeros(1, shapes["kv_heads"], shapes["cache_len"], shapes["head_dim"],
+                        cache = torch.zeros(1, shapes["kv_heads"], ATTENTION_WINDOW, shapes["head_dim"],
                                             dtype=dtype, device=device)
                         slot = torch.zeros(1, dtype=torch.long, device=device)
-                        bias = attention_bias(torch.arange(shapes["cache_len"], device=device).view(1, 1, 1, -1),
+                        bias = attention_bias(torch.arange(ATTENTION_WINDOW, device=device).view(1, 1, 1, -1),
                                               slot, dtype)
                         decoder_layer_step(layer, x, cache, cache.clone(), cos, sin, slot, bias, shapes["heads"],
                                            shapes["kv_heads"], *pieces)
@@ -417,6 +441,7 @@ class _Buffers:
     eos_mask: torch.Tensor  # [vocab] bool
     temperature: torch.Tensor  # [] float32: T, or float32 1/T on CUDA (see sample_paper)
     top_p_floor: torch.Tensor  # [] float32: 1 - top_p
+    generator: torch.Generator  # the draws', seeded per run
 
 
 class FastDecoder:
@@ -425,7 +450,7 @@ class FastDecoder:
     `compile=True` compiles the decoder layer step with torch.compile (fused norms and rotary, fewer
     kernels) for the CUDA graph; it falls back to eager with a warning where compilation fails (e.g.
     no Triton). With `compile_in_background` (the default) compilation starts in a thread once the
-    first run has captured the uncompiled step, and runs replay that graph until it is done; the next
+    first run has captured the uncompiled step, and runs replay those graphs until it is done; the next
     run then captures the compiled step. The two round differently in bf16, so a seed's tokens can
     change once, at that switch, where a draw is nearly tied. Otherwise the first run waits for
     compilation. `compile` may be switched between runs; compiled layers are kept for switching back.
@@ -436,8 +461,10 @@ class FastDecoder:
     inputs and random draws); if the token or the state differs beyond rounding, or it raises, one
     warning says so and by how much, and the decoder goes on without it (eager layers / no graph).
 
-    Call `release()` when the model moves or is unloaded: the cache and graph hold device memory
-    and the graph holds the weights' addresses (a moved model is also detected and recaptured).
+    Call `release()` when the model moves or is unloaded: the cache and graphs hold device memory
+    and the graphs hold the weights' addresses (a moved model is also detected and recaptured). The
+    graphs of one decoder (one per attention window) share one memory pool: each holds only temporaries
+    of one step, and they replay one at a time.
     `release()` also drops the fused layers (FusedLayer), which would otherwise keep the old device's
     q/k/v and gate/up storage alive after a move; a run fuses again whenever the weights' addresses
     changed. `fuse=False` runs the model's own modules per layer (as for bitsandbytes' layers).
@@ -466,7 +493,7 @@ class FastDecoder:
         self.attention_backends: list | None = None
         self.attention_backend: str | None = None
         self._buffers: _Buffers | None = None
-        self._graph = None
+        self._graphs: dict = {}  # attention window -> captured step, for the weights and pieces in _graph_key
         self._graph_key = None
         self._stream = None  # warm-up and capture stream, one per device
         self._compilation: BackgroundCompilation | None = None
@@ -530,15 +557,19 @@ class FastDecoder:
             if forced_tokens is not None:
                 buffers.forced[:new_tokens] = forced_tokens.to(device)
 
-        with torch.random.fork_rng(devices=cuda_indices(device)), torch.inference_mode():
-            torch.manual_seed(seed)
+        length = buffers.keys.shape[3]
+        windows = run_windows(prompt_tokens, new_tokens, length)
+        with torch.inference_mode():
+            buffers.generator.manual_seed(seed)  # the stream torch.manual_seed(seed) gives generate
             self._prefill(inputs, buffers)
             progress = _Progress(on_token, new_tokens, self._asynchronous(device))
             progress.computed(1)
-            # After the prefill, so that new compiled code and a new graph are checked on this run's step.
-            graph = self._ensure_graph(buffers) if self._use_graph(device) else None
-            for done in range(2, new_tokens + 1):
-                graph.replay() if graph is not None else self._step(buffers)
+            # After the prefill, so that new compiled code and new graphs are checked on this run's step.
+            graphs = self._ensure_graphs(buffers, windows) if self._use_graph(device) else {}
+            for done, slot in enumerate(range(prompt_tokens, prompt_tokens + new_tokens - 1), start=2):
+                window = attention_window(slot, length)
+                graph = graphs.get(window)
+                graph.replay() if graph is not None else self._step(buffers, window)
                 progress.computed(done)
             # Copies: the buffers are overwritten by the next run (on CPU .cpu() would alias them).
             states = buffers.states[:new_tokens].to("cpu", torch.float32, copy=True)
@@ -546,10 +577,10 @@ class FastDecoder:
         return tokens, states
 
     def release(self) -> None:
-        """Free the cache and the captured graph (a compilation under way goes on; it holds no model memory).
+        """Free the cache and the captured graphs (a compilation under way goes on; it holds no model memory).
         Waits for a run under way in another thread (e.g. ComfyUI unloading the model meanwhile)."""
         with SAMPLING_LOCK:
-            self._graph = self._graph_key = self._buffers = None
+            self._graphs, self._graph_key, self._buffers = {}, None, None
             # The fused tensors are the weights' storage only until the model moves; after a move they
             # would keep the old device's copy alive. The next run fuses again.
             self._step_layers = self._fused_key = None
@@ -592,7 +623,7 @@ class FastDecoder:
         # Vector 0 comes from the last prompt position; the logits are those generate samples from.
         state = captured["state"]
         token = sample_paper(output.logits[:, -1].float(), buffers.eos_mask, buffers.temperature,
-                             buffers.top_p_floor, reciprocal=buffers.keys.is_cuda)
+                             buffers.top_p_floor, reciprocal=buffers.keys.is_cuda, generator=buffers.generator)
         token = torch.where(buffers.forcing, buffers.forced[:1], token)
         buffers.states[0] = state[0]
         buffers.tokens[0] = token[0]
@@ -601,17 +632,20 @@ class FastDecoder:
         buffers.position.fill_(captured["next_position"])
         buffers.step.fill_(1)
 
-    def _step(self, b: _Buffers, pieces=None) -> None:
+    def _step(self, b: _Buffers, window: int, pieces=None) -> None:
         """Feed `b.token`; record the state it produces and the next token. Device tensors only.
 
-        `pieces`: the layer pieces to run (default: those in use, see _pieces)."""
+        `window`: the cache slots the attention reads (attention_window of `b.slot`, or more); `pieces`:
+        the layer pieces to run (default: those in use, see _pieces)."""
         x = self.embed(b.token).view(1, 1, -1)
         fused = self._fused()
         cos, sin = rotary_inputs(fused, b.position, self.rotary.inv_freq, self.rotary.attention_scaling, x.dtype)
-        bias = attention_bias(b.slot_ids, b.slot, x.dtype)
+        bias = attention_bias(b.slot_ids[..., :window], b.slot, x.dtype)
         inputs, output = pieces or self._pieces
+        # Views of each layer's first `window` slots: the cache write lands in the buffers themselves.
+        keys, values = b.keys[..., :window, :], b.values[..., :window, :]
         with self._attention():
-            for layer, keys, values in zip(self._step_layers, b.keys, b.values):
+            for layer, keys, values in zip(self._step_layers, keys, values):
                 x = decoder_layer_step(layer, x, keys, values, cos, sin, b.slot, bias, self.heads, self.kv_heads,
                                        inputs, output)
         # The model's own final norm (8 operators once per token): forward hooks on it see every state.
@@ -633,7 +667,7 @@ class FastDecoder:
     def _next_token(self, b: _Buffers, state: torch.Tensor) -> torch.Tensor:
         """The token the step draws after final-norm `state` [1, hidden] (or the forced one)."""
         token = sample_paper(self.lm_head(state).float(), b.eos_mask, b.temperature, b.top_p_floor,
-                             reciprocal=b.keys.is_cuda)
+                             reciprocal=b.keys.is_cuda, generator=b.generator)
         return torch.where(b.forcing, b.forced.index_select(0, b.step), token)
 
     def _attention(self):
@@ -647,20 +681,20 @@ class FastDecoder:
 
     # -- checks against the eager step -----------------------------------------------------------
 
-    def _differs(self, b: _Buffers, candidate: Callable[[], None], reference) -> str | None:
-        """How one step by `candidate` differs from the launched step with `reference` pieces on the same
-        inputs and random draws, or the error it raised; None when the token agrees and the state is within
-        rounding. The buffers' scalars and the random state are left as they were, so the run then takes
-        this step itself."""
-        scalars, random = _scalars(b), _random_state(b.keys.device)
+    def _differs(self, b: _Buffers, candidate: Callable[[], None], reference, window: int) -> str | None:
+        """How one step by `candidate` differs from the launched step with `reference` pieces reading `window`
+        slots on the same inputs and random draws, or the error it raised; None when the token agrees and the
+        state is within rounding. The buffers' scalars and the random state are left as they were, so the
+        run then takes this step itself."""
+        scalars, random = _scalars(b), b.generator.get_state()
         row = int(b.step)
 
         def from_start():
             _restore_scalars(b, scalars)
-            _set_random_state(b.keys.device, random)
+            b.generator.set_state(random)
 
         try:
-            self._step(b, reference)
+            self._step(b, window, reference)
             want_token, want_state = int(b.tokens[row]), b.states[row].clone()
             from_start()
             candidate()
@@ -680,9 +714,9 @@ class FastDecoder:
         finally:
             from_start()
 
-    def _check_compiled(self, b: _Buffers) -> None:
+    def _check_compiled(self, b: _Buffers, window: int) -> None:
         """Compiled layers against eager ones on this run's first step; given up unless they agree."""
-        problem = self._differs(b, lambda: self._step(b, self._compiled_pieces), EAGER_PIECES)
+        problem = self._differs(b, lambda: self._step(b, window, self._compiled_pieces), EAGER_PIECES, window)
         if problem is None:
             self._compiled_checked = True
             return
@@ -691,9 +725,10 @@ class FastDecoder:
         self.compile = False
         self._compiled_pieces = None
 
-    def _check_graph(self, b: _Buffers, graph) -> bool:
-        """A new graph's replay against the launched step (same pieces); graphs given up unless they agree."""
-        problem = self._differs(b, graph.replay, self._pieces)
+    def _check_graph(self, b: _Buffers, graph, window: int) -> bool:
+        """A new graph's replay against the launched step (same pieces and window) on this run's first step
+        (its slot is in every window the run reads); graphs given up unless they agree."""
+        problem = self._differs(b, graph.replay, self._pieces, window)
         if problem is None:
             return True
         logger.warning("ThinkDiff: the CUDA graph of the decode step failed its check against the launched step "
@@ -728,6 +763,7 @@ class FastDecoder:
             eos_mask=torch.zeros(self.vocab_size, dtype=torch.bool, device=device),
             temperature=torch.ones((), device=device),
             top_p_floor=torch.zeros((), device=device),
+            generator=torch.Generator(device),
         )
         self.attention_backends = decode_attention_backends(device)
         self.attention_backend = self._attention_choice(self._buffers)
@@ -747,7 +783,8 @@ class FastDecoder:
             return None
 
     def _use_graph(self, device: torch.device) -> bool:
-        if device.type != "cuda":
+        # A graph draws from the decoder's generator only where it can register it (CUDAGraph.register_generator_state).
+        if device.type != "cuda" or not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
             return False
         if self.cuda_graph is not None:
             return self.cuda_graph
@@ -799,11 +836,12 @@ class FastDecoder:
     def _weights_key(self) -> tuple:
         return tuple(p.data_ptr() for p in self.model.parameters())
 
-    def _ensure_graph(self, b: _Buffers):
-        """The captured step for these buffers, recaptured when the weights moved or compiled layers became
-        ready; None if capture failed. Starts the background compilation when it is wanted. Called after
-        the prefill: new compiled code and a new graph are checked on the run's first step (warm-up
-        steps, capture and checks leave the buffers' scalars as the prefill set them)."""
+    def _ensure_graphs(self, b: _Buffers, windows: list[int]) -> dict:
+        """The captured step for each of the run's attention windows, recaptured when the weights moved or
+        compiled layers became ready; a window whose capture failed (and those after it) is left out. Starts
+        the background compilation when it is wanted. Called after the prefill: new compiled code and new
+        graphs are checked on the run's first step (warm-up steps, captures and checks leave the buffers'
+        scalars as the prefill set them)."""
         self._adopt_compilation()
         idle = not BackgroundCompilation.running()
         compiled_before = self._signature() in _compiled_signatures and idle
@@ -812,23 +850,32 @@ class FastDecoder:
         # Only while no compilation runs, as a capture (compiled code may compile again, see
         # BackgroundCompilation); unchecked pieces are not used meanwhile.
         if self.compiled and not self._compiled_checked and idle:
-            self._check_compiled(b)
-        graph = self._captured_step(b)
-        if graph is not None and self.compile and not self.compiled and self.compile_in_background \
+            self._check_compiled(b, windows[0])
+        graphs = {}
+        for window in windows:
+            graph = self._captured_step(b, window)
+            if graph is None:
+                break
+            graphs[window] = graph
+        # After the captures: none is made while a compilation runs.
+        if graphs and self.compile and not self.compiled and self.compile_in_background \
                 and self._compilation is None:
             try:
                 self._compilation = BackgroundCompilation(
                     self._step_layers[0], self.rotary.inv_freq, self.rotary.attention_scaling, self.heads,
-                    self.kv_heads, self.head_dim, b.keys.shape[3])
+                    self.kv_heads, self.head_dim)
             except Exception as e:  # noqa: BLE001 - e.g. no memory for the layer's copy: decoding goes on
                 self._give_up_compiling(e)
-        return graph
+        return graphs
 
-    def _captured_step(self, b: _Buffers):
-        weights = self._weights_key()  # new buffers always come with release(), which drops the graph
-        if self._graph is not None and self._graph_key == (weights, self._pieces, self.fuse):
-            return self._graph
-        self._graph = None
+    def _captured_step(self, b: _Buffers, window: int):
+        """The step reading `window` slots as a checked CUDA graph, captured now if need be; None if it cannot
+        be (a compilation runs, capture failed, or the check did)."""
+        key = (self._weights_key(), self._pieces, self.fuse)  # new buffers come with release(): no graphs
+        if self._graph_key != key:
+            self._graphs, self._graph_key = {}, key
+        if window in self._graphs:
+            return self._graphs[window]
         if BackgroundCompilation.running():
             return None  # this run decodes without a graph; the next captures one
         device = b.keys.device
@@ -837,33 +884,38 @@ class FastDecoder:
             # belongs to whichever GPU captured first in the process.
             self._stream = torch.cuda.Stream(device)
         stream = self._stream
-        scalars = _scalars(b)  # the prefill's, which warm-ups move (see _park); restored for the run
+        scalars, random = _scalars(b), b.generator.get_state()  # the prefill's, which warm-ups move (see _park)
         stream.wait_stream(torch.cuda.current_stream(device))
-        # Warm-up steps consume random numbers (restored by fork_rng) and write junk into the last cache
-        # slot and state row, which the run writes before it reads them, or never reads.
-        with torch.random.fork_rng(devices=cuda_indices(device)), torch.inference_mode(), torch.cuda.device(device):
+        # Warm-up steps consume random numbers (restored below) and write junk into the window's last cache
+        # slot and the last state row, which the run writes before it reads them, or never reads.
+        with torch.inference_mode(), torch.cuda.device(device):
             try:
                 with torch.cuda.stream(stream):
                     for _ in range(3):  # sets up cuBLAS and attention kernels (and compiled code) on this stream
-                        self._warm_step(b)
+                        self._warm_step(b, window)
                 if self._pieces is not EAGER_PIECES:
                     _compiled_signatures.add(self._signature())
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager layers
                 if self._pieces is EAGER_PIECES:
                     raise
                 self._give_up_compiling(e)
+                key = (self._weights_key(), self._pieces, self.fuse)
+                self._graphs, self._graph_key = {}, key
                 with torch.cuda.stream(stream):
-                    self._warm_step(b)
+                    self._warm_step(b, window)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            self._park(b)
+            # The step draws from the decoder's generator: a replay advances it as a launched step does.
+            graph.register_generator_state(b.generator)
+            self._park(b, window)
+            shared_pool = next(iter(self._graphs.values())).pool() if self._graphs else None
             try:
                 # thread_local: only this thread's calls can break the capture (ComfyUI's server thread
                 # may touch CUDA meanwhile). The outer stream context restores this thread's stream
                 # also when the capture fails (torch.cuda.graph's own does not then).
-                with torch.cuda.stream(stream), \
-                        torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                    self._step(b)
+                with torch.cuda.stream(stream), torch.cuda.graph(graph, pool=shared_pool, stream=stream,
+                                                                 capture_error_mode="thread_local"):
+                    self._step(b, window)
             except Exception as e:  # noqa: BLE001 - the eager step computes the same, only slower
                 # Tried once more on the next run (memory may have been short while another model was
                 # loaded); then graphs are given up for this decoder.
@@ -875,18 +927,20 @@ class FastDecoder:
                     self.cuda_graph = False
                 graph = None
             _restore_scalars(b, scalars)
-            if graph is None or not self._check_graph(b, graph):
+            b.generator.set_state(random)
+            if graph is None or not self._check_graph(b, graph, window):
                 return None
-        self._graph, self._graph_key = graph, (weights, self._pieces, self.fuse)
+        self._graphs[window] = graph
         return graph
 
-    def _warm_step(self, b: _Buffers) -> None:
-        self._park(b)
-        self._step(b)
+    def _warm_step(self, b: _Buffers, window: int) -> None:
+        self._park(b, window)
+        self._step(b, window)
 
-    def _park(self, b: _Buffers) -> None:
-        """Point the step at the last cache slot and state row: warm-up writes land where a run writes first."""
-        b.slot.fill_(b.keys.shape[3] - 1)
+    def _park(self, b: _Buffers, window: int) -> None:
+        """Point the step at the window's last cache slot and the last state row: warm-up writes land where a
+        run writes before it reads, or never reads (a slot beyond the run's is masked until written)."""
+        b.slot.fill_(window - 1)
         b.step.fill_(b.states.shape[0] - 1)
 
 
@@ -934,18 +988,6 @@ def _scalars(b: _Buffers) -> tuple[torch.Tensor, ...]:
 def _restore_scalars(b: _Buffers, scalars: tuple[torch.Tensor, ...]) -> None:
     for tensor, saved in zip((b.token, b.slot, b.position, b.step), scalars):
         tensor.copy_(saved)
-
-
-def _random_state(device: torch.device) -> torch.Tensor:
-    """The state of the generator the step draws from (the device's)."""
-    return torch.cuda.get_rng_state(cuda_indices(device)[0]) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_random_state(device: torch.device, state: torch.Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, cuda_indices(device)[0])
-    else:
-        torch.set_rng_state(state)
 
 
 def cuda_indices(device: torch.device) -> list[int]:

@@ -198,17 +198,20 @@ def step_profile(decoder: FastDecoder, prompt_tokens: int, steps: int = 8) -> di
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from ..decode import cuda_indices
+    from ..decode import attention_window
 
     b = decoder._buffers
     device = b.keys.device
     cuda = device.type == "cuda"
-    launches = {"step": lambda: decoder._step(b)}
-    if decoder._graph is not None:
-        launches["graph_replay"] = decoder._graph.replay
-    result = {"what": "CUDA kernels, device time" if cuda else "CPU ops, self time", "steps": steps}
+    window = attention_window(prompt_tokens + steps, b.keys.shape[3])  # holds every profiled step's slot
+    launches = {"step": lambda: decoder._step(b, window)}
+    if window in decoder._graphs:
+        launches["graph_replay"] = decoder._graphs[window].replay
+    result = {"what": "CUDA kernels, device time" if cuda else "CPU ops, self time", "steps": steps,
+              "attention_window": window}
     for name, launch in launches.items():
-        with torch.inference_mode(), torch.random.fork_rng(devices=cuda_indices(device)):
+        random = b.generator.get_state()
+        with torch.inference_mode():
             b.slot.fill_(prompt_tokens)
             b.step.fill_(1)
             launch()
@@ -217,6 +220,7 @@ def step_profile(decoder: FastDecoder, prompt_tokens: int, steps: int = 8) -> di
                 for _ in range(steps):
                     launch()
                 synchronize(device)
+        b.generator.set_state(random)
         rows = []
         for event in profiler.key_averages():
             us = (getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)) \
@@ -293,7 +297,8 @@ class Bench:
                   "decode_ms_per_token": round(1000 * decode / max(self.tokens - 1, 1), 3),
                   **compilation, **memory(self.device)}
         if decoder is not None:
-            result["cuda_graph"] = decoder._graph is not None
+            result["cuda_graph"] = bool(decoder._graphs)
+            result["attention_windows"] = sorted(decoder._graphs)
             result["compiled"] = decoder.compiled
             result["attention_backend"] = decoder.attention_backend
         self.log(f"{path}: {json.dumps(result)}")
@@ -466,7 +471,7 @@ def exactness(architecture: dict, device: torch.device, tokens: int, seed: int, 
     plain_tokens, plain_states = reasoner.sample(inputs, seed, max_new_tokens=tokens, min_new_tokens=tokens,
                                                  fast=False)
     fast_tokens, fast_states = reasoner.sample(inputs, seed, max_new_tokens=tokens, min_new_tokens=tokens)
-    result = {"layers": layers, "dtype": "float32", "cuda_graph": reasoner.decoder._graph is not None,
+    result = {"layers": layers, "dtype": "float32", "cuda_graph": bool(reasoner.decoder._graphs),
               **compare(fast_states, fast_tokens, plain_states, plain_tokens)}
     reasoner.release()
     return result
