@@ -16,7 +16,9 @@ bitsandbytes is installed, 4-bit, which stays on the GPU with FLUX beside it. In
 first run after loading (the decoder's compilation is waited for after it); runs 1..N are the queue.
 Per run: how much of each model is on the GPU after the Reason node and after FLUX loaded, device and
 host memory at both points, and times. Then the last run's seed again on a fresh node, FLUX loaded in
-between: the conditioning must not change. Writes JSON (`--out`) and prints each pass's summary.
+between: the conditioning must not change. Nodes and model loads run under torch.inference_mode(), as
+ComfyUI's executor runs a prompt. Writes JSON (`--out`) after each run and prints each pass's summary; under
+`--deadline` what would not fit is skipped with a note (benchmarks/gpu.sh runs it so).
 
     python benchmarks/comfyui_memory.py --comfyui /path/to/ComfyUI --out comfyui_memory.json
 """
@@ -40,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from thinkdiff_core.commands.bench import QWEN2_VL_7B, random_qwen2_vl  # noqa: E402
+from thinkdiff_core.commands.bench import QWEN2_VL_7B, Deadline, random_qwen2_vl  # noqa: E402
 from thinkdiff_core.testing.tiny_models import make_tiny_aligner, make_tiny_vlm  # noqa: E402
 
 FLUX_FP8_GIB = 11.1  # FLUX.1-dev's transformer in fp8 (11.9 GB), what 24 GB cards run
@@ -48,6 +50,9 @@ T5_WIDTH, CLIP_L_WIDTH = 4096, 768
 DEFAULT_RESERVE_GIB = 400 / 1024  # ComfyUI's own reserve for other applications (Linux)
 LEAK_MIB = 100  # issue 5: device memory after run 10 within 100 MiB of run 1
 COMPILE_WAIT_S = 150  # after the first run; a compilation still running then is recorded as not done
+# The least time (s) a stage needs to be started under --deadline, on CUDA: writing the random Qwen2-VL-7B
+# (16.6 GB) and a pass (the VLM loaded, run 0 and a few queued runs). 1 s each on the CPU (dry runs).
+GPU_STAGE_S = {"write_models": 40, "pass": 45}
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id",
               "image_token_id", "video_token_id")
 
@@ -201,40 +206,57 @@ class Queue:
                 "comfyui_reserved_mib": mib(mm.extra_reserved_memory()) if hasattr(mm, "extra_reserved_memory")
                 else None}
 
-    def run(self, precision: str, runs: int, write=lambda result: None, log=print) -> dict:
+    def run(self, precision: str, runs: int, write=lambda result: None, log=print,
+            deadline: Deadline | None = None) -> dict:
         """Load the VLM at `precision`, then run 0 and `runs` queued runs; `write` gets the pass's results
-        after each run (a pass cut off keeps what it measured)."""
+        after each run (a pass cut off keeps what it measured). Under `deadline` the compile wait leaves the
+        queue its time, and the queue ends early, with a note, when the next run and the reload check would
+        not fit. Nodes and model loads run under torch.inference_mode(), as ComfyUI's executor runs them."""
         mm, device, flux, nodes = self.mm, self.device, self.flux, self.nodes
+        deadline = deadline or Deadline()
         started = time.perf_counter()
-        (vlm,) = nodes["ThinkDiffLoadVLM"]().load(self.vlm_name, precision)
-        (aligner,) = nodes["ThinkDiffLoadAligner"]().load("thinkdiff_lvlm.pth")
+        with torch.inference_mode():
+            (vlm,) = nodes["ThinkDiffLoadVLM"]().load(self.vlm_name, precision)
+            (aligner,) = nodes["ThinkDiffLoadAligner"]().load("thinkdiff_lvlm.pth")
         weighed = [vlm.reasoner.model, aligner.module, flux.model]
         result = {"precision": precision, "load_nodes_s": round(time.perf_counter() - started, 3),
                   "vlm_gib": gib_on_gpu(vlm.reasoner.model, anywhere=True), "runs": []}
         reason_node = nodes["ThinkDiffReason"]()  # one node in the queued workflow: ComfyUI keeps its instance
 
         def reason(node, seed):
-            return node.reason(vlm=vlm, aligner=aligner, clip=self.clip, words="white\nblue\nred",
-                               instruction=node.INPUT_TYPES()["required"]["instruction"][1]["default"], seed=seed,
-                               temperature=0.6, top_p=0.9, max_new_tokens=self.tokens, image_1=self.images[0],
-                               image_2=self.images[1])["result"][0][0][0]
+            with torch.inference_mode():
+                return node.reason(vlm=vlm, aligner=aligner, clip=self.clip, words="white\nblue\nred",
+                                   instruction=node.INPUT_TYPES()["required"]["instruction"][1]["default"],
+                                   seed=seed, temperature=0.6, top_p=0.9, max_new_tokens=self.tokens,
+                                   image_1=self.images[0], image_2=self.images[1])["result"][0][0][0]
 
         queue_started = time.perf_counter()
+        queue_cut, last_run_s = None, 0.0
         for run in range(runs + 1):
+            # A summary needs one queued run; after it, stop when the next run and the reload check (about as
+            # long as the last run each) would not fit.
+            if run > 1 and deadline.left() < 2 * last_run_s:
+                queue_cut = f"deadline: {deadline.left():.0f} s left after run {run - 1}"
+                log(queue_cut)
+                break
             record = {"run": run}
-            started = time.perf_counter()
+            started = run_started = time.perf_counter()
             conditioning = reason(reason_node, seed=run)
             record["reason_s"] = round(time.perf_counter() - started, 3)
             record.update(vlm_gpu_gib_after_reason=gib_on_gpu(vlm.reasoner.model),
                           flux_gpu_gib_after_reason=gib_on_gpu(flux.model), compiled=vlm.reasoner.decoder.compiled,
                           after_reason=device_memory(device, weighed))
             if run == 0:  # the first run decodes uncompiled; the queue runs the compiled step
+                # Leave the queue its time: each queued run reloads the VLM as run 0 loaded it, then FLUX.
+                wait_limit = deadline.cap(COMPILE_WAIT_S, reserve_s=2 * runs * record["reason_s"])
                 started = time.perf_counter()
-                record["compiled_after_wait"] = vlm.reasoner.decoder.wait_for_compilation(COMPILE_WAIT_S)
-                record["compile_wait_s"] = round(time.perf_counter() - started, 3)
-                record["compile_s"] = vlm.reasoner.decoder.compile_seconds
+                record["compiled_after_wait"] = vlm.reasoner.decoder.wait_for_compilation(wait_limit)
+                record.update(compile_wait_limit_s=round(wait_limit, 1),
+                              compile_wait_s=round(time.perf_counter() - started, 3),
+                              compile_s=vlm.reasoner.decoder.compile_seconds)
             started = time.perf_counter()
-            mm.load_models_gpu([flux])  # what KSampler does with FLUX
+            with torch.inference_mode():
+                mm.load_models_gpu([flux])  # what KSampler does with FLUX
             record["flux_load_s"] = round(time.perf_counter() - started, 3)
             record.update(vlm_gpu_gib_after_flux=gib_on_gpu(vlm.reasoner.model),
                           flux_gpu_gib_after_flux=gib_on_gpu(flux.model),
@@ -245,6 +267,7 @@ class Queue:
             result["runs"].append(record)
             log(json.dumps(record))
             write(result)
+            last_run_s = time.perf_counter() - run_started - record.get("compile_wait_s", 0)
         # The last run's seed again on a fresh node (the cached one would not run), FLUX loaded in between.
         again = reason(nodes["ThinkDiffReason"](), seed=runs)
         result["same_conditioning_after_reload"] = bool(torch.equal(again, conditioning))
@@ -252,13 +275,17 @@ class Queue:
         sizes = result["vlm_gib"], gib_on_gpu(flux.model, anywhere=True)
         result["summary"] = summarize(result["runs"], device, sizes, movable=precision not in self.loaders.QUANTIZED)
         result["summary"]["same_conditioning_after_reload"] = result["same_conditioning_after_reload"]
-        # The next pass starts from nothing loaded, as after ComfyUI's "unload models".
-        del vlm, aligner, weighed, reason_node
-        mm.unload_all_models()
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if queue_cut:
+            result["summary"]["queue_cut"] = queue_cut
         return result
+
+    def unload(self) -> None:
+        """ComfyUI's "unload models", after a pass has returned (its models no longer referenced): the next
+        pass starts from nothing loaded."""
+        self.mm.unload_all_models()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def summarize(records: list[dict], device: torch.device, vlm_and_flux_gib: tuple[float, float],
@@ -331,6 +358,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--cpu", action="store_true", help="ComfyUI --cpu and a tiny VLM: a dry run of the plumbing")
     parser.add_argument("--precisions", nargs="+", help="the VLM loader's precisions, a pass each (default: bf16, "
                         "and 4-bit (bitsandbytes) where bitsandbytes is installed; fp32 on the CPU)")
+    parser.add_argument("--deadline", type=float, help="a time.time() to be done by: the compile wait leaves the "
+                        "queue its time, the queue ends early and a pass that would not fit is skipped, with notes")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.runs < 1:
@@ -342,6 +371,8 @@ def main(argv=None) -> dict:
         # ComfyUI on a card of --vram-gib would keep its default reserve too.
         comfyui_args += ["--reserve-vram", f"{max(0.0, total_gib - args.vram_gib + DEFAULT_RESERVE_GIB):.2f}"]
     mm, model_patcher, folder_paths = start_comfyui(args.comfyui, comfyui_args)
+    deadline = Deadline(args.deadline, GPU_STAGE_S if mm.get_torch_device().type == "cuda"
+                        else dict.fromkeys(GPU_STAGE_S, 1))
     about = {"comfyui_args": comfyui_args}
     if args.comfyui:
         version = Path(args.comfyui) / "comfyui_version.py"
@@ -364,6 +395,12 @@ def main(argv=None) -> dict:
             (models / "LLM" / name).symlink_to(Path(args.vlm).resolve())
             write_aligner(models, json.loads((Path(args.vlm) / "config.json").read_text()))
         else:
+            late = deadline.too_late("write_models", "pass")
+            if late:  # no pass could run either
+                results.update(late)
+                write(results)
+                print(late["skipped"])
+                return {**about, **results}
             started = time.perf_counter()
             name = write_models(models, QWEN2_VL_7B if mm.get_torch_device().type == "cuda" else None)
             about["write_models_s"] = round(time.perf_counter() - started, 3)
@@ -374,15 +411,20 @@ def main(argv=None) -> dict:
                 results["passes"][precision] = result
                 write(results)
 
+            late = deadline.too_late("pass")
+            if late:
+                write_pass(late)
+                continue
             try:  # one failing pass must not cost the others' numbers (GPU time is short)
-                write_pass(queue.run(precision, args.runs, write_pass))
+                write_pass(queue.run(precision, args.runs, write_pass, deadline=deadline))
             except Exception as e:  # noqa: BLE001 - recorded in the JSON
                 write_pass({**results["passes"].get(precision, {}), "error": f"{type(e).__name__}: {e}"})
                 traceback.print_exc()
+            queue.unload()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for precision, result in results["passes"].items():
-        print(f"{precision}: {json.dumps(result.get('summary', result.get('error')))}")
+        print(f"{precision}: {json.dumps(result.get('summary') or result.get('error') or result.get('skipped'))}")
     return {**about, **results}
 
 

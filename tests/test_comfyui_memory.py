@@ -1,7 +1,7 @@
 """benchmarks/comfyui_memory.py: the queued-runs memory check, dry-run on the CPU with the stand-in host.
 
 On the CPU ComfyUI keeps every model where it is, so eviction itself is measured only on a GPU
-(benchmarks/gpu_comfyui.sh); here the plumbing runs for real: the pack imported as ComfyUI imports it,
+(stage comfyui_memory of benchmarks/gpu.sh); here the plumbing runs for real: the pack imported as ComfyUI imports it,
 its loader nodes reading the written models, queued Reason runs and the FLUX-sized stand-in.
 """
 
@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,18 @@ def test_each_precision_is_a_pass_and_a_failing_pass_keeps_the_others(tmp_path):
     quantised = passes["4-bit (bitsandbytes)"]
     assert quantised["precision"] == "4-bit (bitsandbytes)" and len(quantised["runs"]) == 2
     assert quantised["same_conditioning_after_reload"] is True
+
+
+def test_past_its_deadline_the_check_skips_what_would_not_fit_with_a_note(tmp_path):
+    out = tmp_path / "memory.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "comfyui_memory.py"), "--cpu", "--deadline", str(time.time() - 1),
+         "--out", str(out)], capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert completed.returncode == 1, completed.stderr[-3000:]  # no pass ran
+    results = json.loads(out.read_text())
+    # Writing the models and a pass need 1 s each on the CPU.
+    assert results["skipped"] == "deadline: 0 s left, 2 s needed" and results["passes"] == {}
+    assert completed.stdout.strip() == results["skipped"]
 
 
 def test_random_weights_of_another_size_keep_the_tiny_processors_token_ids(tmp_path):

@@ -1,6 +1,9 @@
 """The reasoning benchmark's CPU smoke run, quantised loading and the drift it measures."""
 
+import importlib.util
 import json
+import re
+import time
 
 import pytest
 import torch
@@ -178,6 +181,50 @@ def test_bench_measures_the_compiled_path_first_eager_then_compiled(reasoner, ca
     profile = bench.step_profile(made[0], inputs["input_ids"].shape[1])
     assert profile["graph_replay"]["ms_by_kind"]["matmul"] > 0 and profile["step"]["ms_by_kind"]["matmul"] > 0
 
+
+
+def test_a_deadline_caps_the_compile_wait_to_leave_the_later_stages_their_time(reasoner):
+    from thinkdiff_core.commands import bench
+
+    inputs = synthetic_inputs(reasoner.model, reasoner.device, image_size=56, prompt_tokens=40)
+    needs = {**dict.fromkeys(bench.GPU_STAGE_S, 0), "fast": 30, "step_profile": 10}
+    deadline = bench.Deadline(time.time() + 100, needs)
+    measured = bench.Bench(reasoner, inputs, tokens=4, repeats=1, seed=0, log=lambda _: None,
+                           deadline=deadline).measure("fast_compiled", later=("step_profile",))[0]
+    assert 55 <= measured["compile_wait_limit_s"] <= 60  # 100 s left less the warm runs' 30 s and the profile's 10 s
+    assert bench.Deadline(time.time() + 1000, needs).cap(bench.COMPILE_TIMEOUT_S, "fast") == bench.COMPILE_TIMEOUT_S
+    assert bench.Deadline(time.time() + 20, needs).cap(bench.COMPILE_TIMEOUT_S, "fast") == 0
+    assert bench.Deadline().cap(bench.COMPILE_TIMEOUT_S, "fast") == bench.COMPILE_TIMEOUT_S  # none: no limit
+
+
+def test_a_deadline_skips_the_stages_that_would_not_fit_with_a_note(tiny_models, tmp_path, monkeypatch):
+    from thinkdiff_core.commands import bench
+
+    needs = {**dict.fromkeys(bench.GPU_STAGE_S, 0), "step_profile": 1e4, "exactness": 1e4, "4bit": 1e4}
+    monkeypatch.setattr(bench, "stage_needs", lambda device: needs)
+    quantize = ["4bit"] if importlib.util.find_spec("bitsandbytes") else []
+    results = bench.run_bench(config=str(tiny_models["vlm"] / "config.json"), device="cpu", tokens=4, repeats=1,
+                              image_size=56, prompt_tokens=40, leak_runs=2, save_random=str(tmp_path / "random"),
+                              quantize=quantize, out=str(tmp_path / "bench.json"), deadline=time.time() + 600,
+                              log=lambda _: None)
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(results))
+    note = re.compile(r"deadline: (59\d|600) s left, 10000 s needed")
+    fast = results["fast"]
+    assert fast["warm_s"] > 0 and fast["vs_generate"]["same_tokens"] and fast["leak"] == {"runs": 2}
+    assert note.fullmatch(fast["step_profile"]["skipped"]) and note.fullmatch(results["exactness"]["skipped"])
+    assert "same_draws_as_generate_float32" not in fast["goals"]  # not checked: no verdict
+    assert results["load"]["min_cosine_vs_before_saving"] > 0.99999
+    if quantize:
+        assert note.fullmatch(results["4bit"]["skipped"])
+    # Past the deadline (a CPU stage needs 1 s): every stage is skipped, loading too since nothing was saved.
+    monkeypatch.undo()
+    results = bench.run_bench(config=str(tiny_models["vlm"] / "config.json"), device="cpu", tokens=4,
+                              image_size=56, prompt_tokens=40, save_random=str(tmp_path / "again"),
+                              deadline=time.time() - 1, log=lambda _: None)
+    assert results["generate"] == results["fast"] == results["exactness"] \
+        == {"skipped": "deadline: 0 s left, 1 s needed"}
+    assert results["save_random"] == results["load"] == {"skipped": "deadline: 0 s left, 2 s needed"}
+    assert not (tmp_path / "again").exists()
 
 
 def test_kernel_kinds():

@@ -12,9 +12,11 @@ states; a leak check over repeated runs; optionally load throughput and quantisa
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -50,6 +52,42 @@ TEMPERATURE, TOP_P = 0.6, 0.9  # the paper's sampling, for every path
 IMAGE_SIZE = 448
 PATHS = ("generate", "fast", "fast_compiled")
 COMPILE_TIMEOUT_S = 180  # a compilation still running then is reported as not done; the run goes on
+# The least time (s) each stage needs to be started under --deadline: estimates for Qwen2-VL-7B on one
+# H100/H200 (a path's first call, warm runs and comparisons; the 16.6 GB save and loads from /dev/shm; the
+# quantising loads). Elsewhere (CPU dry runs of tiny models) 1 s each.
+GPU_STAGE_S = {"generate": 25, "fast": 10, "fast_compiled": 20, "leak": 10, "step_profile": 5, "exactness": 15,
+               "save_random": 40, "load": 30, "8bit": 45, "4bit": 35}
+
+
+def stage_needs(device: torch.device) -> dict[str, float]:
+    return GPU_STAGE_S if device.type == "cuda" else dict.fromkeys(GPU_STAGE_S, 1)
+
+
+class Deadline:
+    """A time.time() by which a run must be done (None: no deadline) and the least time each stage needs: a
+    stage that would not fit is skipped with a note, and waits leave the stages after them their time."""
+
+    def __init__(self, at: float | None = None, needs: dict[str, float] | None = None):
+        self.at, self.needs = at, needs or {}
+
+    def left(self) -> float:
+        return math.inf if self.at is None else self.at - time.time()
+
+    def need(self, *stages: str) -> float:
+        return sum(self.needs[stage] for stage in stages)
+
+    def too_late(self, *stages: str) -> dict | None:
+        """{"skipped": "deadline: N s left, M s needed"} when less is left than `stages` need; else None."""
+        if self.at is None:
+            return None
+        left, needed = self.left(), self.need(*stages)
+        return None if left >= needed else {"skipped": f"deadline: {max(left, 0):.0f} s left, {needed:.0f} s needed"}
+
+    def cap(self, seconds: float, *later: str, reserve_s: float = 0.0) -> float:
+        """`seconds` (a wait's limit), cut so that the `later` stages and `reserve_s` more still fit."""
+        if self.at is None:
+            return seconds
+        return max(0.0, min(seconds, self.left() - self.need(*later) - reserve_s))
 
 
 def random_qwen2_vl(config: dict, device: torch.device, dtype: torch.dtype):
@@ -249,10 +287,13 @@ def memory(device: torch.device) -> dict:
 class Bench:
     """The measurements of one model on one device; `results` is the JSON printed at the end."""
 
-    def __init__(self, reasoner: Reasoner, inputs: dict, tokens: int, repeats: int, seed: int, log=print):
+    def __init__(self, reasoner: Reasoner, inputs: dict, tokens: int, repeats: int, seed: int, log=print,
+                 deadline: Deadline | None = None, later_stages=()):
         self.reasoner, self.inputs, self.tokens, self.repeats, self.seed, self.log = \
             reasoner, inputs, tokens, repeats, seed, log
         self.device = reasoner.device
+        self.deadline = deadline or Deadline()
+        self.later_stages = tuple(later_stages)  # what the run does after the paths: the compile wait leaves it time
         self.results: dict = {}
 
     def sampler(self, path: str):
@@ -267,9 +308,10 @@ class Bench:
             return decoder.run(self.inputs, n, seed, TEMPERATURE, TOP_P, r.eos_token_ids, forced)
         return run, decoder
 
-    def measure(self, path: str):
+    def measure(self, path: str, later=()):
         """First call, warm latency, prefill, per-token time and peak memory of one path; with its
-        sampler, decoder and the last run's tokens and states."""
+        sampler, decoder and the last run's tokens and states. The compile wait leaves the `later` stages
+        (and this path's warm runs) their time under the deadline."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -279,9 +321,12 @@ class Bench:
         if decoder is not None and decoder.compile:
             # The first call decoded with the eager graph while the layers compiled in the background;
             # the call after compilation captures the compiled step. Warm calls come after both.
-            waited, compiled = timed(lambda: decoder.wait_for_compilation(COMPILE_TIMEOUT_S), self.device)
+            # The warm runs take about as long as the fast path's.
+            wait_limit = self.deadline.cap(COMPILE_TIMEOUT_S, "fast", *later)
+            waited, compiled = timed(lambda: decoder.wait_for_compilation(wait_limit), self.device)
             switch, _ = timed(lambda: run(self.tokens, self.seed), self.device)
             compilation = {"compile_s": decoder.compile_seconds and round(decoder.compile_seconds, 3),
+                           "compile_wait_limit_s": round(wait_limit, 1),
                            "compile_wait_after_first_call_s": round(waited, 3), "compiled_after_wait": compiled,
                            "first_compiled_call_s": round(switch, 4)}
         # Each full run is paired with a prefill-only run just after it, so that the decode time is
@@ -325,24 +370,32 @@ class Bench:
         reference = None
         # The leak check runs the path the nodes use: compiled on CUDA, eager elsewhere.
         leak_path = "fast_compiled" if self.device.type == "cuda" and "fast_compiled" in paths else "fast"
-        for path in paths:
+        for i, path in enumerate(paths):
             if path == "fast_compiled" and self.device.type != "cuda":
                 results[path] = {"skipped": "compilation is used with CUDA graphs only"}
                 continue
+            checks_leaks = bool(path == leak_path and leak_runs)
+            late = self.deadline.too_late(path)
+            if late:
+                results[path] = late
+                self.log(f"{path}: {late['skipped']}")
+                continue
             decoder = None
             try:  # one failing path must not cost the others' numbers (GPU time is short)
-                measured, run, decoder, tokens, states = self.measure(path)
+                later = ("leak",) * checks_leaks + ("step_profile", *paths[i + 1:], *self.later_stages)
+                measured, run, decoder, tokens, states = self.measure(path, later)
                 results[path] = measured
                 if path == "generate":
                     reference = tokens, states
                 elif reference is not None:
                     self.against_generate(measured, run, tokens, states, reference)
-                    if path == leak_path and leak_runs:
-                        measured["leak"] = self.leak_check(run, decoder, leak_runs)
+                    if checks_leaks:
+                        measured["leak"] = self.deadline.too_late("leak") or self.leak_check(run, decoder, leak_runs)
                     measured["goals"] = goals(measured)
                 if decoder is not None:
                     try:  # last: a profiler that does not work here costs only this entry
-                        measured["step_profile"] = step_profile(decoder, results["prompt_tokens"])
+                        measured["step_profile"] = (self.deadline.too_late("step_profile")
+                                                    or step_profile(decoder, results["prompt_tokens"]))
                     except Exception as e:  # noqa: BLE001 - recorded in the JSON
                         measured["step_profile"] = {"error": f"{type(e).__name__}: {e}"}
             except Exception as e:  # noqa: BLE001 - recorded in the JSON
@@ -401,12 +454,18 @@ def drop_page_cache() -> bool:
 
 
 def load_and_quantization(folder: Path, device: torch.device, dtype, quantizations, inputs, tokens, seed,
-                          reference, drop_cache: bool = False, log=print) -> dict:
+                          reference, drop_cache: bool = False, log=print, deadline: Deadline | None = None) -> dict:
     """Load time and read throughput of `folder`; each quantisation's speed, memory and state drift."""
     results = {}
     eos = reference["eos_token_ids"]
+    deadline = deadline or Deadline()
     for quantization in (None, *quantizations):
         name = quantization or "load"
+        late = deadline.too_late(name)
+        if late:
+            results[name] = late
+            log(f"{name}: {late['skipped']}")
+            continue
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -488,10 +547,15 @@ def free_device_memory(device: torch.device) -> None:
 def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 128, repeats: int = 3,
               seed: int = 0, paths=PATHS, quantize=(), save_random: str | None = None, config: str | None = None,
               prompt_tokens: int = PROMPT_TOKENS, image_size: int = IMAGE_SIZE, leak_runs: int = 10,
-              out: str | None = None, drop_cache: bool = False, log=print) -> dict:
-    """Everything above; writes the JSON to `out` after each stage (a cut-off run keeps what it measured)."""
+              out: str | None = None, drop_cache: bool = False, log=print, deadline: float | None = None,
+              check_exactness: bool = True) -> dict:
+    """Everything above; writes the JSON to `out` after each stage (a cut-off run keeps what it measured).
+
+    `deadline` (a time.time()): stages that would not fit before it are skipped with a note, and the compile
+    wait leaves the later stages their time."""
     check_device(device)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    deadline = Deadline(deadline, stage_needs(device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type != "cuda" and not (vlm or config):
         raise ValueError("without a CUDA GPU, give --vlm FOLDER or --config config.json: the default builds "
@@ -524,31 +588,48 @@ def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 1
                                   seed=seed)
         source = {"model": f"random weights, {'config ' + config if config else 'Qwen2-VL-7B architecture'}",
                   "build_s": round(build_s, 3)}
-    bench = Bench(reasoner, inputs, tokens, repeats, seed, log)
+    saves = bool(save_random and not vlm)
+    loads = bool(quantize or save_random)  # from --vlm, or from what was saved
+    later_stages = ("exactness",) * check_exactness + ("save_random",) * saves + ("load", *quantize) * loads
+    bench = Bench(reasoner, inputs, tokens, repeats, seed, log, deadline, later_stages)
     bench.results.update(source)
     results = bench.run(paths, leak_runs, on_result=write)
+    write(results)  # a path skipped last, too
     folder = Path(vlm) if vlm else None
-    if save_random and not vlm:
-        folder = Path(save_random)
-        seconds, _ = timed(lambda: reasoner.model.save_pretrained(folder, safe_serialization=True), device)
-        results["save_random_s"] = round(seconds, 3)
-    reference_tokens, reference_states = bench.sampler("fast")[0](tokens, seed)
-    reference = {"tokens": reference_tokens, "states": reference_states, "eos_token_ids": reasoner.eos_token_ids}
+    if saves:
+        late = deadline.too_late("save_random", "load")
+        if late:  # nothing to load either
+            results.update(dict.fromkeys(("save_random", "load", *quantize), late))
+            log(f"save_random: {late['skipped']}")
+            loads = False
+        else:
+            folder = Path(save_random)
+            # partial, not a lambda naming `reasoner`, which is deleted below (ruff: F821).
+            seconds, _ = timed(functools.partial(reasoner.model.save_pretrained, folder, safe_serialization=True),
+                               device)
+            results.update(save_random_s=round(seconds, 3), saved_to=str(folder))
+        write(results)
+    if loads:  # the states the loaded models are compared with
+        reference_tokens, reference_states = bench.sampler("fast")[0](tokens, seed)
+        reference = {"tokens": reference_tokens, "states": reference_states, "eos_token_ids": reasoner.eos_token_ids}
     del bench, reasoner
     free_device_memory(device)
-    try:
-        results["exactness"] = exactness(architecture, device, tokens, seed, image_size, prompt_tokens)
-    except Exception as e:  # noqa: BLE001 - recorded in the JSON
-        results["exactness"] = {"error": f"{type(e).__name__}: {e}"}
-    log(f"exactness: {json.dumps(results['exactness'])}")
-    for path in paths:
-        if "goals" in results.get(path, {}):
-            results[path]["goals"]["same_draws_as_generate_float32"] = results["exactness"].get("same_tokens", False)
-    free_device_memory(device)
-    write(results)
-    if folder is not None and (quantize or save_random):
+    if check_exactness:
+        try:
+            results["exactness"] = (deadline.too_late("exactness")
+                                    or exactness(architecture, device, tokens, seed, image_size, prompt_tokens))
+        except Exception as e:  # noqa: BLE001 - recorded in the JSON
+            results["exactness"] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"exactness: {json.dumps(results['exactness'])}")
+        for path in paths:
+            if "goals" in results.get(path, {}) and "skipped" not in results["exactness"]:
+                results[path]["goals"]["same_draws_as_generate_float32"] = \
+                    results["exactness"].get("same_tokens", False)
+        free_device_memory(device)
+        write(results)
+    if loads:
         results.update(load_and_quantization(folder, device, dtype, quantize, inputs, tokens, seed, reference,
-                                             drop_cache, log))
+                                             drop_cache, log, deadline))
         write(results)
     return results
 
@@ -581,7 +662,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="warm runs per path (the median is reported)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument("--paths", nargs="*", choices=PATHS, default=list(PATHS),
+                        help="none: only the stages after them (exactness, saving, loading)")
     parser.add_argument("--prompt-tokens", type=int, default=612, help="random weights: prompt length")
     parser.add_argument("--image-size", type=int, default=448, help="random weights: side of the two images")
     parser.add_argument("--leak-runs", type=int, default=10, help="fast path runs of the leak check (0: none)")
@@ -591,6 +673,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "and quantisation")
     parser.add_argument("--drop-page-cache", action="store_true", help="before each load, drop Linux's page "
                         "cache (root only) so that loading reads the disk")
+    parser.add_argument("--no-exactness", action="store_true", help="leave out the float32 check of the draws")
+    parser.add_argument("--deadline", type=float, help="a time.time() to be done by (seconds since 1970, e.g. "
+                        "$(($(date +%%s) + 300))): the compile wait leaves the later stages their time, and a stage "
+                        "that would not fit is skipped with a note")
     parser.add_argument("--out", help="also write the JSON here (rewritten after each stage)")
     parser.set_defaults(run=run)
 
@@ -598,7 +684,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     results = run_bench(args.vlm, args.device, args.tokens, args.repeats, args.seed, args.paths, args.quantize,
                         args.save_random, args.config, args.prompt_tokens, args.image_size, args.leak_runs, args.out,
-                        args.drop_page_cache, log=lambda line: print(line, file=sys.stderr))
+                        args.drop_page_cache, log=lambda line: print(line, file=sys.stderr), deadline=args.deadline,
+                        check_exactness=not args.no_exactness)
     print(json.dumps(results, indent=2))
 
 
