@@ -13,10 +13,12 @@ from safetensors import safe_open
 
 from conftest import REPO
 from thinkdiff_core import load_aligner
+from thinkdiff_core.testing.readable_t5 import readable_copy
 from thinkdiff_core.commands.prepare_lvlm import BRIEF_INSTRUCTIONS, prepare_lvlm
 from thinkdiff_core.commands.train import (CLIPData, LVLMData, batch_keys, blip_caption, is_validation, learning_rate,
                                            split_caption, train)
 
+READABLE_T5 = REPO / "tests" / "assets" / "readable_flan_t5.safetensors"
 QUIET_STEP = dict(steps=1, batch_size=2, lr=0.0, min_lr=0.0, warmup_lr=0.0, warmup_steps=0, save_every=1,
                   log=lambda _: None)  # one step that leaves the aligner as it started
 
@@ -42,36 +44,34 @@ def prepared(tmp_path_factory, images, tiny_models):
 
 @pytest.fixture(scope="module")
 def readable_t5(tmp_path_factory, tiny_models):
-    """The tiny Flan-T5 after a short autoencoding run: like the real Flan-T5, its decoder can read encoder
-    states (a random decoder barely can, so no aligner could steer it)."""
+    """The tiny Flan-T5 whose decoder reads encoder states, as the real one does (see thinkdiff_core.testing.
+    readable_t5; its weights are a committed asset, trained once)."""
+    return readable_copy(tiny_models["flan_t5"], READABLE_T5, tmp_path_factory.mktemp("flan-t5-readable"))
+
+
+def test_the_readable_t5_asset_fits_the_tiny_flan_t5_and_reads_its_encoders_states(readable_t5, tiny_models,
+                                                                                   tmp_path):
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-    from thinkdiff_core.testing.tiny_models import CORPUS
+    tokenizer = AutoTokenizer.from_pretrained(readable_t5)
+    batch = tokenizer(["a red car", "the moon", "blue", "a white car"], padding=True, return_tensors="pt")
+    labels = batch.input_ids.masked_fill(batch.input_ids == tokenizer.pad_token_id, -100)
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["flan_t5"])
-    model = T5ForConditionalGeneration.from_pretrained(tiny_models["flan_t5"]).train()
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    words = " ".join(CORPUS).split()
-    # Sorted: the order of get_vocab()'s dict changes from process to process.
-    chars = sorted(t for t in tokenizer.get_vocab() if len(t) == 1 and t.isprintable())
+    def reconstruction_loss(folder):
+        with torch.no_grad():
+            return float(T5ForConditionalGeneration.from_pretrained(folder).eval()(**batch, labels=labels).loss)
 
-    def text():
-        if rng.random() < 0.5:
-            return " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
-        return "".join(rng.choice(chars) for _ in range(rng.randint(1, 8)))
-
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(1500):
-        batch = tokenizer([text() for _ in range(32)], padding=True, return_tensors="pt")
-        labels = batch.input_ids.masked_fill(batch.input_ids == tokenizer.pad_token_id, -100)
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    folder = tmp_path_factory.mktemp("flan-t5-readable")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    # Its decoder reproduces texts from the encoder's states; the random one it was trained from cannot.
+    assert reconstruction_loss(readable_t5) < 0.2 * reconstruction_loss(tiny_models["flan_t5"])
+    # An asset made for another tiny Flan-T5 (here: another vocabulary) is refused by name.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_models["flan_t5"], other)
+    tokenizer_json = json.loads((other / "tokenizer.json").read_text())
+    tokenizer_json["model"]["vocab"][5][1] -= 1.0
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    with pytest.raises(ValueError, match="was made for another tiny Flan-T5 .* make it again with python -m "
+                                         "thinkdiff_core.testing.readable_t5"):
+        readable_copy(other, READABLE_T5, tmp_path / "copy")
 
 
 def test_the_schedule_warms_up_linearly_then_follows_a_cosine():
