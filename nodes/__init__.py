@@ -19,5 +19,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ThinkDiffLoadVisionEncoder": "Load ThinkDiff Vision Encoder (BLIP-2)",
     "ThinkDiffLoadAligner": "Load ThinkDiff Aligner",
     "ThinkDiffReason": "ThinkDiff Reason (FLUX conditioning)",
-    "ThinkDiffCompose": "ThinkDiff Compose (images + text -> FLUX conditioning)",
+    "ThinkDiffCompose": "ThinkDiff Compose (CLIP)",
 }

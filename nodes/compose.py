@@ -67,21 +67,29 @@ class ThinkDiffCompose:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("FLUX conditioning: 65 tokens per image, in order, then the text's T5 tokens (or the given "
+                       "conditioning, then the image tokens); pooled = CLIP-L of the text; into FluxGuidance, then "
+                       "KSampler's positive",)
     FUNCTION = "compose"
 
     @classmethod
     def INPUT_TYPES(cls):
-        images = {f"image_{i}": ("IMAGE", {"tooltip": "composed in socket order; a batch counts as several images"})
+        images = {f"image_{i}": ("IMAGE", {"tooltip": "An image to compose, in socket order; a batch counts as several "
+                                           "images"})
                   for i in range(1, MAX_IMAGE_INPUTS + 1)}
         return {
             "required": {
-                "vision": ("THINKDIFF_VISION",),
-                "aligner": ("THINKDIFF_ALIGNER",),
-                "clip": ("CLIP", {"tooltip": "FLUX's CLIP (DualCLIPLoader, type flux) for the text"}),
+                "vision": ("THINKDIFF_VISION", {"tooltip": "BLIP-2's vision tower (Load ThinkDiff Vision Encoder): "
+                                               "reads each image as 65 tokens"}),
+                "aligner": ("THINKDIFF_ALIGNER", {"tooltip": "The thinkdiff_clip aligner (Load ThinkDiff Aligner): "
+                                                 "maps the image tokens into FLUX's T5 space"}),
+                "clip": ("CLIP", {"tooltip": "FLUX's text encoders (DualCLIPLoader, type flux): T5 tokens and pooled "
+                                  "CLIP-L of the text; unused when a conditioning is connected"}),
                 "text": ("STRING", {"multiline": True, "default": "", "tooltip":
                          "What to do with the images, e.g. 'wearing the sunglasses on a beach'; may be empty"}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
-                             "Multiplies the image tokens (1.0 = the paper)"}),
+                             "Multiplies the image tokens: higher weighs the images more against the text; "
+                             "1.0 = the paper"}),
                 "t5_length": (T5_LENGTHS, {"default": PAPER_T5, "tooltip":
                               f"paper: the text's T5 tokens cut and padded to {PAPER_T5_LENGTH} as the authors did; "
                               "comfyui: padded to 256 tokens as ComfyUI's own prompts"}),

@@ -120,13 +120,15 @@ class ThinkDiffLoadVLM:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("THINKDIFF_VLM",)
     RETURN_NAMES = ("vlm",)
+    OUTPUT_TOOLTIPS = ("The loaded Qwen2-VL, for ThinkDiff Reason's vlm input",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (list(folders.vlm_folders()), {"tooltip": "A Qwen2-VL Hugging Face folder"}),
+                "model": (list(folders.vlm_folders()), {"tooltip": "A Qwen2-VL Hugging Face folder (e.g. "
+                          "Qwen2-VL-7B-Instruct) in models/LLM or models/thinkdiff"}),
                 "precision": ([*PRECISIONS, *QUANTIZED], {"default": "bf16", "tooltip": VLM_PRECISION_TOOLTIP}),
             },
             # Optional: API prompts saved before it existed still run (ComfyUI fills in no defaults).
@@ -179,12 +181,14 @@ class ThinkDiffLoadVisionEncoder:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("THINKDIFF_VISION",)
     RETURN_NAMES = ("vision",)
+    OUTPUT_TOOLTIPS = ("BLIP-2's vision tower, for ThinkDiff Compose's vision input",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vision_name": (list(folders.vision_models()), {"tooltip": "blip2_vision.safetensors or a BLIP-2 folder"}),
+            "vision_name": (list(folders.vision_models()), {"tooltip":
+                            "blip2_vision.safetensors (models/thinkdiff or models/clip_vision) or a BLIP-2 folder"}),
             "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": PRECISION_TOOLTIP}),
         }}
 
@@ -207,12 +211,14 @@ class ThinkDiffLoadAligner:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("THINKDIFF_ALIGNER",)
     RETURN_NAMES = ("aligner",)
+    OUTPUT_TOOLTIPS = ("The aligner, for ThinkDiff Reason (thinkdiff_lvlm) or ThinkDiff Compose (thinkdiff_clip)",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"aligner_name": (list(folders.aligner_files()),
-                                              {"tooltip": "thinkdiff_lvlm or thinkdiff_clip (.safetensors or .pth)"})}}
+        return {"required": {"aligner_name": (list(folders.aligner_files()), {"tooltip":
+                             "From models/thinkdiff: thinkdiff_lvlm for ThinkDiff Reason, thinkdiff_clip for "
+                             "ThinkDiff Compose (.safetensors or the official .pth)"})}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, aligner_name):

@@ -69,8 +69,10 @@ class ThinkDiffReason:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING", "STRING")
     RETURN_NAMES = ("conditioning", "answer")
-    OUTPUT_TOOLTIPS = ("FLUX conditioning: plug into FluxGuidance / KSampler positive",
-                       "Qwen2-VL's answer, a by-product of the reasoning")
+    OUTPUT_TOOLTIPS = ("FLUX conditioning: the aligned states of the max_new_tokens generated tokens, pooled = CLIP-L "
+                       "of \"\"; into FluxGuidance, then KSampler's positive",
+                       "The VLM's answer, also shown on the node: a by-product, the conditioning comes from its "
+                       "token states, not from encoding this text")
     FUNCTION = "reason"
     # Where ComfyUI supports it (0.33 does, 0.3.64 does not), it resends the answer shown on the node when a
     # run is served from its cache, as for output nodes, without running this node unless an output needs it.
@@ -78,21 +80,33 @@ class ThinkDiffReason:
 
     @classmethod
     def INPUT_TYPES(cls):
-        images = {f"image_{i}": ("IMAGE", {"tooltip": "the image after word " + str(i) + "; a batch counts as "
-                                           "several images in order"}) for i in range(1, MAX_IMAGE_INPUTS + 1)}
+        images = {f"image_{i}": ("IMAGE", {"tooltip": f"The image after word {i}; a batch counts as several images, "
+                                           "in order"}) for i in range(1, MAX_IMAGE_INPUTS + 1)}
         return {
             "required": {
-                "vlm": ("THINKDIFF_VLM",),
-                "aligner": ("THINKDIFF_ALIGNER",),
-                "clip": ("CLIP", {"tooltip": "FLUX's CLIP (DualCLIPLoader, type flux): pooled CLIP-L of \"\""}),
+                "vlm": ("THINKDIFF_VLM", {"tooltip": "Qwen2-VL (Load ThinkDiff VLM): reads the words and images and "
+                                         "generates the answer whose token states become the conditioning"}),
+                "aligner": ("THINKDIFF_ALIGNER", {"tooltip": "The thinkdiff_lvlm aligner (Load ThinkDiff Aligner): "
+                                                 "maps the VLM's states into FLUX's T5 space"}),
+                "clip": ("CLIP", {"tooltip": "FLUX's text encoders (DualCLIPLoader, type flux): only CLIP-L's pooled "
+                                  "vector of the empty prompt is used, as in the paper"}),
                 "words": ("STRING", {"multiline": True, "default": "white\nblue\nred", "tooltip":
                           "One word per line: one per image, in order, then the query word"}),
-                "instruction": ("STRING", {"multiline": True, "default": PAPER_INSTRUCTION}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
-                "temperature": ("FLOAT", {"default": 0.6, "min": 0.01, "max": 2.0, "step": 0.05}),
-                "top_p": ("FLOAT", {"default": 0.9, "min": 0.01, "max": 1.0, "step": 0.05}),
+                "instruction": ("STRING", {"multiline": True, "default": PAPER_INSTRUCTION, "tooltip":
+                                "What the VLM is asked before the words and images; the default is the paper's "
+                                "(answers start with 'Create an image')"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Seed of the VLM's sampling: the same seed and inputs give the same "
+                                 "answer (with uncompiled decoding, always; see the VLM loader)"}),
+                "temperature": ("FLOAT", {"default": 0.6, "min": 0.01, "max": 2.0, "step": 0.05, "tooltip":
+                                "Sampling temperature: lower is more predictable, higher more varied; 0.6 = the "
+                                "paper"}),
+                "top_p": ("FLOAT", {"default": 0.9, "min": 0.01, "max": 1.0, "step": 0.05, "tooltip":
+                          "Nucleus sampling: each token is drawn from the most likely ones that together reach "
+                          "this probability; 1.0 = from all; 0.9 = the paper"}),
                 "max_new_tokens": ("INT", {"default": 128, "min": 1, "max": 1024, "tooltip":
-                                   "The paper generates (and aligns) exactly 128 tokens"}),
+                                   "How many tokens the VLM generates, exactly (it never stops early); each becomes "
+                                   "one conditioning token. 128 = the paper; the aligner was trained on at most 128"}),
             },
             "optional": images,
         }

