@@ -44,8 +44,8 @@ def train_readable(flan_t5: Path):
     encoder's states."""
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-    tokenizer = AutoTokenizer.from_pretrained(flan_t5)
-    model = T5ForConditionalGeneration.from_pretrained(flan_t5).train()
+    tokenizer = AutoTokenizer.from_pretrained(flan_t5, local_files_only=True, trust_remote_code=False)
+    model = T5ForConditionalGeneration.from_pretrained(flan_t5, local_files_only=True, trust_remote_code=False).train()
     torch.manual_seed(SEED)
     rng = random.Random(SEED)
     words = " ".join(CORPUS).split()
@@ -88,7 +88,7 @@ def readable_copy(flan_t5: Path, asset: Path, out: Path) -> Path:
         raise ValueError(f"{asset} was made for another tiny Flan-T5 (architecture or vocabulary changed): make it "
                          f"again with python -m thinkdiff_core.testing.readable_t5 {asset}")
     shutil.copytree(flan_t5, out, dirs_exist_ok=True)
-    model = T5ForConditionalGeneration.from_pretrained(flan_t5)
+    model = T5ForConditionalGeneration.from_pretrained(flan_t5, local_files_only=True, trust_remote_code=False)
     load_model(model, str(asset))  # strict: every weight is the asset's
     model.save_pretrained(out)
     return out
