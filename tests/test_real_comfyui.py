@@ -6,10 +6,12 @@ This Python must have ComfyUI's requirements, this pack's and pytest. The test s
 the CPU with this pack in custom_nodes and model files under the shipped workflows' exact names: the tiny
 ThinkDiff models (aligners widened to T5's 4096), a tiny FLUX.1-dev in diffusers keys (ComfyUI converts
 them) and random full-size CLIP-L, T5-XXL (fp8) and FLUX VAE, which ComfyUI builds from fixed configs.
-It queues each shipped API workflow unchanged over HTTP and, where playwright and Chromium are installed,
-loads the UI workflows into ComfyUI's own frontend. About 6 minutes and 6 GB of disk.
-THINKDIFF_SCREENSHOTS=DIR saves the page after each run from it, to look at the Reason node's answer, and the
-frontend console's warnings (console_warnings.txt).
+The example images are not copied into ComfyUI's input folder: the pack puts them there itself. The test checks
+that ComfyUI lists the UI workflows (only those) as Templates with their thumbnails, queues each shipped API
+workflow unchanged over HTTP and, where playwright and Chromium are installed, loads the UI workflows into
+ComfyUI's own frontend and runs the reasoning one opened from the Templates menu. About 6 minutes and 6 GB of disk.
+THINKDIFF_SCREENSHOTS=DIR saves the Templates dialog (templates_extensions.png) and the page after each run from
+it, to look at the Reason node's answer, and the frontend console's warnings (console_warnings.txt).
 """
 
 import json
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -36,7 +39,9 @@ pytestmark = pytest.mark.skipif(not COMFYUI, reason="set THINKDIFF_COMFYUI to a 
 
 WORKFLOWS = REPO / "workflows"
 API_FOLDER = REPO / "api_workflows"
-API_WORKFLOWS = ["thinkdiff_lvlm_reasoning", "thinkdiff_clip_two_images", "thinkdiff_clip_image_text"]
+API_WORKFLOWS = ["ThinkDiff-LVLM reasoning", "ThinkDiff-CLIP two images", "ThinkDiff-CLIP image and text"]
+REASONING = "ThinkDiff-LVLM reasoning"
+ASSETS = REPO / "thinkdiff_core" / "assets"
 T5_WIDTH = 4096
 FLUX_WIDTH = 128
 # Reasoning runs that must execute need seeds new to the server (a repeat is served from its cache); the
@@ -181,12 +186,9 @@ def free_port() -> int:
 def server(tmp_path_factory, tiny_models):
     base = tmp_path_factory.mktemp("comfyui-base")
     write_models(base / "models", tiny_models)
-    (base / "input").mkdir()
-    for image in WORKFLOWS.glob("*.png"):
-        shutil.copy(image, base / "input" / image.name)
     pack = base / "custom_nodes" / "ComfyUI-ThinkDiff"
     pack.mkdir(parents=True)
-    for name in PACK_FILES:
+    for name in (*PACK_FILES, "workflows"):  # workflows/: what ComfyUI lists as the pack's templates
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, pack / name)
 
@@ -233,12 +235,37 @@ def test_comfyui_lists_the_nodes_and_the_workflows_models(server):
     assert info["ThinkDiffLoadVisionEncoder"]["input"]["required"]["vision_name"][0] == ["blip2_vision.safetensors"]
 
 
+def fetch(server, path: str) -> tuple[str, bytes]:
+    with urllib.request.urlopen(server.url + urllib.parse.quote(path, safe="/?&=")) as response:
+        return response.headers.get_content_type(), response.read()
+
+
+def test_comfyui_lists_the_ui_workflows_as_templates_with_their_thumbnails(server):
+    # The pack's folder name is its Templates category; the API twins are not listed.
+    listed = server.get("/workflow_templates")
+    assert {pack: sorted(names) for pack, names in listed.items()} == {server.pack.name: sorted(API_WORKFLOWS)}
+    for name in API_WORKFLOWS:
+        # What the frontend fetches when the template opens, and the picture it shows on its card.
+        assert fetch(server, f"/api/workflow_templates/{server.pack.name}/{name}.json") == (
+            "application/json", (WORKFLOWS / f"{name}.json").read_bytes())
+        assert fetch(server, f"/api/workflow_templates/{server.pack.name}/{name}.jpg") == (
+            "image/jpeg", (WORKFLOWS / f"{name}.jpg").read_bytes())
+    # The example images are in ComfyUI's input folder, put there by the pack as it loaded, and LoadImage lists them.
+    examples = ["thinkdiff_blue_car.png", "thinkdiff_cat.png", "thinkdiff_pink_sunglasses.png",
+                "thinkdiff_white_car.png"]
+    assert sorted(p.name for p in (server.base / "input").glob("*.png")) == examples
+    for name in examples:
+        asset = ASSETS / name.removeprefix("thinkdiff_")
+        assert fetch(server, f"/view?filename={name}&type=input")[1] == asset.read_bytes()
+    assert set(examples) <= set(server.get("/object_info/LoadImage")["LoadImage"]["input"]["required"]["image"][0])
+
+
 @pytest.mark.parametrize("name", API_WORKFLOWS)
 def test_shipped_api_workflow_runs_unchanged(server, name):
     from PIL import Image
 
     server.skip_without_tiny_flux()
-    prompt = json.loads((API_FOLDER / f"{name}_api.json").read_text())
+    prompt = json.loads((API_FOLDER / f"{name} (API).json").read_text())
     entry = server.run(prompt)
 
     latent = next(node["inputs"] for node in prompt.values() if node["class_type"] == "EmptySD3LatentImage")
@@ -246,7 +273,7 @@ def test_shipped_api_workflow_runs_unchanged(server, name):
     pixels = np.asarray(Image.open(server.base / "output" / saved["subfolder"] / saved["filename"]))
     assert pixels.shape == (latent["height"], latent["width"], 3)
     assert pixels.std() > 0  # SaveImage writes NaN as 0: a uniform image means NaNs reached it
-    if name == "thinkdiff_lvlm_reasoning":
+    if name == REASONING:
         reason_id = next(i for i, node in prompt.items() if node["class_type"] == "ThinkDiffReason")
         preview_id = next(i for i, node in prompt.items() if node["class_type"] == "PreviewAny")
         answer = entry["outputs"][reason_id]["text"]
@@ -265,7 +292,7 @@ def test_reasoning_runs_up_to_the_answer_preview(server, precision):
     """The reasoning workflow's part before FLUX (loaders, Reason, Preview Any), on any ComfyUI."""
     if "bitsandbytes" in precision:
         pytest.importorskip("bitsandbytes")
-    prompt = json.loads((API_FOLDER / "thinkdiff_lvlm_reasoning_api.json").read_text())
+    prompt = json.loads((API_FOLDER / f"{REASONING} (API).json").read_text())
     preview_id = next(i for i, node in prompt.items() if node["class_type"] == "PreviewAny")
     needed, pending = set(), [preview_id]
     while pending:
@@ -325,6 +352,25 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
             return page.evaluate("""() => (window.app.graph.nodes || window.app.graph._nodes)
                 .filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type)""")
 
+        def open_template(name):
+            """Open a template as a person does: Templates, the pack under Extensions, the template's card. Returns
+            each card's title and its thumbnail's width once loaded (0: a placeholder)."""
+            page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+            page.get_by_text(server.pack.name, exact=True).click()
+            page.wait_for_function("""(count) => {
+                const images = [...document.querySelectorAll("[data-testid^='template-workflow-'] img")];
+                return images.length === count && images.every((image) => image.complete); }""",
+                arg=len(API_WORKFLOWS), timeout=30_000)
+            cards = page.evaluate("""() => [...document.querySelectorAll("[data-testid^='template-workflow-']")]
+                .map((card) => [card.querySelector('h3').textContent, card.querySelector('img').naturalWidth])""")
+            if SCREENSHOTS:
+                page.screenshot(path=str(Path(SCREENSHOTS) / "templates_extensions.png"))
+            page.locator(f"[data-testid='template-workflow-{name}']").click()
+            nodes = len(json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"])
+            page.wait_for_function("""(count) => !document.querySelector("[data-testid^='template-workflow-']")
+                && (window.app.graph.nodes || window.app.graph._nodes).length === count""", arg=nodes, timeout=30_000)
+            return sorted(cards)
+
         open_app()
         for name in API_WORKFLOWS:
             assert load(json.loads((WORKFLOWS / f"{name}.json").read_text())) == [], name
@@ -334,14 +380,14 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
                 .map(n => [n.type, n.size[0], n.computeSize()[0]])""")
             assert too_narrow == [], name
             frontend_prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
-            api_prompt = declared(json.loads((API_FOLDER / f"{name}_api.json").read_text()))
+            api_prompt = declared(json.loads((API_FOLDER / f"{name} (API).json").read_text()))
             assert declared(frontend_prompt) == api_prompt, name
         assert page_errors == []
         server.skip_without_tiny_flux()
 
         # Run the reasoning workflow from the page, then reload the page and run it again: served whole from
         # ComfyUI's cache, the node still shows the answer where ComfyUI resends it.
-        workflow = json.loads((WORKFLOWS / "thinkdiff_lvlm_reasoning.json").read_text())
+        workflow = json.loads((WORKFLOWS / f"{REASONING}.json").read_text())
         reason = next(node for node in workflow["nodes"] if node["type"] == "ThinkDiffReason")
         reason["widgets_values"][2] = FRONTEND_SEED
         reason_widget = """(name) => (window.app.graph.nodes || window.app.graph._nodes)
@@ -354,8 +400,19 @@ def test_frontend_loads_the_ui_workflows_and_shows_the_answer(server):
                 widget.element.offsetHeight, ({reason_widget})('instruction').computedHeight] : null; }}"""
         runs = 2 if info["ThinkDiffReason"].get("has_intermediate_output") else 1
         answers, cached, instruction_heights = [], [], []
-        for _ in range(runs):
-            assert load(workflow) == []
+        for run in range(runs):
+            if run == 0:  # from the Templates menu, as it opens: its images are where its LoadImage nodes look
+                assert open_template(REASONING) == sorted([name, 512] for name in API_WORKFLOWS)
+                assert page.evaluate("""() => (window.app.graph.nodes || window.app.graph._nodes)
+                    .filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type)""") == []
+                page.evaluate(f"() => {{ ({reason_widget})('seed').value = {FRONTEND_SEED}; }}")
+                # The menu fits the graph into view (50 %), where the frontend hides text boxes; zoom in to the
+                # view the file was saved with, as a person would to read the node.
+                page.evaluate("""(saved) => { const view = window.app.canvas.ds; view.scale = saved.scale;
+                    view.offset[0] = saved.offset[0]; view.offset[1] = saved.offset[1];
+                    window.app.canvas.setDirty(true, true); }""", workflow["extra"]["ds"])
+            else:
+                assert load(workflow) == []
             instruction_heights.append(page.wait_for_function(
                 f"() => ({reason_widget})('instruction').computedHeight", timeout=15_000).json_value())
             before = set(server.get("/history"))

@@ -14,6 +14,7 @@ WORKFLOWS = REPO / "workflows"
 # API-format twins live apart: ComfyUI lists workflows/ in its Templates menu, where an API prompt opens empty.
 API_WORKFLOWS = REPO / "api_workflows"
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
+ASSETS = REPO / "thinkdiff_core" / "assets"
 
 # ComfyUI built-ins the workflows use, from ComfyUI's source (see ../shared/docs/COMFYUI.md section 6):
 # sockets (name, type), widgets in order (name, kind; "seed" carries control_after_generate, "upload" the
@@ -102,11 +103,26 @@ def test_every_json_in_a_folder_comfyui_lists_as_templates_is_a_ui_workflow():
             assert isinstance(workflow.get("nodes"), list) and "links" in workflow, f"{path} is not a UI workflow"
 
 
+def api_twin(path):
+    return API_WORKFLOWS / f"{path.stem} (API).json"
+
+
 def test_the_shipped_workflows_have_api_twins():
+    # ComfyUI's Templates menu titles a pack's template by its file name.
     names = {p.stem for p in UI_WORKFLOWS}
-    assert names == {"thinkdiff_lvlm_reasoning", "thinkdiff_clip_two_images", "thinkdiff_clip_image_text"}
-    for path in UI_WORKFLOWS:
-        assert (API_WORKFLOWS / f"{path.stem}_api.json").is_file()
+    assert names == {"ThinkDiff-LVLM reasoning", "ThinkDiff-CLIP two images", "ThinkDiff-CLIP image and text"}
+    assert sorted(API_WORKFLOWS.glob("*.json")) == sorted(map(api_twin, UI_WORKFLOWS))
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.name)
+def test_every_template_has_its_thumbnail(path):
+    from PIL import Image
+
+    # Frontend 1.49 shows /api/workflow_templates/<pack>/<name>.jpg as an extension template's picture.
+    thumbnail = path.with_suffix(".jpg")
+    with Image.open(thumbnail) as image:
+        assert (image.format, image.size) == ("JPEG", (512, 512))
+    assert thumbnail.stat().st_size < 100_000
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.name)
@@ -162,13 +178,12 @@ def assert_flux_is_shifted_for_the_latent_size(workflow, by_type):
 
 
 def test_reasoning_workflow_is_the_papers_flux_graph(signatures):
-    workflow = json.loads((WORKFLOWS / "thinkdiff_lvlm_reasoning.json").read_text())
+    workflow = json.loads((WORKFLOWS / "ThinkDiff-LVLM reasoning.json").read_text())
     by_type = defaultdict(list)
     for node in workflow["nodes"]:
         by_type[node["type"]].append(node)
-    assert [n["widgets_values"] for n in by_type["LoadImage"]] == [["white_car.png", "image"], ["blue_car.png", "image"]]
-    for name in ("white_car.png", "blue_car.png"):
-        assert (WORKFLOWS / name).is_file()
+    assert [n["widgets_values"] for n in by_type["LoadImage"]] == [["thinkdiff_white_car.png", "image"],
+                                                                    ["thinkdiff_blue_car.png", "image"]]
     reason = by_type["ThinkDiffReason"][0]["widgets_values"]
     assert reason[0] == "white\nblue\nred" and reason[2:] == [0, "fixed", 0.6, 0.9, 128]
     assert by_type["FluxGuidance"][0]["widgets_values"] == [3.5]
@@ -233,7 +248,7 @@ def test_flux_settings_appear_in_comfyuis_own_flux_workflows():
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.name)
 def test_api_twin_is_the_same_graph(path, signatures):
     workflow = json.loads(path.read_text())
-    api = json.loads((API_WORKFLOWS / f"{path.stem}_api.json").read_text())
+    api = json.loads(api_twin(path).read_text())
     expected = {}
     links = {l[0]: l for l in workflow["links"]}
     for node in workflow["nodes"]:
@@ -256,21 +271,21 @@ def test_api_workflows_title_our_nodes_by_their_display_names():
                   and [getattr(t, "id", None) for t in node.targets] == ["NODE_DISPLAY_NAME_MAPPINGS"]]
     display_names = ast.literal_eval(mapping)
     assert display_names["ThinkDiffCompose"] == "ThinkDiff Compose (CLIP)"  # short enough for its node's title
-    for path in sorted(API_WORKFLOWS.glob("*_api.json")):
+    for path in sorted(API_WORKFLOWS.glob("*.json")):
         for node in json.loads(path.read_text()).values():
             if node["class_type"] in display_names:
                 assert node["_meta"]["title"] == display_names[node["class_type"]], path.name
 
 
-@pytest.mark.parametrize("name, expected_tokens", [("thinkdiff_clip_two_images", 2 * 65 + 128),
-                                                    ("thinkdiff_clip_image_text", 65 + 128)])
+@pytest.mark.parametrize("name, expected_tokens", [("ThinkDiff-CLIP two images", 2 * 65 + 128),
+                                                    ("ThinkDiff-CLIP image and text", 65 + 128)])
 def test_composition_workflows_are_the_papers_settings(name, expected_tokens, host):
     workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
     by_type = defaultdict(list)
     for node in workflow["nodes"]:
         by_type[node["type"]].append(node)
     images = [n["widgets_values"][0] for n in by_type["LoadImage"]]
-    assert all((WORKFLOWS / image).is_file() for image in images) and len(images) == (2 if "two" in name else 1)
+    assert images == ["thinkdiff_cat.png", "thinkdiff_pink_sunglasses.png"][:2 if "two" in name else 1]
     text = by_type["ThinkDiffCompose"][0]["widgets_values"][0]
     assert (text == "") == ("two" in name)
     assert by_type["EmptySD3LatentImage"][0]["widgets_values"] == [1024, 1024, 1]
@@ -279,7 +294,7 @@ def test_composition_workflows_are_the_papers_settings(name, expected_tokens, ho
     assert by_type["ThinkDiffLoadAligner"][0]["widgets_values"] == ["thinkdiff_clip.pth"]
     assert by_type["ThinkDiffCompose"][0]["widgets_values"][2] == "paper (128)"  # the authors' T5 length
     assert_flux_is_shifted_for_the_latent_size(workflow, by_type)
-    conditioning = run_thinkdiff_part(host, f"{name}_api.json", "ThinkDiffCompose")[0]
+    conditioning = run_thinkdiff_part(host, f"{name} (API).json", "ThinkDiffCompose")[0]
     assert conditioning[0][0].shape == (1, expected_tokens, 32)
 
 
@@ -302,7 +317,9 @@ def run_thinkdiff_part(host, api_name, output_class):
             inputs = {name: run(value[0])[value[1]] if isinstance(value, list) else value
                       for name, value in node["inputs"].items()}
             if node["class_type"] == "LoadImage":
-                pixels = np.asarray(Image.open(WORKFLOWS / inputs["image"]).convert("RGB")).astype(np.float32) / 255
+                # The pack's own copy of the image it puts into ComfyUI's input folder as thinkdiff_<name>.
+                image = Image.open(ASSETS / inputs["image"].removeprefix("thinkdiff_"))
+                pixels = np.asarray(image.convert("RGB")).astype(np.float32) / 255
                 outputs[node_id] = (torch.from_numpy(pixels)[None], None)
             elif node["class_type"] == "DualCLIPLoader":
                 outputs[node_id] = (host.clip,)
@@ -315,6 +332,6 @@ def run_thinkdiff_part(host, api_name, output_class):
 
 
 def test_api_reasoning_workflow_runs_the_thinkdiff_part_on_the_tiny_models(host):
-    conditioning, answer = run_thinkdiff_part(host, "thinkdiff_lvlm_reasoning_api.json", "ThinkDiffReason")
+    conditioning, answer = run_thinkdiff_part(host, "ThinkDiff-LVLM reasoning (API).json", "ThinkDiffReason")
     assert conditioning[0][0].shape == (1, 8, 32) and "pooled_output" in conditioning[0][1]
     assert isinstance(answer, str)

@@ -8,16 +8,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from .commands import register_all
+from .commands import CommandParser, DefaultsFormatter, register_all, unrecognized
 
 
 def main(argv: list[str] | None = None) -> int:
     # As the user typed it: the `thinkdiff` command of `pip install .`, or the module.
     prog = "thinkdiff" if Path(sys.argv[0]).stem == "thinkdiff" else "python -m thinkdiff_core"
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=DefaultsFormatter)
     try:
-        register_all(parser.add_subparsers(dest="command", required=True))  # imports torch: Ctrl-C-able too
-        args = parser.parse_args(argv)
+        commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
+        register_all(commands)  # imports torch: Ctrl-C-able too
+        # A mistyped option is the subcommand's mistake: its usage and the error (exit 2), not the top level's.
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            command = commands.choices[args.command]
+            command.error(unrecognized(command, unknown))
         args.run(args)
     # Ctrl-C: one line and the shell's exit status for SIGINT, no traceback. A long command re-raises it as
     # KeyboardInterrupt("interrupted ...; <what is kept>; <how to resume>"); a bare one says only that.

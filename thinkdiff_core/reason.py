@@ -37,6 +37,30 @@ from .versions import release
 
 logger = logging.getLogger(__name__)
 
+# bitsandbytes (>= 0.48) warns as it is imported, on CPUs with AVX-512 BF16, that an optional faster 4-bit CPU
+# kernel (the `kernels` package) is missing. It is imported whenever diffusers or transformers load a model
+# (their quantizers import it where installed), so the line would open nearly every run, quantised or not.
+# Only that message of that logger is dropped; its other warnings, and every other logger's, pass.
+BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BITSANDBYTES_CPU_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_the_cpu_kernel_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(BITSANDBYTES_CPU_KERNEL_WARNING)
+
+
+def quiet_bitsandbytes_cpu_kernel_warning() -> None:
+    """Drop bitsandbytes' missing-CPU-kernel warning (a filter on its logger, which exists before bitsandbytes
+    is imported: logging hands out one logger per name). Idempotent, also across copies of this module (ComfyUI
+    imports the pack's thinkdiff_core under the pack's name, a script under its own): filters are told by name."""
+    cpu_logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
+    name = _not_the_cpu_kernel_warning.__qualname__
+    if not any(getattr(existing, "__qualname__", None) == name for existing in cpu_logger.filters):
+        cpu_logger.addFilter(_not_the_cpu_kernel_warning)
+
+
+quiet_bitsandbytes_cpu_kernel_warning()  # before anything of the pack can import bitsandbytes
+
 QWEN2_VL_MODEL_TYPE = "qwen2_vl"
 FP16_REFUSAL = (
     "float16 is refused for Qwen2-VL: it overflows to NaN/inf in Qwen2-VL's activations "

@@ -205,10 +205,10 @@ def models(reasoner, tiny_models):
     return reasoner, load_aligner(tiny_models["aligner"]), load_flux(tiny_models["flux"], device="cpu")
 
 
-def evaluate(data, out, models, judge, reasoner=None, pipe=None, limit=2):
+def evaluate(data, out, models, judge, reasoner=None, pipe=None, limit=2, log=lambda _: None):
     vlm, aligner, flux = models
     return run_cobsat(data, out, reasoner or vlm, aligner, pipe or flux, judge, shot=2, tasks="1,6", limit=limit,
-                      steps=2, size=64, log=lambda _: None)
+                      steps=2, size=64, log=log)
 
 
 def test_an_interrupted_run_resumes_without_redoing_work(data, tmp_path, models):
@@ -224,9 +224,12 @@ def test_an_interrupted_run_resumes_without_redoing_work(data, tmp_path, models)
     assert reasoner.calls == 2 and len(list(tmp_path.rglob("*.jpg"))) == 4
 
     reasoner, pipe = Counting(models[0], "reason"), Counting(models[2], "__call__")
-    judge = ScriptedJudge(planned_answers(data, order[1:]))
-    summary = evaluate(data, tmp_path, models, judge, reasoner=reasoner, pipe=pipe)
+    judge, messages = ScriptedJudge(planned_answers(data, order[1:])), []
+    summary = evaluate(data, tmp_path, models, judge, reasoner=reasoner, pipe=pipe, log=messages.append)
     assert reasoner.calls == 0 and pipe.calls == 0 and len(judge.asked) == 6  # only the three unjudged prompts
+    # The last line says where the table and the grid are.
+    assert messages[-1] == (f"table: {tmp_path / 'shot_2' / 'accuracy.md'} (and accuracy.csv); grid: "
+                            f"{tmp_path / 'shot_2' / 'grid.png'}")
     assert [(row["task"], row["prompts"], row["judged"], row["correct"]) for row in summary["rows"]] == \
         [("Color-I", 2, 2, 1), ("Style-II", 2, 2, 1)]
     assert summary["average"] == 0.5
@@ -245,6 +248,29 @@ def test_an_interrupted_run_resumes_without_redoing_work(data, tmp_path, models)
     assert grid.size == (3 * (128 + 8) + 8, 4 * (128 + 40) + 8)
     reasoned = json.loads((out / "task_1" / "0_bag_purple_white_pink.json").read_text())
     assert reasoned["words"] == ["purple", "white", "pink"] and reasoned["seed"] == 0
+
+
+def test_the_grid_shows_white_images_on_a_grey_page(tmp_path):
+    """CoBSAT has white objects on white: on a white page their edges vanished."""
+    data = make_dataset(tmp_path / "cobsat")
+    run = Run(data, tmp_path / "out", shot=2, tasks="1", limit=1)
+    prompt = run.prompts[0]
+    white = Image.new("RGB", (32, 32), "white")
+    for path in prompt.images:
+        white.save(path)
+    run.files(prompt)["image"].parent.mkdir(parents=True)
+    white.save(run.files(prompt)["image"])
+    run.grid({}, per_task=1)
+    grid = Image.open(run.out / "grid.png").convert("RGB")
+    cell, middle = 128, 8 + 64
+    assert grid.getpixel((2, 2)) == cobsat.GRID_BACKGROUND != (255, 255, 255)  # the page
+    for j in range(2):  # the two demonstrations: white, their edges against the grey page
+        left = 8 + j * (cell + 8)
+        assert grid.getpixel((left + 64, middle)) == (255, 255, 255)
+        assert grid.getpixel((left - 2, middle)) == grid.getpixel((left + cell + 2, middle)) == cobsat.GRID_BACKGROUND
+    output = 8 + 2 * (cell + 8)  # the output, white too, framed as not judged yet
+    assert grid.getpixel((output + 64, middle)) == (255, 255, 255)
+    assert grid.getpixel((output + 1, middle)) == cobsat.NOT_JUDGED != cobsat.GRID_BACKGROUND
 
 
 def test_missing_outputs_count_as_wrong(data, tmp_path, models):
@@ -300,6 +326,7 @@ def test_a_llava_judge_gets_the_benchmarks_llava_prompt(reasoner):
     assert VLMJudge(model, processor).prompt(question) == f"{LLAVA_SYSTEM_PROMPT} USER: <image>\n{question} ASSISTANT:"
 
 
+@pytest.mark.slow
 def test_cobsat_command_end_to_end(data, tmp_path, tiny_models):
     result = subprocess.run(
         [sys.executable, "-m", "thinkdiff_core", "cobsat", "--data", str(data), "--tasks", "Color-I", "--limit", "1",

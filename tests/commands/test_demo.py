@@ -14,6 +14,7 @@ from thinkdiff_core.commands.demo import EXAMPLE_ITEMS, run_demo
 from thinkdiff_core.render import load_flux
 
 
+@pytest.mark.slow
 def test_demo_command_runs_the_main_job_on_tiny_models(tmp_path):
     """The README's first command, as a new user runs it (tiny models built into an empty cache)."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
@@ -36,9 +37,13 @@ def test_demo_command_runs_the_main_job_on_tiny_models(tmp_path):
 
 
 def test_demo_with_a_models_dir_uses_those_models(tmp_path, tiny_models):
-    report = run_demo(tiny_models["vlm"].parent, tmp_path, steps=2, size=64, log=lambda _: None)
+    messages = []
+    report = run_demo(tiny_models["vlm"].parent, tmp_path, steps=2, size=64, log=messages.append)
     assert report["vlm"] == str(tiny_models["vlm"]) and report["aligner"] == str(tiny_models["aligner"])
     assert Image.open(tmp_path / "image.png").size == (64, 64)
+    # The last line: where the outputs are.
+    assert messages[-1] == (f"image: {tmp_path / 'image.png'}; timings: {tmp_path / 'timings.json'}; "
+                            f"answer: {tmp_path / 'answer.txt'}")
 
 
 def test_demo_names_what_is_missing(tmp_path):

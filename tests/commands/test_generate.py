@@ -18,6 +18,7 @@ def cli(*args, cwd=REPO):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_lvlm_generation_with_several_seeds_is_reproducible_from_its_record(tmp_path, tiny_models):
     out = tmp_path / "run"
     result = cli("--vlm", tiny_models["vlm"], "--aligner", tiny_models["aligner"], "--flux", tiny_models["flux"],
@@ -297,3 +298,34 @@ def test_flux_gets_the_aligned_reasoning_the_guidance_and_the_steps(tmp_path, ti
     for call in calls:
         assert call["prompt_embeds"].shape == (1, 4, expected.shape[-1])
         torch.testing.assert_close(call["prompt_embeds"][0].float().cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_names_its_seeds_bars_prints_answers_safely_and_ends_with_its_outputs(tmp_path, tiny_models, reasoner,
+                                                                                   capsys, monkeypatch):
+    """FLUX's progress bar says which seed it draws; an answer's control characters are printed escaped (the
+    answer file keeps them); the last line names the images and the record."""
+    import dataclasses
+
+    from thinkdiff_core.commands import generate as module
+
+    class Raw:  # the session's tiny reasoner, answering with a terminal escape, a carriage return and a bell
+        def __getattr__(self, name):
+            return getattr(reasoner, name)
+
+        def reason(self, *args, **kwargs):
+            return dataclasses.replace(reasoner.reason(*args, **kwargs), text="a red car\x1b[2J\rgone\x07\n")
+
+    monkeypatch.setattr(module.Reasoner, "from_pretrained", lambda *args, **kwargs: Raw())
+    out = tmp_path / "out"
+    generate({"vlm": str(tiny_models["vlm"]), "aligner": str(tiny_models["aligner"]), "flux": str(tiny_models["flux"]),
+              "items": ["white", str(ASSETS / "white_car.png"), "red"], "seeds": [3, 4], "steps": 1, "size": 16,
+              "max_new_tokens": 2}, out)
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert "seed 3: a red car\\x1b[2J\\x0dgone\\x07" in lines and "\x1b" not in captured.out
+    assert (out / "seed_3.txt").read_bytes() == b"a red car\x1b[2J\rgone\x07\n\n"  # as the model gave it
+    assert "FLUX seed 3" in captured.err and "FLUX seed 4" in captured.err  # diffusers' tqdm bars
+    assert lines[-1] == f"images: {out / 'seed_3.png'}, {out / 'seed_4.png'}; record: {out / 'run.json'}"
+    assert all((out / name).is_file() for name in ("seed_3.png", "seed_4.png", "run.json"))
+    generate(json.loads((out / "run.json").read_text()), out)  # nothing left to draw: the same last line
+    assert capsys.readouterr().out.splitlines()[-1] == lines[-1]

@@ -177,6 +177,25 @@ def test_the_clip_aligner_starts_as_blip2_inits_it_and_the_lvlm_one_as_pytorch(i
         assert linear.weight.abs().max() <= bound and linear.weight.std() > 0.9 * bound / math.sqrt(3)
 
 
+def test_train_warns_of_a_run_shorter_than_its_warm_up_and_ends_with_the_aligner(prepared, tiny_models, tmp_path,
+                                                                                capsys):
+    from thinkdiff_core.__main__ import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--variant", "lvlm", "--t5", str(tiny_models["flan_t5"]), "--data", str(prepared), "--out",
+                 str(out), "--steps", "2", "--batch-size", "2", "--lr", "0.01", "--warmup-lr", "0",
+                 "--warmup-steps", "4", "--save-every", "2", "--log-every", "1", "--cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # The last step (index 1) trains at 0 + 0.01 x 1/4 of the way up.
+    assert lines[0] == ("warning: --steps 2 is shorter than the warm-up (--warmup-steps 4): the learning rate never "
+                        "reaches its peak --lr 0.01 (it ends at 0.0025)")
+    assert lines[-1] == f"aligner: {out / 'aligner.safetensors'}" and (out / "aligner.safetensors").is_file()
+    assert sum(line.startswith("warning") for line in lines) == 1
+    messages = []  # as long as the warm-up, or longer: no warning
+    train("lvlm", tiny_models["flan_t5"], prepared, tmp_path / "long", **{**QUIET_STEP, "log": messages.append})
+    assert not [m for m in messages if m.startswith("warning")]
+
+
 def test_all_samples_train_by_default(prepared, tiny_models, tmp_path):
     assert is_validation("img6", 0.02)  # a 2% hold-out would take one of the eight samples
     result = train("lvlm", tiny_models["flan_t5"], prepared, tmp_path, val_every=1, **QUIET_STEP)
@@ -317,13 +336,14 @@ def test_the_trained_aligner_drives_the_nodes(prepared, tiny_models, tmp_path, h
     assert output["result"][0][0][0].shape == (1, 4, 32)
 
 
+@pytest.mark.slow
 def test_prepare_and_train_commands(images, tiny_models, tmp_path):
     run = [sys.executable, "-m", "thinkdiff_core"]
     prepared = subprocess.run(run + ["prepare-lvlm", "--vlm", str(tiny_models["vlm"]), "--data", str(images), "--out",
                                      str(tmp_path / "prepared"), "--max-new-tokens", "4", "--limit", "3"],
                               cwd=REPO, capture_output=True, text=True, timeout=600)
     assert prepared.returncode == 0, prepared.stderr
-    assert "prepared 3 new samples" in prepared.stdout
+    assert prepared.stdout.splitlines()[-1] == f"prepared 3 new samples; shards: {tmp_path / 'prepared'}"
     trained = subprocess.run(run + ["train", "--variant", "lvlm", "--t5", str(tiny_models["flan_t5"]), "--data",
                                     str(tmp_path / "prepared"), "--out", str(tmp_path / "run"), "--steps", "3",
                                     "--batch-size", "2", "--val-fraction", "0", "--save-every", "3", "--cpu",
@@ -331,6 +351,7 @@ def test_prepare_and_train_commands(images, tiny_models, tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert f"--resume: no checkpoint in {tmp_path / 'run'} (no trainer.json), starting from step 0\n" in trained.stdout
     assert "step 3/3 loss" in trained.stdout and (tmp_path / "run" / "aligner.safetensors").is_file()
+    assert trained.stdout.splitlines()[-1] == f"aligner: {tmp_path / 'run' / 'aligner.safetensors'}"
     missing = subprocess.run(run + ["train", "--variant", "lvlm", "--t5", str(tiny_models["flan_t5"]), "--data",
                                     str(tmp_path), "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True,
                              text=True)
@@ -348,6 +369,7 @@ def test_prepare_and_train_commands(images, tiny_models, tmp_path):
                                                       f"one\n")
 
 
+@pytest.mark.slow
 def test_two_processes_with_accelerate_launch(prepared, tiny_models, tmp_path):
     from pathlib import Path
 
@@ -359,6 +381,9 @@ def test_two_processes_with_accelerate_launch(prepared, tiny_models, tmp_path):
                              "4", "--log-every", "2", "--cpu"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step 4/4 loss") == 1  # logged by the main process only
+    assert result.stdout.count("warning: --steps 4 is shorter than the warm-up") == 1
+    assert result.stdout.splitlines()[-1] == f"aligner: {tmp_path / 'aligner.safetensors'}"
+    assert result.stdout.count("aligner: ") == 1
     assert load_aligner(tmp_path / "aligner.safetensors").in_features == 64
     assert json.loads((tmp_path / "trainer.json").read_text())["step"] == 4
 

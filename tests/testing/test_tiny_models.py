@@ -16,6 +16,7 @@ def digest(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_cli_output_is_deterministic_for_a_seed(tmp_path, tiny_models):
     out = tmp_path / "again"
     result = subprocess.run([sys.executable, "-m", "thinkdiff_core", "make-tiny-models", str(out)],

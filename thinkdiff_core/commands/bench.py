@@ -20,7 +20,9 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -161,6 +163,22 @@ def timed(fn: Callable, device: torch.device):
     return time.perf_counter() - start, result
 
 
+def timed_run(run: Callable, tokens: int, seed: int, device: torch.device):
+    """(seconds, result, decode seconds) of run(tokens, seed): the decode time runs from the moment the run
+    reports token 1 (the prefill's) to the moment it reports token `tokens`, tokens - 1 decode steps. Both
+    are read from one monotonic clock in one run, so the decode time is never negative. (On CUDA the fast
+    path reports tokens as the device finishes them, every PROGRESS_CHUNK-th, and the first and the last.)"""
+    marks = {}
+
+    def on_token(done: int, total: int) -> None:
+        if done in (1, total):
+            marks[done] = time.perf_counter()
+
+    seconds, result = timed(lambda: run(tokens, seed, on_token=on_token), device)
+    decode = marks[tokens] - marks[1] if tokens > 1 else 0.0
+    return seconds, result, decode
+
+
 def copy_bandwidth(device: torch.device, size: int = 1 << 30) -> float:
     """Device memory bandwidth in bytes/s, counting the bytes a copy reads and writes."""
     source = torch.empty(size, dtype=torch.uint8, device=device)
@@ -227,6 +245,40 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, marks in KERNEL_KINDS if any(mark in low for mark in marks)), "other")
 
 
+# What torch.profiler's kineto writes to the process's stderr when it ends a trace on a machine without CUDA
+# (a CUDA build of torch asks the CUDA runtime for the devices' properties, and the runtime finds no driver):
+# "ERROR:<date> <pid>:<tid> DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35".
+CUDA_PROBE_ERROR = b"gpuGetDeviceCount failed"
+
+
+@contextmanager
+def without_cuda_probe_error():
+    """On a machine where CUDA is not available, the process's stderr (fd 2, where kineto's C++ logger writes)
+    is held aside while the block runs and written back after it, less kineto's gpuGetDeviceCount line: nothing
+    else is dropped, so a real error still shows. With CUDA available nothing is touched (the line would then
+    mean something)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                held.seek(0)
+                kept = b"".join(line for line in held.read().splitlines(keepends=True)
+                                if CUDA_PROBE_ERROR not in line)
+                while kept:
+                    kept = kept[os.write(2, kept):]
+    finally:
+        os.close(saved)
+
+
 def step_profile(decoder: FastDecoder, prompt_tokens: int, steps: int = 8) -> dict:
     """Where a decode step's time goes: device time per kind of kernel, kernels per step, the top kernels.
 
@@ -254,7 +306,8 @@ def step_profile(decoder: FastDecoder, prompt_tokens: int, steps: int = 8) -> di
             b.step.fill_(1)
             launch()
             synchronize(device)
-            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as profiler:
+            with without_cuda_probe_error(), \
+                    profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as profiler:
                 for _ in range(steps):
                     launch()
                 synchronize(device)
@@ -297,15 +350,16 @@ class Bench:
         self.results: dict = {}
 
     def sampler(self, path: str):
-        """A function (tokens, seed, forced) -> (token_ids, states) for one path, and its decoder if any."""
+        """A function (tokens, seed, forced, on_token) -> (token_ids, states) for one path, and its decoder if any."""
         r = self.reasoner
         if path == "generate":
-            return (lambda n, seed, forced=None: r.sample(self.inputs, seed, TEMPERATURE, TOP_P, max_new_tokens=n,
-                                                          min_new_tokens=n, fast=False)), None
+            return (lambda n, seed, forced=None, on_token=None: r.sample(
+                self.inputs, seed, TEMPERATURE, TOP_P, max_new_tokens=n, min_new_tokens=n, fast=False,
+                on_token=on_token)), None
         decoder = FastDecoder(r.model, compile=path == "fast_compiled")
 
-        def run(n, seed, forced=None):
-            return decoder.run(self.inputs, n, seed, TEMPERATURE, TOP_P, r.eos_token_ids, forced)
+        def run(n, seed, forced=None, on_token=None):
+            return decoder.run(self.inputs, n, seed, TEMPERATURE, TOP_P, r.eos_token_ids, forced, on_token)
         return run, decoder
 
     def measure(self, path: str, later=()):
@@ -329,17 +383,19 @@ class Bench:
                            "compile_wait_limit_s": round(wait_limit, 1),
                            "compile_wait_after_first_call_s": round(waited, 3), "compiled_after_wait": compiled,
                            "first_compiled_call_s": round(switch, 4)}
-        # Each full run is paired with a prefill-only run just after it, so that the decode time is
-        # a difference of neighbours (two separate medians drift apart on a busy machine).
-        warm, prefills = [], []
+        # The decode time is measured within each warm run (timed_run), so it cannot come out negative
+        # as a difference of two runs can on a busy machine; a prefill-only run gives the prefill time.
+        warm, prefills, decodes = [], [], []
         for _ in range(self.repeats):
-            warm.append(timed(lambda: run(self.tokens, self.seed), self.device))
+            seconds, result, decode = timed_run(run, self.tokens, self.seed, self.device)
+            warm.append((seconds, result))
+            decodes.append(decode)
             prefills.append(timed(lambda: run(1, self.seed), self.device)[0])
         seconds, prefill = statistics.median(t for t, _ in warm), statistics.median(prefills)
-        decode = statistics.median(t - p for (t, _), p in zip(warm, prefills))
         tokens, states = warm[-1][1]
         result = {"first_call_s": round(first, 4), "warm_s": round(seconds, 4), "prefill_s": round(prefill, 4),
-                  "decode_ms_per_token": round(1000 * decode / max(self.tokens - 1, 1), 3),
+                  "decode_ms_per_token": (round(1000 * statistics.median(decodes) / (self.tokens - 1), 3)
+                                          if self.tokens > 1 else None),  # one token: the prefill's, no decode
                   **compilation, **memory(self.device)}
         if decoder is not None:
             result["cuda_graph"] = bool(decoder._graphs)
@@ -394,8 +450,10 @@ class Bench:
                     measured["goals"] = goals(measured)
                 if decoder is not None:
                     try:  # last: a profiler that does not work here costs only this entry
-                        measured["step_profile"] = (self.deadline.too_late("step_profile")
-                                                    or step_profile(decoder, results["prompt_tokens"]))
+                        late = self.deadline.too_late("step_profile")
+                        if late is None and decoder._buffers is None:  # released by the leak check: the profiled
+                            run(self.tokens, self.seed)  # steps continue a run's prompt, in its buffers
+                        measured["step_profile"] = late or step_profile(decoder, results["prompt_tokens"])
                     except Exception as e:  # noqa: BLE001 - recorded in the JSON
                         measured["step_profile"] = {"error": f"{type(e).__name__}: {e}"}
             except Exception as e:  # noqa: BLE001 - recorded in the JSON
@@ -421,11 +479,10 @@ class Bench:
             measured["x_floor"] = round(measured["warm_s"] / self.results["floor_s"], 3)
 
     def leak_check(self, run, decoder, runs: int) -> dict:
-        """Device memory after run 1 and run `runs`, and after release() (CUDA only)."""
+        """Device memory after run 1 and run `runs`, and after release(); off CUDA, the process's host memory
+        (resident set size) likewise."""
         if self.device.type != "cuda":
-            for _ in range(runs):
-                run(self.tokens, self.seed)
-            return {"runs": runs}
+            return host_leak_check(lambda i: run(self.tokens, self.seed + i), decoder, runs)
         decoder.release()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated(self.device)
@@ -438,9 +495,49 @@ class Bench:
         torch.cuda.empty_cache()
         released = torch.cuda.memory_allocated(self.device)
         mib = 2 ** 20
-        return {"runs": runs, "run1_minus_start_mib": round((after[0] - before) / mib, 1),
+        return {"runs": runs, "memory": "device memory (torch.cuda.memory_allocated)",
+                "run1_minus_start_mib": round((after[0] - before) / mib, 1),
                 "run10_minus_run1_mib": round((after[-1] - after[0]) / mib, 1),
                 "released_minus_start_mib": round((released - before) / mib, 1)}
+
+
+def host_memory() -> tuple[int | None, str]:
+    """The process's host memory in bytes and what was read: the resident set size (psutil), else the peak
+    resident set size (resource.getrusage, which only grows), else None where neither is available."""
+    try:
+        import psutil
+    except ImportError:
+        try:
+            import resource
+        except ImportError:  # Windows without psutil
+            return None, "not measured: pip install psutil (device memory is measured on CUDA only)"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return peak * (1 if sys.platform == "darwin" else 1024), \
+            "host peak RSS (resource.getrusage; pip install psutil for the current RSS)"
+    return psutil.Process().memory_info().rss, "host RSS (psutil)"
+
+
+def host_leak_check(run: Callable[[int], object], decoder, runs: int) -> dict:
+    """The leak check off CUDA: host memory before run 1 (after a release), after run 1 and run `runs`, and
+    after release(); run(i) makes the i-th run."""
+    mib = 2 ** 20
+    if decoder is not None:
+        decoder.release()
+    gc.collect()
+    before, what = host_memory()
+    after = []
+    for i in range(runs):
+        run(i)
+        after.append(host_memory()[0])
+    if decoder is not None:
+        decoder.release()
+    gc.collect()
+    released = host_memory()[0]
+    if before is None or not after:
+        return {"runs": runs, "memory": what}
+    return {"runs": runs, "memory": what, "run1_minus_start_mib": round((after[0] - before) / mib, 1),
+            "run10_minus_run1_mib": round((after[-1] - after[0]) / mib, 1),
+            "released_minus_start_mib": round((released - before) / mib, 1)}
 
 
 def drop_page_cache() -> bool:
@@ -544,6 +641,20 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def config_file(config: str | os.PathLike) -> str:
+    """--config as given (a config.json) or the model folder holding one (as make-tiny-models' vlm/)."""
+    path = Path(config)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--config {config}: a folder without config.json (give a Qwen2-VL "
+                                    f"config.json or the model folder holding it)")
+        return str(path / "config.json")
+    if not path.exists():
+        raise FileNotFoundError(f"--config {config}: not found (give a Qwen2-VL config.json or the model folder "
+                                f"holding it)")
+    return str(config)
+
+
 def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 128, repeats: int = 3,
               seed: int = 0, paths=PATHS, quantize=(), save_random: str | None = None, config: str | None = None,
               prompt_tokens: int = PROMPT_TOKENS, image_size: int = IMAGE_SIZE, leak_runs: int = 10,
@@ -554,6 +665,7 @@ def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 1
     `deadline` (a time.time()): stages that would not fit before it are skipped with a note, and the compile
     wait leaves the later stages their time."""
     check_device(device)
+    config = config_file(config) if config else None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     deadline = Deadline(deadline, stage_needs(device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -657,11 +769,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("bench", help="reasoning latency and memory: transformers' generate against the "
                                  "fast path (default: Qwen2-VL-7B's architecture with random weights)")
     parser.add_argument("--vlm", help="a Qwen2-VL folder to load instead of random weights")
-    parser.add_argument("--config", help="random weights with this config.json instead of Qwen2-VL-7B's")
-    parser.add_argument("--device", help="default: cuda if available")
-    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--config", help="random weights with this config.json (or the folder holding it, e.g. vlm/ "
+                        "of make-tiny-models) instead of Qwen2-VL-7B's")
+    parser.add_argument("--device", help="(default: cuda if available)")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens decoded per run")
     parser.add_argument("--repeats", type=int, default=3, help="warm runs per path (the median is reported)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--paths", nargs="*", choices=PATHS, default=list(PATHS),
                         help="none: only the stages after them (exactness, saving, loading)")
     parser.add_argument("--prompt-tokens", type=int, default=612, help="random weights: prompt length")
@@ -687,6 +800,8 @@ def run(args: argparse.Namespace) -> None:
                         args.drop_page_cache, log=lambda line: print(line, file=sys.stderr), deadline=args.deadline,
                         check_exactness=not args.no_exactness)
     print(json.dumps(results, indent=2))
+    if args.out:  # stdout stays the JSON alone; the last line says where it is kept
+        print(f"results: {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # python -m thinkdiff_core.commands.bench RESULT.json ...: the summary of each

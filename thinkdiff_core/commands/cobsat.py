@@ -60,6 +60,8 @@ MAX_SHOTS = 8
 PAPER = {2: {1: 0.622, 3: 0.349, 5: 0.237, 7: 0.459, 9: 0.290, 2: 0.511, 4: 0.534, 6: 0.340, 8: 0.534, 10: 0.292}}
 PAPER_AVERAGE = {4: 0.463}
 STAGES = ("reason", "render", "judge")
+GRID_BACKGROUND = (200, 200, 200)  # grid.png's page: white and black images both stand out on it
+NOT_JUDGED = (80, 80, 80)  # the frame and verdict of an output not judged yet (darker than the page)
 
 
 def spaces(task: int) -> tuple[str, str]:
@@ -325,7 +327,8 @@ class Run:
         if not examples:
             return
         width = (self.shot + 1) * (cell + 8) + 8
-        sheet = Image.new("RGB", (width, len(examples) * (cell + 40) + 8), "white")
+        # A neutral grey page, so that white images (CoBSAT has white objects and backgrounds) keep their edges.
+        sheet = Image.new("RGB", (width, len(examples) * (cell + 40) + 8), GRID_BACKGROUND)
         draw = ImageDraw.Draw(sheet)
         for row, prompt in enumerate(examples):
             y = 8 + row * (cell + 40)
@@ -333,7 +336,7 @@ class Run:
                 sheet.paste(ImageOps.fit(Image.open(path).convert("RGB"), (cell, cell)), (8 + j * (cell + 8), y))
                 draw.text((8 + j * (cell + 8), y + cell + 4), prompt.words[j], fill="black")
             record = judged.get(f"{prompt.task}/{prompt.name}")
-            colour = "gray" if record is None else ("green" if record["correct"] else "red")
+            colour = NOT_JUDGED if record is None else ("green" if record["correct"] else "red")
             x = 8 + self.shot * (cell + 8)
             framed = ImageOps.expand(ImageOps.fit(Image.open(self.files(prompt)["image"]).convert("RGB"),
                                                   (cell - 8, cell - 8)), border=4, fill=colour)
@@ -378,13 +381,16 @@ def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all",
                                 f"{rendered} rendered, {judged} judged; run the same command again to resume") from None
     summary = run.summarize()
     log((run.out / "accuracy.md").read_text())
+    grid = run.out / "grid.png"  # not drawn while no prompt has an image
+    log(f"table: {run.out / 'accuracy.md'} (and accuracy.csv); grid: "
+        f"{grid if grid.is_file() else '(none: no image rendered yet)'}")
     return summary
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("cobsat", help="evaluate ThinkDiff-LVLM on CoBSAT (resumable)")
     parser.add_argument("--data", required=True, help="CoBSAT checkout (datasets/, load_datasets/)")
-    parser.add_argument("--shots", type=int, default=2)
+    parser.add_argument("--shots", type=int, default=2, help=f"demonstrations per prompt, 1 to {MAX_SHOTS}")
     parser.add_argument("--tasks", default="all", help="all, or e.g. 1,2 or Color-I,Style-II")
     parser.add_argument("--limit", type=int, help="the first N prompts of each task (default: all 1000)")
     parser.add_argument("--vlm", required=True, help="Qwen2-VL folder")
@@ -392,9 +398,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--flux", required=True, help="FLUX.1 diffusers folder")
     parser.add_argument("--judge", help="judge VLM folder (default: --vlm)")
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--guidance", type=float, default=GUIDANCE)
-    parser.add_argument("--size", type=int, default=SIZE["lvlm"])
+    parser.add_argument("--steps", type=int, default=STEPS, help="FLUX steps")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="FLUX guidance")
+    parser.add_argument("--size", type=int, default=SIZE["lvlm"], help="image width and height")
     parser.add_argument("--out", default="cobsat_output", help="output folder (default: %(default)s)")
     parser.set_defaults(run=run)
 

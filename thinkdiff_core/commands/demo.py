@@ -102,9 +102,10 @@ def run_demo(models_dir: str | os.PathLike | None = None, out_dir: str | os.Path
               **{k: params[k] for k in ("vlm", "vision", "aligner", "flux", "prompt") if params[k] is not None},
               "seed": seed, "steps": steps, "guidance": guidance, "size": image.width, **report}
     atomic_write_text(out / "timings.json", json.dumps(report, indent=2) + "\n")
-    log(f"Wrote {', '.join(str(out / name) for name in written)}")
     if tiny:
         log("(Tiny random models: the image is noise" + (" and the answer gibberish" if answer else "") + " by design.)")
+    # Last: where the outputs are.
+    log("; ".join(f"{name.split('.')[0]}: {out / name}" for name in written))
     return report
 
 
@@ -115,12 +116,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", default="", help="clip variant: text composed with the images")
     parser.add_argument("--models-dir", help="folder with FLUX.1-dev/ (diffusers layout) and, for lvlm, "
                         "Qwen2-VL-7B-Instruct/ + thinkdiff_lvlm.safetensors (or .pth); for clip, "
-                        "blip2_vision.safetensors (or blip2-flan-t5-xxl/) + thinkdiff_clip.safetensors (or .pth); "
-                        "default: tiny random models")
+                        "blip2_vision.safetensors (or blip2-flan-t5-xxl/) + thinkdiff_clip.safetensors (or .pth) "
+                        "(default: tiny random models)")
     parser.add_argument("--out", default="demo_output", help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    parser.add_argument("--seed", type=int, default=0, help="reasoning's and FLUX's seed")
+    parser.add_argument("--steps", type=int, default=STEPS, help="FLUX steps")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="FLUX guidance")
     parser.add_argument("--size", type=int, help="image width and height (default: the paper's, 512 for lvlm, "
                         "1024 for clip)")
     parser.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available)")

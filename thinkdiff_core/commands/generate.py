@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,16 @@ DEFAULTS = {"variant": "lvlm", "items": [], "images": [], "prompt": "", "instruc
             "steps": STEPS, "guidance": GUIDANCE, "size": None, "temperature": 0.6, "top_p": 0.9,
             "max_new_tokens": 128, "device": None, "quantize": None, "vlm": None, "aligner": None, "vision": None, "flux": None}
 REQUIRED = {"lvlm": ("vlm", "aligner", "flux", "items"), "clip": ("vision", "aligner", "flux", "images")}
+
+
+# C0 controls but newline and tab, DEL, and C1 controls: a model's answer may hold any of them, and printed
+# raw they could move the cursor, clear the screen or retitle the terminal.
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` for a terminal: each control character escaped as \\xNN (newlines and tabs kept)."""
+    return CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def is_image_path(item: str) -> bool:
@@ -207,7 +218,7 @@ def draw(params: dict, log=print, progress: bool = True, on_image=None) -> tuple
                                          on_token=lambda done, total: bar.update(done - bar.n))
             with timings("align_s"), torch.inference_mode():
                 conditionings[seed] = (aligner(result.hidden_states).float(), result.text)
-            log(f"seed {seed}: {result.text}")
+            log(f"seed {seed}: {printable(result.text)}")  # the files keep the answer as the model gave it
         timings["reason_tokens_per_s"] = round(len(params["seeds"]) * params["max_new_tokens"] / timings["reason_s"], 2)
         del reasoner, aligner
     else:
@@ -224,9 +235,10 @@ def draw(params: dict, log=print, progress: bool = True, on_image=None) -> tuple
 
     with timings("load_flux_s"):
         pipe = load_flux(params["flux"], device=params["device"])
-    pipe.set_progress_bar_config(disable=not progress)
     drawn = {}
     for seed, (tokens, answer) in conditionings.items():
+        # diffusers' tqdm bar, named like the reasoning bar (the config is replaced whole: disable again too).
+        pipe.set_progress_bar_config(disable=not progress, desc=f"FLUX seed {seed}")
         inputs = condition.flux_inputs(pipe, tokens) if params["variant"] == "lvlm" else \
             compose.flux_inputs(pipe, tokens, params["prompt"])
         with timings("render_s"):
@@ -300,6 +312,10 @@ def generate(params: dict, out_dir: str | os.PathLike, log=print, progress: bool
     def write_record():
         atomic_write_text(out / "run.json", json.dumps(record, indent=2) + "\n")
 
+    def where():  # the last line: where the outputs are
+        images = ", ".join(str(out / output["image"]) for output in record["outputs"])
+        log(f"images: {images}; record: {out / 'run.json'}")
+
     try:
         write_record()  # before any model loads: a folder that takes no files fails now
     except OSError as e:
@@ -308,6 +324,7 @@ def generate(params: dict, out_dir: str | os.PathLike, log=print, progress: bool
     remaining = [seed for seed in params["seeds"] if seed not in done]
     if not remaining:
         log(f"{out} already holds every seed of this run ({seed_list(done)}): nothing to draw")
+        where()
         return record
 
     def save(seed, image, answer):
@@ -338,6 +355,7 @@ def generate(params: dict, out_dir: str | os.PathLike, log=print, progress: bool
         raise
     record.update(report)
     write_record()
+    where()
     return record
 
 
@@ -354,7 +372,8 @@ def read_config(path: str) -> dict:
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("generate", help="draw with ThinkDiff through diffusers (several seeds, reproducible)")
     parser.add_argument("--config", help="a run.json of an earlier run: run it again (other options override it)")
-    parser.add_argument("--variant", choices=["lvlm", "clip"])
+    # Defaults stay None here, so that --config's values stand where no option is given: each help says the default.
+    parser.add_argument("--variant", choices=["lvlm", "clip"], help=f"(default: {DEFAULTS['variant']})")
     parser.add_argument("--vlm", help="lvlm: Qwen2-VL folder")
     parser.add_argument("--aligner", help="the variant's aligner (.safetensors or .pth)")
     parser.add_argument("--vision", help="clip: BLIP-2 vision file or folder")
@@ -363,14 +382,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--images", nargs="+", help="clip: images to compose, in order")
     parser.add_argument("--prompt", help="clip: text composed with the images")
     parser.add_argument("--instruction", help="lvlm: replaces the paper's instruction")
-    parser.add_argument("--seeds", nargs="+", type=int, help="one image per seed (default: 0)")
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--guidance", type=float)
-    parser.add_argument("--size", type=int, help="default: 512 for lvlm, 1024 for clip")
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", dest="top_p", type=float)
-    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    parser.add_argument("--device")
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help=f"one image per seed (default: {' '.join(map(str, DEFAULTS['seeds']))})")
+    parser.add_argument("--steps", type=int, help=f"FLUX steps (default: {DEFAULTS['steps']})")
+    parser.add_argument("--guidance", type=float, help=f"FLUX guidance (default: {DEFAULTS['guidance']})")
+    parser.add_argument("--size", type=int, help=f"image width and height (default: {SIZE['lvlm']} for lvlm, "
+                        f"{SIZE['clip']} for clip)")
+    parser.add_argument("--temperature", type=float,
+                        help=f"lvlm: reasoning's sampling temperature (default: {DEFAULTS['temperature']})")
+    parser.add_argument("--top-p", dest="top_p", type=float,
+                        help=f"lvlm: reasoning's nucleus sampling (default: {DEFAULTS['top_p']})")
+    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int,
+                        help=f"lvlm: tokens the VLM reasons, all of them conditioning FLUX (default: "
+                             f"{DEFAULTS['max_new_tokens']})")
+    parser.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--quantize", choices=["8bit", "4bit"], help="lvlm: load Qwen2-VL quantised (bitsandbytes) "
                         "for GPUs of 24 GB or less; its states drift from the bf16 ones the aligner was trained on")
     parser.add_argument("--out", default="generate_output", help="output folder (default: %(default)s)")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 
 from ..testing.tiny_models import make_tiny_models
+from . import RawDescriptionDefaultsFormatter
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "make-tiny-models", help="write tiny random models in the released formats",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionDefaultsFormatter,
         description="Write tiny random models (seconds on a CPU) in the released on-disk formats, for tests and for\n"
                     "trying every command without downloads; they draw noise. DIR then holds:\n"
                     "  vlm/              Qwen2-VL folder (Hugging Face layout)\n"
@@ -21,10 +22,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                     "  aligner_clip.pth  ThinkDiff-CLIP aligner\n"
                     "demo --models-dir DIR runs on them. Existing vlm/, blip2/, flux/ and flan-t5/ there are replaced.")
     parser.add_argument("dir", metavar="DIR", help="folder to write into (created if missing)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the random weights' seed")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     for name, path in make_tiny_models(args.dir, args.seed).items():
         print(f"{name}: {path}")
+    print(f"models: {args.dir} (demo --models-dir {args.dir} runs on them)")

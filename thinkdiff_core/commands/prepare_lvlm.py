@@ -114,15 +114,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("prepare-lvlm", help="precompute Qwen2-VL answers and states for aligner training")
     parser.add_argument("--vlm", required=True, help="Qwen2-VL folder")
     parser.add_argument("--data", required=True, help="a folder of images (+ .txt captions) or WebDataset .tar shards")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--shard-size", type=int, default=256)
-    parser.add_argument("--limit", type=int, help="only the first N samples")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="folder of the shards (train's --data)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens of each answer")
+    parser.add_argument("--shard-size", type=int, default=256, help="samples per safetensors shard")
+    parser.add_argument("--limit", type=int, help="only the first N samples (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="instruction choice and sampling (sample i: seed + i)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     count = prepare_lvlm(args.vlm, args.data, args.out, max_new_tokens=args.max_new_tokens, seed=args.seed,
                          shard_size=args.shard_size, limit=args.limit)
-    print(f"prepared {count} new samples in {args.out}")
+    print(f"prepared {count} new samples; shards: {args.out}")

@@ -83,6 +83,13 @@ def learning_rate(step: int, total_steps: int, lr: float = 1e-4, min_lr: float =
     return (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1))) + min_lr
 
 
+def warmup_warning(steps: int, lr: float, min_lr: float, warmup_lr: float, warmup_steps: int) -> str:
+    """The one line train logs when the run ends inside the warm-up (steps < warmup_steps)."""
+    last = learning_rate(steps - 1, steps, lr, min_lr, warmup_lr, warmup_steps)
+    return (f"warning: --steps {steps} is shorter than the warm-up (--warmup-steps {warmup_steps}): the learning "
+            f"rate never reaches its peak --lr {lr:g} (it ends at {last:.3g})")
+
+
 # ---------------------------------------------------------------- batches
 
 
@@ -267,7 +274,8 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
 
     batch_size is per process; precision "bf16" (the default on GPU) also holds the frozen T5 in bf16, as the
     authors did. Resuming with other hyperparameters than the stored ones is refused unless
-    override_hyperparameters. Returns the last logged values ("last"), the trained aligner and the frozen T5."""
+    override_hyperparameters. Returns the last logged values ("last"), the trained aligner and the frozen T5, the
+    path of out/aligner.safetensors ("aligner_file") and whether this is the main process ("main_process")."""
     import transformers
     from accelerate import Accelerator
     from accelerate.utils import is_tensorboard_available
@@ -297,6 +305,8 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
                               log_with="tensorboard" if tensorboard else None, project_dir=str(out))
     batch_size = batch_size or (32 if variant == "lvlm" else 42)
     max_text_tokens = max_text_tokens or (128 if variant == "lvlm" else 32)
+    if steps < warmup_steps and accelerator.is_main_process:
+        log(warmup_warning(steps, lr, min_lr, warmup_lr, warmup_steps))
     # What the trained weights depend on: a resumed run must continue with the same (before anything loads).
     hyperparameters = {
         "variant": variant, "t5": str(t5_folder.resolve()), "data": str(Path(data).resolve()),
@@ -459,32 +469,34 @@ def train(variant: str, t5, data, out, vision=None, steps: int = 200_000, batch_
                 if saved is not None else f"no checkpoint yet (--save-every {save_every}); rerun to start again")
         raise KeyboardInterrupt(f"interrupted at step {step}; {kept}") from None
     accelerator.end_training()
-    return {"last": last, "aligner": accelerator.unwrap_model(aligner), "t5": t5}
+    return {"last": last, "aligner": accelerator.unwrap_model(aligner), "t5": t5,
+            "aligner_file": out / "aligner.safetensors", "main_process": accelerator.is_main_process}
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("train", help="train an aligner (the paper's recipe; `accelerate launch` for DDP)")
-    parser.add_argument("--variant", choices=["lvlm", "clip"], required=True)
+    parser.add_argument("--variant", choices=["lvlm", "clip"], required=True,
+                        help="lvlm: on prepare-lvlm's Qwen2-VL states; clip: on BLIP-2's image tokens")
     parser.add_argument("--t5", required=True, help="Flan-T5 folder (google/flan-t5-xxl): its decoder stays frozen")
     parser.add_argument("--data", required=True, help="lvlm: a prepare-lvlm folder; clip: images + .txt captions "
                         "or .tar shards")
     parser.add_argument("--vision", help="clip: BLIP-2 vision file or folder")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=200_000, help="default: the paper's 40 epochs x 5000 steps")
-    parser.add_argument("--batch-size", type=int, help="per process; default 32 (lvlm), 42 (clip)")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--min-lr", type=float, default=8e-5)
-    parser.add_argument("--warmup-lr", type=float, default=1e-6)
-    parser.add_argument("--warmup-steps", type=int, default=2000)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--max-text-tokens", type=int, help="T5 target length; default 128 (lvlm), 32 (clip)")
+    parser.add_argument("--out", required=True, help="folder of the run: aligner.safetensors, log.csv, checkpoints")
+    parser.add_argument("--steps", type=int, default=200_000, help="the paper's 40 epochs x 5000 steps")
+    parser.add_argument("--batch-size", type=int, help="per process (default: 32 for lvlm, 42 for clip)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, reached after the warm-up")
+    parser.add_argument("--min-lr", type=float, default=8e-5, help="learning rate the cosine ends at")
+    parser.add_argument("--warmup-lr", type=float, default=1e-6, help="learning rate the warm-up starts from")
+    parser.add_argument("--warmup-steps", type=int, default=2000, help="steps of the linear warm-up to --lr")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's, except biases and the norm")
+    parser.add_argument("--max-text-tokens", type=int, help="T5 target length (default: 128 for lvlm, 32 for clip)")
     parser.add_argument("--val-fraction", type=float, default=0.0,
-                        help="share of samples held out for validation; default 0 (the authors hold none out)")
-    parser.add_argument("--val-every", type=int, default=1000)
-    parser.add_argument("--save-every", type=int, default=5000)
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+                        help="share of samples held out for validation (the authors hold none out)")
+    parser.add_argument("--val-every", type=int, default=1000, help="steps between validation losses")
+    parser.add_argument("--save-every", type=int, default=5000, help="steps between checkpoints")
+    parser.add_argument("--log-every", type=int, default=10, help="steps between log.csv rows")
+    parser.add_argument("--seed", type=int, default=42, help="batches, split points and dropout")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], help="(default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
     parser.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint, with the "
                         "hyperparameters it was trained with (a change is refused)")
@@ -498,4 +510,6 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "variant", "t5", "data", "out")}
     options["cpu"] = True if options["cpu"] else None
-    train(args.variant, args.t5, args.data, args.out, **options)
+    result = train(args.variant, args.t5, args.data, args.out, **options)
+    if result["main_process"]:  # one line under accelerate launch too
+        print(f"aligner: {result['aligner_file']}")
