@@ -18,7 +18,7 @@ from thinkdiff_core.commands.prepare_lvlm import BRIEF_INSTRUCTIONS, prepare_lvl
 from thinkdiff_core.commands.train import (CLIPData, LVLMData, batch_keys, blip_caption, is_validation, learning_rate,
                                            split_caption, train)
 
-READABLE_T5 = REPO / "tests" / "assets" / "readable_flan_t5.safetensors"
+READABLE_T5 = sorted((REPO / "tests" / "assets").glob("readable_flan_t5*.safetensors"))
 QUIET_STEP = dict(steps=1, batch_size=2, lr=0.0, min_lr=0.0, warmup_lr=0.0, warmup_steps=0, save_every=1,
                   log=lambda _: None)  # one step that leaves the aligner as it started
 
@@ -69,8 +69,8 @@ def test_the_readable_t5_asset_fits_the_tiny_flan_t5_and_reads_its_encoders_stat
     tokenizer_json = json.loads((other / "tokenizer.json").read_text())
     tokenizer_json["model"]["vocab"][5][1] -= 1.0
     (other / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    with pytest.raises(ValueError, match="was made for another tiny Flan-T5 .* make it again with python -m "
-                                         "thinkdiff_core.testing.readable_t5"):
+    with pytest.raises(ValueError, match="were made for another tiny Flan-T5 .* make the one for this "
+                                         "transformers again with python -m thinkdiff_core.testing.readable_t5"):
         readable_copy(other, READABLE_T5, tmp_path / "copy")
 
 

@@ -2,9 +2,12 @@
 
 Like the real Flan-T5, its decoder can read encoder states (a random decoder barely can, so no aligner could
 steer it), which the aligner-training test needs. Training it takes minutes on a CPU, so it is done once,
-deterministically, and its weights are committed (tests/assets/readable_flan_t5.safetensors) with the
-fingerprint of the tiny Flan-T5 they fit (architecture and vocabulary): when make_tiny_models changes that,
-the tests say to make the asset again:
+deterministically, and its weights are committed (tests/assets/readable_flan_t5*.safetensors) with the
+fingerprint of the tiny Flan-T5 they fit (architecture and vocabulary). transformers 5 builds the tiny
+Flan-T5 with its output embedding tied to the input one (whatever the config asks), so there is an asset
+per layout: `readable_flan_t5.safetensors` (transformers 4, untied) and `readable_flan_t5_tied.safetensors`
+(transformers 5). When make_tiny_models changes the tiny Flan-T5, the tests say to make them again, each
+under its transformers:
 
     python -m thinkdiff_core.testing.readable_t5 tests/assets/readable_flan_t5.safetensors
 """
@@ -76,17 +79,22 @@ def write_asset(flan_t5: Path, out: Path) -> None:
     save_model(train_readable(flan_t5), str(out), metadata=metadata)
 
 
-def readable_copy(flan_t5: Path, asset: Path, out: Path) -> Path:
-    """`flan_t5`'s folder with the asset's weights, in `out`. Refuses an asset made for another tiny Flan-T5."""
+def readable_copy(flan_t5: Path, assets: list[Path], out: Path) -> Path:
+    """`flan_t5`'s folder with the weights of the asset made for it, in `out`. Refuses when none was."""
     from safetensors import safe_open
     from safetensors.torch import load_model
     from transformers import T5ForConditionalGeneration
 
-    with safe_open(str(asset), framework="pt") as f:
-        made_for = (f.metadata() or {}).get("fingerprint")
-    if made_for != fingerprint(flan_t5):
-        raise ValueError(f"{asset} was made for another tiny Flan-T5 (architecture or vocabulary changed): make it "
-                         f"again with python -m thinkdiff_core.testing.readable_t5 {asset}")
+    wanted = fingerprint(flan_t5)
+    for asset in assets:
+        with safe_open(str(asset), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == wanted:
+                break
+    else:
+        names = ", ".join(str(asset) for asset in assets)
+        raise ValueError(f"{names} were made for another tiny Flan-T5 (architecture or vocabulary changed): make "
+                         f"the one for this transformers again with python -m thinkdiff_core.testing.readable_t5 "
+                         f"OUT.safetensors")
     shutil.copytree(flan_t5, out, dirs_exist_ok=True)
     model = T5ForConditionalGeneration.from_pretrained(flan_t5, local_files_only=True, trust_remote_code=False)
     load_model(model, str(asset))  # strict: every weight is the asset's
