@@ -293,7 +293,7 @@ def test_leak_check_off_cuda_reads_host_memory_with_psutil_or_resource(monkeypat
             self.released += 1
 
     decoder = Decoder()
-    leak = bench.host_leak_check(runs.append, decoder, 3)
+    leak = bench.leak_over_runs(runs.append, decoder, 3, torch.device("cpu"))
     assert runs == [0, 1, 2] and decoder.released == 2  # before the runs (a fresh cache) and after them
     if importlib.util.find_spec("psutil"):
         assert leak["memory"] == "host RSS (psutil)"
@@ -306,7 +306,7 @@ def test_leak_check_off_cuda_reads_host_memory_with_psutil_or_resource(monkeypat
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_psutil)
-    leak = bench.host_leak_check(lambda i: None, None, 2)
+    leak = bench.leak_over_runs(lambda i: None, None, 2, torch.device("cpu"))
     assert leak["memory"] == HOST_PEAK_RSS and leak["runs"] == 2 and leak["run10_minus_run1_mib"] >= 0
 
 

@@ -479,26 +479,7 @@ class Bench:
             measured["x_floor"] = round(measured["warm_s"] / self.results["floor_s"], 3)
 
     def leak_check(self, run, decoder, runs: int) -> dict:
-        """Device memory after run 1 and run `runs`, and after release(); off CUDA, the process's host memory
-        (resident set size) likewise."""
-        if self.device.type != "cuda":
-            return host_leak_check(lambda i: run(self.tokens, self.seed + i), decoder, runs)
-        decoder.release()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated(self.device)
-        after = []
-        for i in range(runs):
-            run(self.tokens, self.seed + i)
-            synchronize(self.device)
-            after.append(torch.cuda.memory_allocated(self.device))
-        decoder.release()
-        torch.cuda.empty_cache()
-        released = torch.cuda.memory_allocated(self.device)
-        mib = 2 ** 20
-        return {"runs": runs, "memory": "device memory (torch.cuda.memory_allocated)",
-                "run1_minus_start_mib": round((after[0] - before) / mib, 1),
-                "run10_minus_run1_mib": round((after[-1] - after[0]) / mib, 1),
-                "released_minus_start_mib": round((released - before) / mib, 1)}
+        return leak_over_runs(lambda i: run(self.tokens, self.seed + i), decoder, runs, self.device)
 
 
 def host_memory() -> tuple[int | None, str]:
@@ -517,27 +498,41 @@ def host_memory() -> tuple[int | None, str]:
     return psutil.Process().memory_info().rss, "host RSS (psutil)"
 
 
-def host_leak_check(run: Callable[[int], object], decoder, runs: int) -> dict:
-    """The leak check off CUDA: host memory before run 1 (after a release), after run 1 and run `runs`, and
-    after release(); run(i) makes the i-th run."""
-    mib = 2 ** 20
-    if decoder is not None:
-        decoder.release()
-    gc.collect()
-    before, what = host_memory()
+def leak_over_runs(run: Callable[[int], object], decoder, runs: int, device: torch.device) -> dict:
+    """Memory before run 1 (after a release), after run 1 and run `runs`, and after release(): device memory on
+    CUDA, else the process's host memory. run(i) makes the i-th run."""
+    if device.type == "cuda":
+        what = "device memory (torch.cuda.memory_allocated)"
+
+        def read():
+            synchronize(device)
+            return torch.cuda.memory_allocated(device)
+        tidy = torch.cuda.empty_cache
+    else:
+        what = host_memory()[1]
+
+        def read():
+            return host_memory()[0]
+        tidy = gc.collect
+
+    def released():
+        if decoder is not None:
+            decoder.release()
+        tidy()
+        return read()
+
+    before = released()
     after = []
     for i in range(runs):
         run(i)
-        after.append(host_memory()[0])
-    if decoder is not None:
-        decoder.release()
-    gc.collect()
-    released = host_memory()[0]
+        after.append(read())
+    end = released()
     if before is None or not after:
         return {"runs": runs, "memory": what}
+    mib = 2 ** 20
     return {"runs": runs, "memory": what, "run1_minus_start_mib": round((after[0] - before) / mib, 1),
             "run10_minus_run1_mib": round((after[-1] - after[0]) / mib, 1),
-            "released_minus_start_mib": round((released - before) / mib, 1)}
+            "released_minus_start_mib": round((end - before) / mib, 1)}
 
 
 def drop_page_cache() -> bool:
