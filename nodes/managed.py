@@ -83,14 +83,15 @@ def intermediate() -> tuple[torch.device, torch.dtype]:
     return mm.intermediate_device(), dtype() if dtype is not None else torch.float32
 
 
-def load(*patchers: comfy.model_patcher.ModelPatcher) -> None:
-    """Put the modules on the compute device, evicting others if needed.
+def load(*patchers: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> None:
+    """Put the modules on the compute device, evicting others if needed, with `memory_required` bytes left
+    for the run (ComfyUI keeps at least its minimum inference memory free in any case).
 
     Full loads only: partial (lowvram) loading works only for comfy.ops layers, and plain torch
     layers left behind would sit on the wrong device. ComfyUI's --novram still loads nothing onto
     the GPU; the modules then run where they are, which is said once per module.
     """
-    mm.load_models_gpu(list(patchers), force_full_load=True)
+    mm.load_models_gpu(list(patchers), memory_required=memory_required, force_full_load=True)
     for patcher in patchers:
         tracked = patcher.model
         device = next(tracked.module.parameters()).device

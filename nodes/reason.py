@@ -12,12 +12,13 @@ import comfy.utils
 
 from ..thinkdiff_core import PAPER_INSTRUCTION
 from ..thinkdiff_core.prompt import check_items, check_plain_text, interleave
-from ..thinkdiff_core.reason import check_sampling
+from ..thinkdiff_core.reason import check_sampling, variation_seeds
 from . import managed
 from .images import collect, pictures
 from .loaders import CATEGORY
 
 MAX_IMAGE_INPUTS = 8
+MAX_VARIATIONS = 16
 
 
 def parse_words(text: str) -> list[str]:
@@ -62,6 +63,13 @@ def encode_empty_prompt(clip) -> tuple[int, torch.Tensor]:
     return encoded
 
 
+def answers(results) -> str:
+    """The answer, or with variations each under its seed (as the seed widget would reproduce it)."""
+    if len(results) == 1:
+        return results[0].text
+    return "\n\n".join(f"variation {i} (seed {result.seed}):\n{result.text}" for i, result in enumerate(results, 1))
+
+
 class ThinkDiffReason:
     DESCRIPTION = ("ThinkDiff-LVLM: Qwen2-VL reasons over the words and images in order (word 1, image 1, ..., "
                    "query word), the aligner maps the states of its 128 generated tokens into T5 space, and the "
@@ -70,9 +78,10 @@ class ThinkDiffReason:
     RETURN_TYPES = ("CONDITIONING", "STRING")
     RETURN_NAMES = ("conditioning", "answer")
     OUTPUT_TOOLTIPS = ("FLUX conditioning: the aligned states of the max_new_tokens generated tokens, pooled = CLIP-L "
-                       "of \"\"; into FluxGuidance, then KSampler's positive",
-                       "The VLM's answer, also shown on the node: a by-product, the conditioning comes from its "
-                       "token states, not from encoding this text")
+                       "of \"\"; into FluxGuidance, then KSampler's positive. A batch of one row per variation: "
+                       "give the latent that batch size (latent i is drawn from variation i)",
+                       "The VLM's answer, also shown on the node (with variations, each under its seed): a "
+                       "by-product, the conditioning comes from its token states, not from encoding this text")
     FUNCTION = "reason"
     # Where ComfyUI supports it (0.33 does, 0.3.64 does not), it resends the answer shown on the node when a
     # run is served from its cache, as for output nodes, without running this node unless an output needs it.
@@ -108,13 +117,22 @@ class ThinkDiffReason:
                                    "How many tokens the VLM generates, exactly (it never stops early); each becomes "
                                    "one conditioning token. 128 = the paper; the aligner was trained on at most 128"}),
             },
-            "optional": images,
+            "optional": {
+                # Optional, so that workflows and API prompts saved before it still load (as 1).
+                "variations": ("INT", {"default": 1, "min": 1, "max": MAX_VARIATIONS, "tooltip":
+                               "How many samplings of the reasoning, decoded together in one pass (on a GPU 4 "
+                               "cost little more than 1): variation i uses seed + i, and the conditioning holds a "
+                               "row per variation. Set the latent's batch_size to the same number: ComfyUI draws "
+                               "latent i from row i, and a latent batch of 1 only from the first"}),
+                **images,
+            },
         }
 
     def __init__(self):
         self._last = None  # (key, output): a repeat with identical inputs returns it without generating
 
-    def reason(self, vlm, aligner, clip, words, instruction, seed, temperature, top_p, max_new_tokens, **images):
+    def reason(self, vlm, aligner, clip, words, instruction, seed, temperature, top_p, max_new_tokens, variations=1,
+               **images):
         batches = collect(images, MAX_IMAGE_INPUTS)
         items = interleave(parse_words(words), pictures(batches))
         if not isinstance(instruction, str):
@@ -122,6 +140,9 @@ class ThinkDiffReason:
         # Before anything loads: a prompt sent over HTTP may hold any value, and words that would add chat turns
         # or image slots are refused (the core checks the rendered chat again).
         check_sampling(seed, temperature, top_p, max_new_tokens)
+        seeds = variation_seeds(seed, variations)
+        if variations > MAX_VARIATIONS:
+            raise ValueError(f"variations must be at most {MAX_VARIATIONS}, got {variations}")
         check_items(items)
         check_plain_text(vlm.reasoner.processor.tokenizer, items, instruction)
         if aligner.in_features != vlm.hidden_size:
@@ -129,7 +150,7 @@ class ThinkDiffReason:
 
         # The loader switches `compile` in place on the same VLM, so it is part of the key.
         key = (weakref.ref(vlm), vlm.reasoner.compile, weakref.ref(aligner), weakref.ref(clip), words, instruction,
-               seed, temperature, top_p, max_new_tokens, fingerprint(batches))
+               seed, temperature, top_p, max_new_tokens, variations, fingerprint(batches))
         if self._last is not None and self._last[0] == key:
             return self._last[1]
 
@@ -138,20 +159,28 @@ class ThinkDiffReason:
             raise ValueError(f"aligner '{aligner.name}' outputs {aligner.out_features}-d tokens but this CLIP's T5 "
                              f"encodes {t5_width}-d; load FLUX's text encoders (DualCLIPLoader, type flux)")
 
-        progress = comfy.utils.ProgressBar(max_new_tokens)
+        reasoner = vlm.reasoner
+        # The prompt is processed before the VLM loads: its length sizes the memory the decoding needs.
+        prompt, pictures_in_order = reasoner.render_prompt(items, instruction)
+        inputs = reasoner.prepare_inputs(prompt, pictures_in_order)
+        # The fast path decodes the variations together (a step per token), the plain one after one another.
+        steps = max_new_tokens * (1 if reasoner.fast else variations)
+        progress = comfy.utils.ProgressBar(steps)
 
         def on_token(done, total):
             mm.throw_exception_if_processing_interrupted()
             progress.update_absolute(done, total)
 
-        managed.load(vlm.patcher, aligner.patcher)
-        result = vlm.reasoner.reason(items, instruction=instruction, seed=seed, temperature=temperature,
-                                     top_p=top_p, max_new_tokens=max_new_tokens, on_token=on_token)
+        managed.load(vlm.patcher, aligner.patcher,
+                     memory_required=reasoner.decode_memory(inputs["input_ids"].shape[1], max_new_tokens, variations))
+        results = reasoner.decode_variations(prompt, inputs, seeds, temperature, top_p, max_new_tokens, max_new_tokens,
+                                             on_token)
         with torch.inference_mode():
-            aligned = aligner.module(result.hidden_states)
+            aligned = torch.stack([aligner.module(result.hidden_states) for result in results])
         device, dtype = managed.intermediate()
-        conditioning = [[aligned.unsqueeze(0).to(device=device, dtype=dtype),
-                         {"pooled_output": pooled.to(device=device, dtype=dtype)}]]
-        output = {"ui": {"text": [result.text]}, "result": (conditioning, result.text)}
+        conditioning = [[aligned.to(device=device, dtype=dtype),
+                         {"pooled_output": pooled.to(device=device, dtype=dtype).expand(variations, -1).clone()}]]
+        answer = answers(results)
+        output = {"ui": {"text": [answer]}, "result": (conditioning, answer)}
         self._last = (key, output)
         return output

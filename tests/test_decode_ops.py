@@ -56,7 +56,7 @@ def step_operators(model, fuse):
     decoder = FastDecoder(model, fuse=fuse)
     decoder._ensure_fused()
     with torch.inference_mode():
-        buffers = decoder._prepare(1024, 128, torch.device("cpu"))
+        buffers = decoder._prepare(1024, 128, 1, torch.device("cpu"))
         decoder._step(buffers, 640)  # anything done once (lazy init) is not counted
         with Operators() as operators:
             decoder._step(buffers, 640)

@@ -61,8 +61,9 @@ def scale_state(b):
 
 
 def shift_token(b):
-    wrong = (b.tokens[b.step - 1] + 1) % b.eos_mask.shape[0]
-    b.tokens[b.step - 1] = wrong
+    row = int(b.step) - 1
+    wrong = (b.tokens[row] + 1) % b.eos_mask.shape[0]
+    b.tokens[row] = wrong
     b.token.copy_(wrong)
 
 
@@ -72,7 +73,7 @@ def illegal_access(_b):
 
 @pytest.mark.parametrize("fault, problem", [
     (scale_state, "state off by 0.5 (relative L2; tolerance "),
-    (shift_token, "token "),
+    (shift_token, "tokens ["),
     (illegal_access, "RuntimeError: CUDA error: an illegal memory access was encountered"),
 ])
 def test_a_graph_failing_its_check_is_never_replayed(reasoner, inputs, emulated_graphs, monkeypatch, caplog,

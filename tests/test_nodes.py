@@ -119,6 +119,66 @@ def test_reasoning_node_returns_flux_conditioning_and_the_answer(host, loaded, c
     assert any(m.model is vlm.patcher for m in mm.current_loaded_models)  # loaded through load_models_gpu
 
 
+def test_variations_are_a_conditioning_batch_of_their_seeds_single_runs(host, loaded, cars, car_images, monkeypatch):
+    reports, required = [], []
+    load_models_gpu = mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, memory_required=0, **options: (
+        required.append(memory_required), load_models_gpu(models, memory_required=memory_required, **options))[1])
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: reports.append((value, total)))
+    try:
+        output = reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=20, variations=3)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    (cond, extras), = output["result"][0]
+    answer = output["result"][1]
+    assert cond.shape == (3, 8, 32) and extras["pooled_output"].shape == (3, 32)
+    # Decoded together: one bar of 8 steps, each a token of every variation.
+    assert reports[-1] == (8, 8) and {total for _, total in reports} == {8}
+    # ComfyUI is asked to leave the memory of three variations' decoding for the processed prompt's length.
+    vlm, _ = loaded
+    assert required[-1] == vlm.reasoner.decode_memory(prompt_tokens(vlm, car_images), 8, 3) > 0
+    texts = []
+    for row, seed in enumerate((20, 21, 22)):  # variation i is the single run of seed + i
+        (single_cond, single_extras), = reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=seed)["result"][0]
+        torch.testing.assert_close(cond[row:row + 1], single_cond, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(extras["pooled_output"][row:row + 1], single_extras["pooled_output"])
+        texts.append(reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=seed)["result"][1])
+    assert answer == "\n\n".join(f"variation {i} (seed {seed}):\n{text}"
+                                  for i, (seed, text) in enumerate(zip((20, 21, 22), texts), start=1))
+    assert output["ui"] == {"text": [answer]}
+    # ComfyUI gives latent i row i of the conditioning and narrows it to a smaller latent batch: its conds'
+    # process_cond is repeat_to_batch_size (comfy/conds.py, 0.33 and 0.3.64).
+    assert torch.equal(comfy.utils.repeat_to_batch_size(cond, 3), cond)
+    assert torch.equal(comfy.utils.repeat_to_batch_size(cond, 1), cond[:1])
+
+
+def prompt_tokens(vlm, car_images):
+    prompt, images = vlm.reasoner.render_prompt(["white", car_images[0], "blue", car_images[1], "red"], "Think.")
+    return vlm.reasoner.prepare_inputs(prompt, images)["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("variations, message", [
+    (0, "variations must be an integer >= 1 (1 = a single sampling), got 0"),
+    (17, "variations must be at most 16, got 17"),
+    ("2", "variations must be an integer >= 1 (1 = a single sampling), got '2'"),
+])
+def test_a_bad_number_of_variations_is_refused_before_the_vlm_runs(host, loaded, cars, monkeypatch, variations,
+                                                                   message):
+    vlm, _ = loaded
+    monkeypatch.setattr(vlm.reasoner, "decode_variations", lambda *a, **k: pytest.fail("the VLM ran"))
+    with pytest.raises(ValueError) as error:
+        reason(host, loaded, image_1=cars[0], image_2=cars[1], variations=variations)
+    assert str(error.value) == message
+
+
+def test_the_number_of_variations_is_part_of_the_cache_key(host, loaded, cars):
+    instance = node(host, "ThinkDiffReason")
+    one = reason(host, loaded, instance, image_1=cars[0], image_2=cars[1], seed=3)
+    two = reason(host, loaded, instance, image_1=cars[0], image_2=cars[1], seed=3, variations=2)
+    assert two["result"][0][0][0].shape[0] == 2 and one["result"][0][0][0].shape[0] == 1
+    assert reason(host, loaded, instance, image_1=cars[0], image_2=cars[1], seed=3, variations=2) is two
+
+
 def test_moving_the_vlm_frees_the_fast_paths_cache_and_the_next_run_matches(host, loaded, cars):
     vlm, _ = loaded
     first = reason(host, loaded, image_1=cars[0], image_2=cars[1], seed=4)["result"][0][0][0]
@@ -264,8 +324,8 @@ def test_progress_per_token_and_cancel_mid_generation(host, loaded, cars):
 def test_same_inputs_do_not_run_the_vlm_again(host, loaded, cars, monkeypatch):
     vlm, _ = loaded
     calls = []
-    original = vlm.reasoner.reason
-    monkeypatch.setattr(vlm.reasoner, "reason", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = vlm.reasoner.decode_variations
+    monkeypatch.setattr(vlm.reasoner, "decode_variations", lambda *a, **k: calls.append(1) or original(*a, **k))
     instance = node(host, "ThinkDiffReason")
     first = reason(host, loaded, instance, image_1=cars[0], image_2=cars[1])
     again = reason(host, loaded, instance, image_1=cars[0].clone(), image_2=cars[1].clone())

@@ -75,7 +75,7 @@ def test_every_input_and_output_of_every_node_has_a_tooltip(tmp_path):
         assert all(isinstance(t, str) and t.strip() for t in node["output_tooltips"]), node_id
     reason = nodes["ThinkDiffReason"]["inputs"]
     assert list(reason) == ["vlm", "aligner", "clip", "words", "instruction", "seed", "temperature", "top_p",
-                            "max_new_tokens", *(f"image_{i}" for i in range(1, 9))]
+                            "max_new_tokens", "variations", *(f"image_{i}" for i in range(1, 9))]
     # The paper's sampling, named where it is set.
     assert "0.6 = the paper" in reason["temperature"] and "0.9 = the paper" in reason["top_p"]
     assert "128 = the paper" in reason["max_new_tokens"]

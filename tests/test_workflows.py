@@ -185,7 +185,7 @@ def test_reasoning_workflow_is_the_papers_flux_graph(signatures):
     assert [n["widgets_values"] for n in by_type["LoadImage"]] == [["thinkdiff_white_car.png", "image"],
                                                                     ["thinkdiff_blue_car.png", "image"]]
     reason = by_type["ThinkDiffReason"][0]["widgets_values"]
-    assert reason[0] == "white\nblue\nred" and reason[2:] == [0, "fixed", 0.6, 0.9, 128]
+    assert reason[0] == "white\nblue\nred" and reason[2:] == [0, "fixed", 0.6, 0.9, 128, 1]  # 1 variation
     assert by_type["FluxGuidance"][0]["widgets_values"] == [3.5]
     assert by_type["EmptySD3LatentImage"][0]["widgets_values"] == [512, 512, 1]
     assert by_type["KSampler"][0]["widgets_values"][2:] == [28, 1, "euler", "simple", 1]

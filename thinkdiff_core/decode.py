@@ -42,6 +42,7 @@ import inspect
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -80,13 +81,13 @@ def reset_compiled_layers() -> None:
     _compiled_signatures.clear()
 
 
-def layer_signature(layer, heads: int, kv_heads: int) -> tuple:
-    """What the compiled layer code depends on: module types and parameter shapes, dtypes and devices (for a
-    FusedLayer its tensors')."""
+def layer_signature(layer, heads: int, kv_heads: int, rows: int = 1) -> tuple:
+    """What the compiled layer code depends on: the rows of a step (variations decoded together), module types
+    and parameter shapes, dtypes and devices (for a FusedLayer its tensors')."""
     if isinstance(layer, FusedLayer):
-        return (heads, kv_heads, FusedLayer, layer.eps,
+        return (rows, heads, kv_heads, FusedLayer, layer.eps,
                 tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in layer.tensors()))
-    return (heads, kv_heads, tuple(type(module) for module in layer.modules()),
+    return (rows, heads, kv_heads, tuple(type(module) for module in layer.modules()),
             tuple((name, tuple(p.shape), p.dtype, p.device) for name, p in layer.named_parameters()))
 
 
@@ -114,7 +115,7 @@ def run_windows(prompt_tokens: int, new_tokens: int, cache_len: int) -> list[int
 
 def sample_paper(logits: torch.Tensor, eos_mask: torch.Tensor, temperature: torch.Tensor,
                  top_p_floor: torch.Tensor, reciprocal: bool = False,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """One token per row, as transformers samples with min_new_tokens not yet reached.
 
     The processors in generate's order: EOS to -inf, divide by temperature, drop the smallest-probability
@@ -125,7 +126,8 @@ def sample_paper(logits: torch.Tensor, eos_mask: torch.Tensor, temperature: torc
     transformers divides by temperature as a Python float, which CUDA computes as a product with its
     float32 reciprocal and the CPU as a division; with `reciprocal`, `temperature` holds that
     reciprocal and is multiplied in, so both devices round as transformers does. The draws come from
-    `generator` (default: torch's global one, as in torch.multinomial).
+    `generator` (default: torch's global one, as in torch.multinomial); given one generator per row, row i
+    draws from generator i exactly what a single row would (the variations of a batch).
     """
     scores = logits.masked_fill(eos_mask, float("-inf"))
     scores = scores * temperature if reciprocal else scores / temperature
@@ -134,7 +136,12 @@ def sample_paper(logits: torch.Tensor, eos_mask: torch.Tensor, temperature: torc
     remove_sorted[..., -1:] = False
     remove = remove_sorted.scatter(-1, order, remove_sorted)
     probs = scores.masked_fill(remove, float("-inf")).softmax(dim=-1)
-    draws = torch.empty_like(probs).exponential_(1, generator=generator)
+    draws = torch.empty_like(probs)
+    if isinstance(generator, Sequence):
+        for row, row_generator in zip(draws, generator, strict=True):
+            row.exponential_(1, generator=row_generator)
+    else:
+        draws.exponential_(1, generator=generator)
     return (probs / draws).argmax(dim=-1)
 
 
@@ -245,24 +252,25 @@ def _repoint(parameters, fused: torch.Tensor) -> None:
 
 
 def layer_inputs(layer, x, cos, sin, heads: int, kv_heads: int, head_dim: int):
-    """A decoder layer's query, key and value for one position, rotary embedding applied.
+    """A decoder layer's query, key and value for one position of each row, rotary embedding applied.
 
-    x: [1, 1, hidden]; cos, sin: [1, 1, 1, head_dim]; returns q [1, heads, 1, head_dim], k and v
-    [1, kv_heads, 1, head_dim]. For a FusedLayer `cos` is rotation_matrix's [head_dim, head_dim] and
-    `sin` None (see rotary_inputs): one norm kernel, one q/k/v product, one rotary product.
+    x: [rows, 1, hidden] (a row per sequence, all at the same position); cos, sin: [1, 1, 1, head_dim];
+    returns q [rows, heads, 1, head_dim], k and v [rows, kv_heads, 1, head_dim]. For a FusedLayer `cos` is
+    rotation_matrix's [head_dim, head_dim] and `sin` None (see rotary_inputs): one norm kernel, one q/k/v
+    product, one rotary product.
     """
+    rows = x.shape[0]
     if isinstance(layer, FusedLayer):
-        h = F.rms_norm(x.view(1, -1), layer.input_norm_weight.shape, layer.input_norm_weight, layer.eps[0])
-        qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias).view(heads + 2 * kv_heads, head_dim)
-        qk = qkv[:heads + kv_heads] @ cos
-        return (qk[:heads].view(1, heads, 1, head_dim), qk[heads:].view(1, kv_heads, 1, head_dim),
-                qkv[heads + kv_heads:].view(1, kv_heads, 1, head_dim))
+        h = F.rms_norm(x.view(rows, -1), layer.input_norm_weight.shape, layer.input_norm_weight, layer.eps[0])
+        qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias).view(rows, heads + 2 * kv_heads, head_dim)
+        qk = qkv[:, :heads + kv_heads] @ cos
+        return qk[:, :heads].unsqueeze(2), qk[:, heads:].unsqueeze(2), qkv[:, heads + kv_heads:].unsqueeze(2)
     attn = layer.self_attn
     h = layer.input_layernorm(x)
-    # One position: [1, 1, n * head_dim] viewed as [1, n, 1, head_dim] is the usual transpose.
-    q = attn.q_proj(h).view(1, heads, 1, head_dim)
-    k = attn.k_proj(h).view(1, kv_heads, 1, head_dim)
-    v = attn.v_proj(h).view(1, kv_heads, 1, head_dim)
+    # One position: [rows, 1, n * head_dim] viewed as [rows, n, 1, head_dim] is the usual transpose.
+    q = attn.q_proj(h).view(rows, heads, 1, head_dim)
+    k = attn.k_proj(h).view(rows, kv_heads, 1, head_dim)
+    v = attn.v_proj(h).view(rows, kv_heads, 1, head_dim)
     # Rotary on queries and keys together: the same elementwise products, half the eager kernels.
     qk = torch.cat((q, k), dim=1)
     qk = qk * cos + rotate_half(qk) * sin
@@ -274,13 +282,14 @@ def layer_output(layer, x, attended):
 
     For a FusedLayer each residual is added by its projection's product (addmm), the norm is one kernel
     and gate/up one product."""
+    rows = x.shape[0]
     if isinstance(layer, FusedLayer):
-        x = torch.addmm(x.view(1, -1), attended.reshape(1, -1), layer.o_weight.t())
+        x = torch.addmm(x.view(rows, -1), attended.reshape(rows, -1), layer.o_weight.t())
         h = F.rms_norm(x, layer.post_norm_weight.shape, layer.post_norm_weight, layer.eps[1])
         gate_up = h @ layer.gate_up_weight.t()
         act = F.silu(gate_up[:, :layer.intermediate]) * gate_up[:, layer.intermediate:]
-        return torch.addmm(x, act, layer.down_weight.t()).view(1, 1, -1)
-    x = x + layer.self_attn.o_proj(attended.reshape(1, 1, -1))
+        return torch.addmm(x, act, layer.down_weight.t()).view(rows, 1, -1)
+    x = x + layer.self_attn.o_proj(attended.reshape(rows, 1, -1))
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
@@ -293,10 +302,11 @@ def attention_bias(slot_ids: torch.Tensor, slot: torch.Tensor, dtype: torch.dtyp
 
 def decoder_layer_step(layer, x, key_cache, value_cache, cos, sin, slot, bias, heads: int, kv_heads: int,
                        inputs=layer_inputs, output=layer_output):
-    """One Qwen2-VL decoder layer on the single position `slot`; writes its key and value into the cache.
+    """One Qwen2-VL decoder layer on the single position `slot` of each row; writes its keys and values into the
+    cache.
 
-    key_cache, value_cache: [1, kv_heads, window, head_dim], the cache's first `window` slots (slot <
-    window); slot: [1] int64; bias: [1, 1, 1, window] from attention_bias. `inputs` and `output` may be
+    x: [rows, 1, hidden]; key_cache, value_cache: [rows, kv_heads, window, head_dim], the cache's first
+    `window` slots (slot < window); slot: [1] int64; bias: [1, 1, 1, window] from attention_bias. `inputs` and `output` may be
     compiled versions of layer_inputs and layer_output: the cache write and attention stay outside compiled code, so
     nothing compiled mutates its inputs.
     """
@@ -306,7 +316,7 @@ def decoder_layer_step(layer, x, key_cache, value_cache, cos, sin, slot, bias, h
     value_cache.index_copy_(2, slot, v)
     # One query position: the query heads that share a key/value head attend as one group, so the
     # cache is read once instead of being repeated per query head.
-    grouped = q.reshape(1, kv_heads, heads // kv_heads, head_dim)
+    grouped = q.reshape(q.shape[0], kv_heads, heads // kv_heads, head_dim)
     attended = F.scaled_dot_product_attention(grouped, key_cache, value_cache, attn_mask=bias,
                                               scale=head_dim ** -0.5)
     return output(layer, x, attended)
@@ -359,13 +369,14 @@ class BackgroundCompilation:
         """Whether any decoder's compilation thread is running in this process."""
         return any(thread.name == cls.THREAD_NAME and thread.is_alive() for thread in threading.enumerate())
 
-    def __init__(self, layer, inv_freq: torch.Tensor, scaling: float, heads: int, kv_heads: int, head_dim: int):
+    def __init__(self, layer, inv_freq: torch.Tensor, scaling: float, heads: int, kv_heads: int, head_dim: int,
+                 rows: int = 1):
         self.pieces = None
         self.error: Exception | None = None
         self.seconds: float | None = None
-        self.signature = layer_signature(layer, heads, kv_heads)
+        self.signature = layer_signature(layer, heads, kv_heads, rows)
         weight = _layer_weight(layer)
-        shapes = dict(hidden=weight.shape[-1], heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+        shapes = dict(hidden=weight.shape[-1], heads=heads, kv_heads=kv_heads, head_dim=head_dim, rows=rows)
         # Dynamo's guards compare the inference-tensor flag, so the copy is made in inference mode exactly
         # when the weights are inference tensors (ComfyUI moves models in inference mode, except with
         # --highvram): otherwise the real layers would not match the copy's code and compile again.
@@ -391,11 +402,11 @@ class BackgroundCompilation:
                 stream.wait_event(copied)
                 try:
                     with torch.cuda.stream(stream):
-                        x = torch.zeros(1, shapes["hidden"], dtype=dtype, device=device).view(1, 1, -1)
+                        x = torch.zeros(shapes["rows"], 1, shapes["hidden"], dtype=dtype, device=device)
                         cos, sin = rotary_inputs(isinstance(layer, FusedLayer),
                                                  torch.zeros(1, dtype=torch.long, device=device), inv_freq,
                                                  scaling, dtype)
-                        cache = torch.zeros(1, shapes["kv_heads"], ATTENTION_WINDOW, shapes["head_dim"],
+                        cache = torch.zeros(shapes["rows"], shapes["kv_heads"], ATTENTION_WINDOW, shapes["head_dim"],
                                             dtype=dtype, device=device)
                         slot = torch.zeros(1, dtype=torch.long, device=device)
                         bias = attention_bias(torch.arange(ATTENTION_WINDOW, device=device).view(1, 1, 1, -1),
@@ -425,23 +436,28 @@ def _layer_weight(layer) -> torch.Tensor:
 
 @dataclass
 class _Buffers:
-    """Everything one decode step reads and writes, allocated once per cache length."""
+    """Everything one decode step reads and writes, allocated once per cache length and number of rows (the
+    variations decoded together: the same prompt, so every row is at the same slot and position)."""
 
-    keys: torch.Tensor  # [layers, 1, kv_heads, cache_len, head_dim]
+    keys: torch.Tensor  # [layers, rows, kv_heads, cache_len, head_dim]
     values: torch.Tensor
     slot_ids: torch.Tensor  # [1, 1, 1, cache_len]: 0..cache_len-1, compared with `slot`
-    token: torch.Tensor  # [1] the token fed next
-    slot: torch.Tensor  # [1] its cache slot
-    position: torch.Tensor  # [1] its rotary position
-    step: torch.Tensor  # [1] the index of the state it produces
-    states: torch.Tensor  # [max_tokens, hidden]
-    tokens: torch.Tensor  # [max_tokens]
-    forced: torch.Tensor  # [max_tokens]: tokens to feed instead of sampled ones (teacher forcing)
+    token: torch.Tensor  # [rows] the tokens fed next
+    slot: torch.Tensor  # [1] their cache slot
+    position: torch.Tensor  # [1] their rotary position
+    step: torch.Tensor  # [1] the index of the states they produce
+    states: torch.Tensor  # [max_tokens, rows, hidden]
+    tokens: torch.Tensor  # [max_tokens, rows]
+    forced: torch.Tensor  # [max_tokens, rows]: tokens to feed instead of sampled ones (teacher forcing)
     forcing: torch.Tensor  # [] bool
     eos_mask: torch.Tensor  # [vocab] bool
     temperature: torch.Tensor  # [] float32: T, or float32 1/T on CUDA (see sample_paper)
     top_p_floor: torch.Tensor  # [] float32: 1 - top_p
-    generator: torch.Generator  # the draws', seeded per run
+    generators: list[torch.Generator]  # the draws', one per row, seeded per run
+
+    @property
+    def rows(self) -> int:
+        return self.token.shape[0]
 
 
 class FastDecoder:
@@ -488,7 +504,7 @@ class FastDecoder:
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.vocab_size = self.lm_head.weight.shape[0]
         self._compiled_pieces = None  # once compiled; in use while `compile` is on and checked (see _pieces)
-        self._compiled_checked = False  # whether _compiled_pieces passed the check against eager layers
+        self._checked: set[tuple] = set()  # the signatures (rows included) for which _compiled_pieces passed the check
         # What the step's attention may use, and what PyTorch picks for it (for the benchmark), per device.
         self.attention_backends: list | None = None
         self.attention_backend: str | None = None
@@ -512,14 +528,36 @@ class FastDecoder:
     def run(self, inputs: dict, new_tokens: int, seed: int, temperature: float, top_p: float,
             eos_token_ids: list[int], forced_tokens: torch.Tensor | None = None,
             on_token: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`new_tokens` tokens and the final-norm state that produced each, as float32 and int64 on CPU.
+        """`new_tokens` tokens [n] and the final-norm state that produced each [n, hidden], as int64 and
+        float32 on CPU.
 
-        `forced_tokens` feeds the given tokens instead of the sampled ones (for comparing states on
+        `forced_tokens` [n] feeds the given tokens instead of the sampled ones (for comparing states on
         the same tokens); the returned tokens are then those.
         """
+        tokens, states = self.run_variations(inputs, new_tokens, [seed], temperature, top_p, eos_token_ids,
+                                             None if forced_tokens is None else forced_tokens.view(1, -1), on_token)
+        return tokens[0], states[0]
+
+    def run_variations(self, inputs: dict, new_tokens: int, seeds: Sequence[int], temperature: float, top_p: float,
+                       eos_token_ids: list[int], forced_tokens: torch.Tensor | None = None,
+                       on_token: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sequence per seed, decoded together (one step computes a token of each): tokens [rows, n] and
+        states [rows, n, hidden], as run's.
+
+        The prompt is computed once. Row i draws from its own generator, seeded with seeds[i], the random
+        numbers a single run of seeds[i] draws; its states are that run's up to the rounding of batched
+        products (on the same tokens), so a draw nearly tied may go the other way. `forced_tokens`: [rows, n].
+        on_token(done, total) counts steps (each a token of every row).
+        """
+        seeds = list(seeds)
+        if not seeds:
+            raise ValueError("run_variations needs at least one seed")
+        if forced_tokens is not None and tuple(forced_tokens.shape) != (len(seeds), new_tokens):
+            raise ValueError(f"forced_tokens must be [{len(seeds)}, {new_tokens}] (a row per seed), got "
+                             f"{list(forced_tokens.shape)}")
         with SAMPLING_LOCK:
             self._ensure_fused()
-            return self._run(inputs, new_tokens, seed, temperature, top_p, eos_token_ids, forced_tokens, on_token)
+            return self._run(inputs, new_tokens, seeds, temperature, top_p, eos_token_ids, forced_tokens, on_token)
 
     def _ensure_fused(self) -> None:
         """The step's layers, fused again when the weights moved (new addresses: ComfyUI's .to(), a replaced
@@ -527,11 +565,11 @@ class FastDecoder:
         model's own forward keeps working on the same storage."""
         if not (self.fuse and self._fusable):
             if self._step_layers is not self.layers:
-                self._compiled_checked = False  # compiled code meets other layers: checked again
+                self._checked.clear()  # compiled code meets other layers: checked again
             self._step_layers = self.layers
             return
         if self._step_layers is self.layers:
-            self._compiled_checked = False
+            self._checked.clear()
         if self._step_layers is not None and self._step_layers is not self.layers \
                 and self._fused_key == self._weights_key():
             return
@@ -539,13 +577,13 @@ class FastDecoder:
         self._step_layers = [FusedLayer(layer) for layer in self.layers]
         self._fused_key = self._weights_key()
 
-    def _run(self, inputs, new_tokens, seed, temperature, top_p, eos_token_ids, forced_tokens, on_token):
+    def _run(self, inputs, new_tokens, seeds, temperature, top_p, eos_token_ids, forced_tokens, on_token):
         device = self.embed.weight.device
         prompt_tokens = inputs["input_ids"].shape[1]
         # The buffers are always made and written in inference mode, whether or not the caller is in it
         # (ComfyUI is, a library user usually is not): inference tensors may only be written there.
         with torch.inference_mode():
-            buffers = self._prepare(cache_length(prompt_tokens, new_tokens), new_tokens, device)
+            buffers = self._prepare(cache_length(prompt_tokens, new_tokens), new_tokens, len(seeds), device)
             buffers.eos_mask.zero_()
             buffers.eos_mask[eos_token_ids] = True
             if device.type == "cuda":
@@ -555,12 +593,13 @@ class FastDecoder:
             buffers.top_p_floor.fill_(1 - top_p)
             buffers.forcing.fill_(forced_tokens is not None)
             if forced_tokens is not None:
-                buffers.forced[:new_tokens] = forced_tokens.to(device)
+                buffers.forced[:new_tokens] = forced_tokens.t().to(device)
 
         length = buffers.keys.shape[3]
         windows = run_windows(prompt_tokens, new_tokens, length)
         with torch.inference_mode():
-            buffers.generator.manual_seed(seed)  # the stream torch.manual_seed(seed) gives generate
+            for generator, seed in zip(buffers.generators, seeds):
+                generator.manual_seed(seed)  # the stream torch.manual_seed(seed) gives generate
             self._prefill(inputs, buffers)
             progress = _Progress(on_token, new_tokens, self._asynchronous(device))
             progress.computed(1)
@@ -572,8 +611,8 @@ class FastDecoder:
                 graph.replay() if graph is not None else self._step(buffers, window)
                 progress.computed(done)
             # Copies: the buffers are overwritten by the next run (on CPU .cpu() would alias them).
-            states = buffers.states[:new_tokens].to("cpu", torch.float32, copy=True)
-            tokens = buffers.tokens[:new_tokens].to("cpu", copy=True)
+            states = buffers.states[:new_tokens].transpose(0, 1).to("cpu", torch.float32, copy=True).contiguous()
+            tokens = buffers.tokens[:new_tokens].t().to("cpu", copy=True).contiguous()
         return tokens, states
 
     def release(self) -> None:
@@ -617,16 +656,17 @@ class FastDecoder:
                 hook.remove()
         # transformers 5.x names the output's cache `cache`; earlier versions `past_key_values`.
         cache = output["cache"] if "cache" in output else output["past_key_values"]
-        for i, (key, value) in enumerate(_cache_tensors(cache)):
+        for i, (key, value) in enumerate(_cache_tensors(cache)):  # the one prompt's, into every row
             buffers.keys[i, :, :, :prompt_tokens] = key
             buffers.values[i, :, :, :prompt_tokens] = value
         # Vector 0 comes from the last prompt position; the logits are those generate samples from.
         state = captured["state"]
-        token = sample_paper(output.logits[:, -1].float(), buffers.eos_mask, buffers.temperature,
-                             buffers.top_p_floor, reciprocal=buffers.keys.is_cuda, generator=buffers.generator)
-        token = torch.where(buffers.forcing, buffers.forced[:1], token)
+        logits = output.logits[:, -1].float().expand(buffers.rows, -1)
+        token = sample_paper(logits, buffers.eos_mask, buffers.temperature, buffers.top_p_floor,
+                             reciprocal=buffers.keys.is_cuda, generator=buffers.generators)
+        token = torch.where(buffers.forcing, buffers.forced[0], token)
         buffers.states[0] = state[0]
-        buffers.tokens[0] = token[0]
+        buffers.tokens[0] = token
         buffers.token.copy_(token)
         buffers.slot.fill_(prompt_tokens)
         buffers.position.fill_(captured["next_position"])
@@ -637,7 +677,7 @@ class FastDecoder:
 
         `window`: the cache slots the attention reads (attention_window of `b.slot`, or more); `pieces`:
         the layer pieces to run (default: those in use, see _pieces)."""
-        x = self.embed(b.token).view(1, 1, -1)
+        x = self.embed(b.token).view(b.rows, 1, -1)
         fused = self._fused()
         cos, sin = rotary_inputs(fused, b.position, self.rotary.inv_freq, self.rotary.attention_scaling, x.dtype)
         bias = attention_bias(b.slot_ids[..., :window], b.slot, x.dtype)
@@ -649,10 +689,10 @@ class FastDecoder:
                 x = decoder_layer_step(layer, x, keys, values, cos, sin, b.slot, bias, self.heads, self.kv_heads,
                                        inputs, output)
         # The model's own final norm (8 operators once per token): forward hooks on it see every state.
-        state = self.norm(x).view(1, -1)
+        state = self.norm(x).view(b.rows, -1)
         token = self._next_token(b, state)
-        b.states.index_copy_(0, b.step, state)
-        b.tokens.index_copy_(0, b.step, token)
+        b.states.index_copy_(0, b.step, state.unsqueeze(0))
+        b.tokens.index_copy_(0, b.step, token.unsqueeze(0))
         b.token.copy_(token)
         b.slot.add_(1)
         b.position.add_(1)
@@ -665,10 +705,10 @@ class FastDecoder:
         return isinstance(self._step_layers[0], FusedLayer)
 
     def _next_token(self, b: _Buffers, state: torch.Tensor) -> torch.Tensor:
-        """The token the step draws after final-norm `state` [1, hidden] (or the forced one)."""
+        """The tokens [rows] the step draws after final-norm states [rows, hidden] (or the forced ones)."""
         token = sample_paper(self.lm_head(state).float(), b.eos_mask, b.temperature, b.top_p_floor,
-                             reciprocal=b.keys.is_cuda, generator=b.generator)
-        return torch.where(b.forcing, b.forced.index_select(0, b.step), token)
+                             reciprocal=b.keys.is_cuda, generator=b.generators)
+        return torch.where(b.forcing, b.forced.index_select(0, b.step)[0], token)
 
     def _attention(self):
         """The step's attention backend selection (see decode_attention_backends). sdpa_kernel sets
@@ -686,28 +726,30 @@ class FastDecoder:
         slots on the same inputs and random draws, or the error it raised; None when the token agrees and the
         state is within rounding. The buffers' scalars and the random state are left as they were, so the
         run then takes this step itself."""
-        scalars, random = _scalars(b), b.generator.get_state()
+        scalars, random = _scalars(b), _random_states(b)
         row = int(b.step)
 
         def from_start():
             _restore_scalars(b, scalars)
-            b.generator.set_state(random)
+            _restore_random_states(b, random)
 
         try:
             self._step(b, window, reference)
-            want_token, want_state = int(b.tokens[row]), b.states[row].clone()
+            want_tokens, want_state = b.tokens[row].clone(), b.states[row].clone()
             from_start()
             candidate()
-            token, state = int(b.tokens[row]), b.states[row].clone()
+            tokens, state = b.tokens[row].clone(), b.states[row].clone()
             from_start()
             off = float((state.float() - want_state.float()).norm() / want_state.float().norm())
             tolerance = state_tolerance(state.dtype)
             # A draw nearly tied may flip on rounding; then the candidate's token must be the one its own
             # state gives with the same draws, or the sampler in it is wrong.
-            token_ok = token == want_token or int(self._next_token(b, state.view(1, -1))) == token
+            flipped = tokens != want_tokens
+            token_ok = not flipped.any() or bool((self._next_token(b, state)[flipped] == tokens[flipped]).all())
             if token_ok and off <= tolerance:
                 return None
-            token_text = "" if token == want_token else f"token {token} instead of {want_token}, "
+            token_text = "" if not flipped.any() else \
+                f"tokens {tokens[flipped].tolist()} instead of {want_tokens[flipped].tolist()}, "
             return f"{token_text}state off by {off:.3g} (relative L2; tolerance {tolerance:.3g})"
         except Exception as e:  # noqa: BLE001 - e.g. the compiler failing on its first call
             return f"{type(e).__name__}: {e}"
@@ -718,7 +760,8 @@ class FastDecoder:
         """Compiled layers against eager ones on this run's first step; given up unless they agree."""
         problem = self._differs(b, lambda: self._step(b, window, self._compiled_pieces), EAGER_PIECES, window)
         if problem is None:
-            self._compiled_checked = True
+            self._checked.add(self._signature())
+            _compiled_signatures.add(self._signature())  # its check's step compiled it, if nothing had
             return
         logger.warning("ThinkDiff: the compiled decode step failed its check against the eager step (%s); using "
                        "eager layers", problem)
@@ -738,14 +781,14 @@ class FastDecoder:
 
     # -- buffers, compilation and graphs --------------------------------------------------------
 
-    def _prepare(self, length: int, new_tokens: int, device: torch.device) -> _Buffers:
+    def _prepare(self, length: int, new_tokens: int, rows: int, device: torch.device) -> _Buffers:
         b = self._buffers
         dtype = self.embed.weight.dtype
-        if b is not None and b.keys.shape[3] == length and b.states.shape[0] >= new_tokens \
+        if b is not None and b.keys.shape[3] == length and b.states.shape[0] >= new_tokens and b.rows == rows \
                 and b.keys.device == device and b.keys.dtype == dtype:
             return b
         self.release()
-        shape = (len(self.layers), 1, self.kv_heads, length, self.head_dim)
+        shape = (len(self.layers), rows, self.kv_heads, length, self.head_dim)
 
         def scalar(value, dtype=torch.long):
             return torch.full((1,), value, dtype=dtype, device=device)
@@ -755,15 +798,16 @@ class FastDecoder:
             keys=torch.zeros(shape, dtype=dtype, device=device),
             values=torch.zeros(shape, dtype=dtype, device=device),
             slot_ids=torch.arange(length, device=device).view(1, 1, 1, length),
-            token=scalar(0), slot=scalar(0), position=scalar(0), step=scalar(0),
-            states=torch.zeros(max_tokens, self.norm.weight.shape[0], dtype=dtype, device=device),
-            tokens=torch.zeros(max_tokens, dtype=torch.long, device=device),
-            forced=torch.zeros(max_tokens, dtype=torch.long, device=device),
+            token=torch.zeros(rows, dtype=torch.long, device=device), slot=scalar(0), position=scalar(0),
+            step=scalar(0),
+            states=torch.zeros(max_tokens, rows, self.norm.weight.shape[0], dtype=dtype, device=device),
+            tokens=torch.zeros(max_tokens, rows, dtype=torch.long, device=device),
+            forced=torch.zeros(max_tokens, rows, dtype=torch.long, device=device),
             forcing=torch.zeros((), dtype=torch.bool, device=device),
             eos_mask=torch.zeros(self.vocab_size, dtype=torch.bool, device=device),
             temperature=torch.ones((), device=device),
             top_p_floor=torch.zeros((), device=device),
-            generator=torch.Generator(device),
+            generators=[torch.Generator(device) for _ in range(rows)],
         )
         self.attention_backends = decode_attention_backends(device)
         self.attention_backend = self._attention_choice(self._buffers)
@@ -772,7 +816,7 @@ class FastDecoder:
     def _attention_choice(self, b: _Buffers) -> str | None:
         """The backend PyTorch picks for the step's attention under the selection; None where this PyTorch
         cannot say (torch._fused_sdp_choice is private). It only inspects the arguments; nothing runs."""
-        query = b.keys.new_zeros(1, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        query = b.keys.new_zeros(b.rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
         bias = attention_bias(b.slot_ids, b.slot, b.keys.dtype)
         try:
             with self._attention():
@@ -799,11 +843,12 @@ class FastDecoder:
     def _pieces(self):
         """The layer pieces the step runs: compiled while `compile` is on and they passed their check, else
         eager (also a graph-less step never runs unchecked compiled code)."""
-        return self._compiled_pieces if self.compiled and self._compiled_checked else EAGER_PIECES
+        return self._compiled_pieces if self.compiled and self._signature() in self._checked else EAGER_PIECES
 
     def _use_compiled(self, pieces) -> None:
-        """New compiled pieces: used once they pass their check (_check_compiled)."""
-        self._compiled_pieces, self._compiled_checked = pieces, False
+        """New compiled pieces: used once they pass their check (_check_compiled), for each number of rows."""
+        self._compiled_pieces = pieces
+        self._checked.clear()
 
     def _adopt_compilation(self) -> None:
         """Use the background compilation's layers once it is done. A failed one is tried once more (it
@@ -829,9 +874,11 @@ class FastDecoder:
         self._compiled_pieces = None
 
     def _signature(self) -> tuple:
+        """The layer signature of the step as the buffers' rows make it (compiled code is per number of rows)."""
         if self._step_layers is None:
             self._ensure_fused()
-        return layer_signature(self._step_layers[0], self.heads, self.kv_heads)
+        rows = self._buffers.rows if self._buffers is not None else 1
+        return layer_signature(self._step_layers[0], self.heads, self.kv_heads, rows)
 
     def _weights_key(self) -> tuple:
         return tuple(p.data_ptr() for p in self.model.parameters())
@@ -844,12 +891,16 @@ class FastDecoder:
         scalars as the prefill set them)."""
         self._adopt_compilation()
         idle = not BackgroundCompilation.running()
-        compiled_before = self._signature() in _compiled_signatures and idle
-        if self.compile and self._compiled_pieces is None and (not self.compile_in_background or compiled_before):
-            self._use_compiled(compile_layer_pieces())  # compiled by their check's step
+        signature = self._signature()
+        # Compiled code is per number of rows: another number compiles again (in the background by default).
+        compiled_for_rows = signature in _compiled_signatures
+        if self.compile and (self._compiled_pieces is None or not compiled_for_rows) \
+                and (not self.compile_in_background or (compiled_for_rows and idle)):
+            self._use_compiled(self._compiled_pieces or compile_layer_pieces())  # compiled by their check's step
         # Only while no compilation runs, as a capture (compiled code may compile again, see
         # BackgroundCompilation); unchecked pieces are not used meanwhile.
-        if self.compiled and not self._compiled_checked and idle:
+        if self.compiled and signature not in self._checked and idle \
+                and (compiled_for_rows or not self.compile_in_background):
             self._check_compiled(b, windows[0])
         graphs = {}
         for window in windows:
@@ -858,12 +909,12 @@ class FastDecoder:
                 break
             graphs[window] = graph
         # After the captures: none is made while a compilation runs.
-        if graphs and self.compile and not self.compiled and self.compile_in_background \
+        if graphs and self.compile and not (self.compiled and compiled_for_rows) and self.compile_in_background \
                 and self._compilation is None:
             try:
                 self._compilation = BackgroundCompilation(
                     self._step_layers[0], self.rotary.inv_freq, self.rotary.attention_scaling, self.heads,
-                    self.kv_heads, self.head_dim)
+                    self.kv_heads, self.head_dim, b.rows)
             except Exception as e:  # noqa: BLE001 - e.g. no memory for the layer's copy: decoding goes on
                 self._give_up_compiling(e)
         return graphs
@@ -884,7 +935,7 @@ class FastDecoder:
             # belongs to whichever GPU captured first in the process.
             self._stream = torch.cuda.Stream(device)
         stream = self._stream
-        scalars, random = _scalars(b), b.generator.get_state()  # the prefill's, which warm-ups move (see _park)
+        scalars, random = _scalars(b), _random_states(b)  # the prefill's, which warm-ups move (see _park)
         stream.wait_stream(torch.cuda.current_stream(device))
         # Warm-up steps consume random numbers (restored below) and write junk into the window's last cache
         # slot and the last state row, which the run writes before it reads them, or never reads.
@@ -905,8 +956,9 @@ class FastDecoder:
                     self._warm_step(b, window)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            # The step draws from the decoder's generator: a replay advances it as a launched step does.
-            graph.register_generator_state(b.generator)
+            # The step draws from the rows' generators: a replay advances them as a launched step does.
+            for generator in b.generators:
+                graph.register_generator_state(generator)
             self._park(b, window)
             shared_pool = next(iter(self._graphs.values())).pool() if self._graphs else None
             try:
@@ -927,7 +979,7 @@ class FastDecoder:
                     self.cuda_graph = False
                 graph = None
             _restore_scalars(b, scalars)
-            b.generator.set_state(random)
+            _restore_random_states(b, random)
             if graph is None or not self._check_graph(b, graph, window):
                 return None
         self._graphs[window] = graph
@@ -988,6 +1040,16 @@ def _scalars(b: _Buffers) -> tuple[torch.Tensor, ...]:
 def _restore_scalars(b: _Buffers, scalars: tuple[torch.Tensor, ...]) -> None:
     for tensor, saved in zip((b.token, b.slot, b.position, b.step), scalars):
         tensor.copy_(saved)
+
+
+def _random_states(b: _Buffers) -> list[torch.Tensor]:
+    """The rows' generator states, which warm-up steps and checks advance."""
+    return [generator.get_state() for generator in b.generators]
+
+
+def _restore_random_states(b: _Buffers, states: list[torch.Tensor]) -> None:
+    for generator, state in zip(b.generators, states):
+        generator.set_state(state)
 
 
 def cuda_indices(device: torch.device) -> list[int]:

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .decode import SAMPLING_LOCK, FastDecoder, cuda_indices
+from .decode import SAMPLING_LOCK, FastDecoder, cache_length, cuda_indices
 from .files import (
     check_config_sizes,
     check_model_folder,
@@ -71,12 +71,13 @@ FP16_REFUSAL = (
 
 @dataclass
 class Reasoning:
-    """What one reasoning call produced."""
+    """What one reasoning call produced (one variation)."""
 
     hidden_states: torch.Tensor  # [max_new_tokens, hidden] float32 on CPU
     token_ids: torch.Tensor  # [max_new_tokens] int64 on CPU
     text: str  # the decoded answer
     prompt: str  # the exact chat text given to the processor
+    seed: int = 0  # the seed it was sampled with
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -315,11 +316,27 @@ def capture_last_positions(module: torch.nn.Module, on_state: Callable[[int], No
         handle.remove()
 
 
+def _integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def variation_seeds(seed: int, variations: int) -> list[int]:
+    """The seeds of `variations` samplings from `seed`: variation i samples with seed + i, so that each can be
+    drawn again alone with its own seed."""
+    if not (_integer(variations) and variations >= 1):
+        raise ValueError(f"variations must be an integer >= 1 (1 = a single sampling), got {variations!r}")
+    if not (_integer(seed) and 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+    if seed + variations - 1 >= 2**64:
+        raise ValueError(f"variation i samples with seed + i, so seed + variations - 1 must be at most 2**64 - 1; "
+                         f"got seed {seed!r} and {variations} variations")
+    return [seed + i for i in range(variations)]
+
+
 def check_sampling(seed, temperature, top_p, max_new_tokens: int, min_new_tokens: int = 1) -> None:
     """Refuse settings that would fail deep inside sampling or draw from a broken distribution (NaN passes
     no comparison and inf passes `> 0`, so each value is checked for what it must be)."""
-    def integer(value):
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    integer = _integer
 
     def finite(value):
         return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
@@ -441,10 +458,29 @@ class Reasoner:
         `on_token(done, total)` is called as each token's state is computed; an exception it
         raises (e.g. a user's cancel) stops generation and propagates.
         """
-        check_sampling(seed, temperature, top_p, max_new_tokens)  # before any image is processed
+        return self.reason_variations(items, instruction, [seed], temperature, top_p, max_new_tokens, on_token)[0]
+
+    def reason_variations(
+        self,
+        items: Sequence[Item],
+        instruction: str | None = None,
+        seeds: Sequence[int] = (0,),
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_new_tokens: int = 128,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[Reasoning]:
+        """reason() for each seed (e.g. variation_seeds(seed, n)): on the fast path decoded together in one pass
+        (see FastDecoder.run_variations: each is reason() with its seed up to the rounding of batched products),
+        on the plain path one after another (exactly reason() with each seed). `on_token(done, total)` counts
+        decode steps: one per token on the fast path, per token of each seed on the plain path."""
+        seeds = list(seeds)
+        for seed in seeds:  # before any image is processed
+            check_sampling(seed, temperature, top_p, max_new_tokens)
         prompt, images = self.render_prompt(items, instruction)
         # The paper's min_tokens = max_tokens with ignore_eos: EOS can never be sampled.
-        return self.generate(prompt, images, seed, temperature, top_p, max_new_tokens, max_new_tokens, on_token)
+        return self.generate_variations(prompt, images, seeds, temperature, top_p, max_new_tokens, max_new_tokens,
+                                        on_token)
 
     def generate(
         self,
@@ -458,11 +494,42 @@ class Reasoner:
         on_token: Callable[[int, int], None] | None = None,
     ) -> Reasoning:
         """Sample from a rendered chat and keep the final-norm state that produced each generated token."""
-        inputs = self.prepare_inputs(prompt, images)
-        token_ids, hidden_states = self.sample(inputs, seed, temperature, top_p, max_new_tokens, min_new_tokens,
-                                               on_token)
-        text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
-        return Reasoning(hidden_states=hidden_states, token_ids=token_ids, text=text, prompt=prompt)
+        return self.generate_variations(prompt, images, [seed], temperature, top_p, max_new_tokens, min_new_tokens,
+                                        on_token)[0]
+
+    def generate_variations(
+        self,
+        prompt: str,
+        images: list,
+        seeds: Sequence[int] = (0,),
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_new_tokens: int = 128,
+        min_new_tokens: int = 1,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[Reasoning]:
+        """generate() for each seed: see reason_variations."""
+        return self.decode_variations(prompt, self.prepare_inputs(prompt, images), seeds, temperature, top_p,
+                                      max_new_tokens, min_new_tokens, on_token)
+
+    def decode_variations(
+        self,
+        prompt: str,
+        inputs: dict,
+        seeds: Sequence[int] = (0,),
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_new_tokens: int = 128,
+        min_new_tokens: int = 1,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[Reasoning]:
+        """generate_variations() for the processor's `inputs` of `prompt` (prepare_inputs; made before the model
+        moved to its device, e.g. to size the memory it needs first with decode_memory, they follow it)."""
+        seeds = list(seeds)
+        samples = self.sample_variations(inputs, seeds, temperature, top_p, max_new_tokens, min_new_tokens, on_token)
+        return [Reasoning(hidden_states=states, token_ids=tokens, prompt=prompt, seed=seed,
+                          text=self.processor.tokenizer.decode(tokens, skip_special_tokens=True))
+                for seed, (tokens, states) in zip(seeds, samples)]
 
     def sample(
         self,
@@ -482,15 +549,60 @@ class Reasoner:
         otherwise transformers' generate runs, which can stop at EOS. `forced_tokens` (fast path only)
         feeds given tokens instead of sampled ones, to compare states on the same tokens.
         """
-        check_sampling(seed, temperature, top_p, max_new_tokens, min_new_tokens)
+        return self.sample_variations(inputs, [seed], temperature, top_p, max_new_tokens, min_new_tokens, on_token,
+                                      fast, None if forced_tokens is None else forced_tokens.view(1, -1))[0]
+
+    def sample_variations(
+        self,
+        inputs: dict,
+        seeds: Sequence[int],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_new_tokens: int = 128,
+        min_new_tokens: int = 1,
+        on_token: Callable[[int, int], None] | None = None,
+        fast: bool | None = None,
+        forced_tokens: torch.Tensor | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """sample() per seed: (token ids [n], states [n, hidden]) each. The fast path decodes them together
+        (FastDecoder.run_variations; `forced_tokens` [seeds, n]), transformers' generate one after another."""
+        seeds = list(seeds)
+        if not seeds:
+            raise ValueError("sample_variations needs at least one seed")
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        for seed in seeds:
+            check_sampling(seed, temperature, top_p, max_new_tokens, min_new_tokens)
         fast = self.fast if fast is None else fast
-        if forced_tokens is not None and not (fast and min_new_tokens == max_new_tokens == len(forced_tokens)):
+        if forced_tokens is not None and not (fast and min_new_tokens == max_new_tokens == forced_tokens.shape[-1]):
             raise ValueError("forced_tokens needs the fast path and exactly max_new_tokens = min_new_tokens tokens")
         with SAMPLING_LOCK:  # one run at a time in the process (see decode.SAMPLING_LOCK)
             if fast and min_new_tokens == max_new_tokens:
-                return self.decoder.run(inputs, max_new_tokens, seed, temperature, top_p, self.eos_token_ids,
-                                        forced_tokens, on_token)
-            return self._generate_plain(inputs, seed, temperature, top_p, max_new_tokens, min_new_tokens, on_token)
+                tokens, states = self.decoder.run_variations(inputs, max_new_tokens, seeds, temperature, top_p,
+                                                             self.eos_token_ids, forced_tokens, on_token)
+                return list(zip(tokens, states))
+            samples = []
+            for i, seed in enumerate(seeds):
+                # Progress over all variations: steps of the earlier ones done.
+                counted = None if on_token is None else \
+                    (lambda done, _total, before=i * max_new_tokens: on_token(before + done,
+                                                                              len(seeds) * max_new_tokens))
+                samples.append(self._generate_plain(inputs, seed, temperature, top_p, max_new_tokens, min_new_tokens,
+                                                    counted))
+            return samples
+
+    def decode_memory(self, prompt_tokens: int, max_new_tokens: int, variations: int = 1) -> int:
+        """Bytes a fast-path run needs beyond the weights: the static cache and state rows of every variation,
+        the sampler's per-row float32 temporaries over the vocabulary, and the prompt's activations in the
+        prefill (one layer's at a time: hidden states, q/k/v and the MLP's intermediate)."""
+        config = getattr(self.model.config, "text_config", self.model.config)
+        element = torch.finfo(self.model.dtype).bits // 8 if self.model.dtype.is_floating_point else 2
+        head_dim = config.hidden_size // config.num_attention_heads
+        length = cache_length(prompt_tokens, max_new_tokens)
+        cache = 2 * config.num_hidden_layers * variations * config.num_key_value_heads * length * head_dim * element
+        states = max(max_new_tokens, 128) * variations * config.hidden_size * element
+        sampler = 8 * variations * config.vocab_size * 4  # logits, sort, cumsum, masks, draws
+        prefill = prompt_tokens * (4 * config.hidden_size + 3 * config.intermediate_size) * element
+        return cache + states + sampler + prefill
 
     @property
     def compile(self) -> bool | None:

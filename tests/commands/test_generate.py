@@ -115,6 +115,10 @@ WHITE, BLUE = ASSETS / "white_car.png", ASSETS / "blue_car.png"
                            "--device out or use --device cpu"),
     (["--device", "gpu"], "--device 'gpu' is not a torch device, e.g. cuda, cuda:1 or cpu (Expected one of cpu"),
     (["--quantize", "4bit"], "4bit loading needs bitsandbytes, an optional dependency: pip install bitsandbytes"),
+    (["--variations", 0], "variations must be an integer >= 1 (1 = a single sampling), got 0"),
+    (["--seeds", -2], "seed must be an integer from 0 to 2**64 - 1, got -2"),
+    (["--seeds", 2**64 - 1, "--variations", 2], "variation i samples with seed + i, so seed + variations - 1 must be "
+                                                "at most 2**64 - 1; got seed 18446744073709551615 and 2 variations"),
 ])
 def test_bad_options_are_refused_before_any_model_loads(tiny_models, no_model_loads, capsys, options, message):
     import importlib.util
@@ -205,9 +209,10 @@ def test_options_of_the_other_variant_are_refused(tmp_path, tiny_models, no_mode
     assert code == 2 and err == ("error: the lvlm variant does not use --images, --prompt (given); leave them out or "
                                  "choose the other --variant\n")
     code, err = run_main(["generate", "--variant", "clip", "--vision", tiny_models["blip2"], "--aligner",
-                          tiny_models["aligner_clip"], *models, "--images", WHITE, "--max-new-tokens", "8"], capsys)
-    assert code == 2 and err == ("error: the clip variant does not use --max-new-tokens (given); leave it out or "
-                                 "choose the other --variant\n")
+                          tiny_models["aligner_clip"], *models, "--images", WHITE, "--max-new-tokens", "8",
+                          "--variations", "2"], capsys)
+    assert code == 2 and err == ("error: the clip variant does not use --max-new-tokens, --variations (given); leave "
+                                 "them out or choose the other --variant\n")
 
 
 def test_a_run_record_with_the_other_variants_options_still_runs(tmp_path, tiny_models, no_model_loads):
@@ -312,8 +317,9 @@ def test_a_run_names_its_seeds_bars_prints_answers_safely_and_ends_with_its_outp
         def __getattr__(self, name):
             return getattr(reasoner, name)
 
-        def reason(self, *args, **kwargs):
-            return dataclasses.replace(reasoner.reason(*args, **kwargs), text="a red car\x1b[2J\rgone\x07\n")
+        def reason_variations(self, *args, **kwargs):
+            return [dataclasses.replace(result, text="a red car\x1b[2J\rgone\x07\n")
+                    for result in reasoner.reason_variations(*args, **kwargs)]
 
     monkeypatch.setattr(module.Reasoner, "from_pretrained", lambda *args, **kwargs: Raw())
     out = tmp_path / "out"
@@ -329,3 +335,38 @@ def test_a_run_names_its_seeds_bars_prints_answers_safely_and_ends_with_its_outp
     assert all((out / name).is_file() for name in ("seed_3.png", "seed_4.png", "run.json"))
     generate(json.loads((out / "run.json").read_text()), out)  # nothing left to draw: the same last line
     assert capsys.readouterr().out.splitlines()[-1] == lines[-1]
+
+
+def test_variations_draw_an_image_per_seed_from_reasonings_decoded_together(tmp_path, tiny_models, reasoner,
+                                                                            monkeypatch):
+    import torch
+    from diffusers import FluxPipeline
+
+    from thinkdiff_core import Reasoner, load_aligner
+
+    calls, real_call = [], FluxPipeline.__call__
+    monkeypatch.setattr(FluxPipeline, "__call__", lambda pipe, *a, **k: calls.append(k) or real_call(pipe, *a, **k))
+    batches, real_variations = [], Reasoner.reason_variations
+    monkeypatch.setattr(Reasoner, "reason_variations",  # generate passes its seeds by name
+                        lambda self, *a, **k: batches.append(list(k["seeds"])) or real_variations(self, *a, **k))
+    items = ["white", str(ASSETS / "white_car.png"), "blue"]
+    out = tmp_path / "out"
+    record = generate({"vlm": str(tiny_models["vlm"]), "aligner": str(tiny_models["aligner"]),
+                       "flux": str(tiny_models["flux"]), "items": items, "seeds": [5, 6], "variations": 2, "steps": 1,
+                       "size": 16, "max_new_tokens": 4}, out, log=lambda _: None, progress=False)
+    # Seeds 5, 6 with two variations each: 5, 6, 7 once each, reasoned in one pass, an image each.
+    assert batches == [[5, 6, 7]]
+    monkeypatch.setattr(Reasoner, "reason_variations", real_variations)
+    assert [o["seed"] for o in record["outputs"]] == [5, 6, 7] and record["variations"] == 2
+    assert all((out / f"seed_{seed}.png").is_file() for seed in (5, 6, 7))
+    aligner = load_aligner(tiny_models["aligner"])
+    pictures = [Image.open(i) if i.endswith(".png") else i for i in items]
+    for call, seed, output in zip(calls, (5, 6, 7), record["outputs"]):
+        alone = reasoner.reason(pictures, seed=seed, max_new_tokens=4)
+        with torch.inference_mode():
+            expected = aligner(alone.hidden_states).float()
+        torch.testing.assert_close(call["prompt_embeds"][0].float().cpu(), expected, rtol=1e-4, atol=1e-5)
+        assert output["answer"] == alone.text
+    # The record runs again to the same images: nothing left to draw.
+    again = generate(json.loads((out / "run.json").read_text()), out, log=lambda _: None, progress=False)
+    assert again["outputs"] == record["outputs"] and len(calls) == 3

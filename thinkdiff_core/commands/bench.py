@@ -300,7 +300,7 @@ def step_profile(decoder: FastDecoder, prompt_tokens: int, steps: int = 8) -> di
     result = {"what": "CUDA kernels, device time" if cuda else "CPU ops, self time", "steps": steps,
               "attention_window": window}
     for name, launch in launches.items():
-        random = b.generator.get_state()
+        random = [generator.get_state() for generator in b.generators]
         with torch.inference_mode():
             b.slot.fill_(prompt_tokens)
             b.step.fill_(1)
@@ -311,7 +311,8 @@ def step_profile(decoder: FastDecoder, prompt_tokens: int, steps: int = 8) -> di
                 for _ in range(steps):
                     launch()
                 synchronize(device)
-        b.generator.set_state(random)
+        for generator, state in zip(b.generators, random):
+            generator.set_state(state)
         rows = []
         for event in profiler.key_averages():
             us = (getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)) \

@@ -23,16 +23,18 @@ from PIL import Image, UnidentifiedImageError
 from .. import compose, condition
 from ..aligner import aligner_state_dict, load_aligner, width_mismatch
 from ..files import atomic_write_text, read_json, written_aside
-from ..reason import Reasoner, check_vlm_folder, quantization_config
+from ..reason import Reasoner, check_vlm_folder, quantization_config, variation_seeds
 from ..render import GUIDANCE, SIZE, STEPS, check_flux_folder, check_options, free_memory, load_flux, render
 from ..vision import VisionEncoder, vision_hidden_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # The parameters of a run (what run.json holds besides its results).
 DEFAULTS = {"variant": "lvlm", "items": [], "images": [], "prompt": "", "instruction": None, "seeds": [0],
-            "steps": STEPS, "guidance": GUIDANCE, "size": None, "temperature": 0.6, "top_p": 0.9,
+            "variations": 1, "steps": STEPS, "guidance": GUIDANCE, "size": None, "temperature": 0.6, "top_p": 0.9,
             "max_new_tokens": 128, "device": None, "quantize": None, "vlm": None, "aligner": None, "vision": None, "flux": None}
 REQUIRED = {"lvlm": ("vlm", "aligner", "flux", "items"), "clip": ("vision", "aligner", "flux", "images")}
+# Reasonings decoded together at most (the fast path's batch; the Reason node's limit too).
+MAX_BATCH = 16
 
 
 # C0 controls but newline and tab, DEL, and C1 controls: a model's answer may hold any of them, and printed
@@ -127,7 +129,8 @@ def check_aligner_fit(params: dict) -> None:
 
 # Options of one variant that the other does not use (--top-p etc. on the command line).
 OTHER_VARIANT_OPTIONS = {"lvlm": ("images", "prompt", "vision"),
-                         "clip": ("items", "instruction", "vlm", "quantize", "temperature", "top_p", "max_new_tokens")}
+                         "clip": ("items", "instruction", "vlm", "quantize", "temperature", "top_p", "max_new_tokens",
+                                  "variations")}
 
 
 def check_params(params: dict) -> dict:
@@ -148,6 +151,8 @@ def check_params(params: dict) -> dict:
                          f"{'it' if len(unused) == 1 else 'them'} out or choose the other --variant")
     if not params["seeds"]:
         raise ValueError("give at least one seed")
+    for seed in params["seeds"]:
+        variation_seeds(seed, params["variations"])
     # Everything that can be checked without loading a model, so that a mistake costs seconds, not minutes.
     check_options(params["steps"], params["size"], params["device"])
     if params["quantize"] is not None:
@@ -193,33 +198,41 @@ def draw(params: dict, log=print, progress: bool = True, on_image=None) -> tuple
     """Run a checked job: {seed: (image, VLM answer or None)} and a report (timings, token count, device);
     on_image(seed, image, answer), if given, as each image is drawn.
 
-    One model family is in memory at a time: the VLM (or vision tower) leaves before FLUX arrives."""
+    The seeds' reasonings are decoded together, up to MAX_BATCH at a time (Reasoner.reason_variations: each is
+    its seed's single reasoning up to the rounding of batched products). One model family is in memory at a
+    time: the VLM (or vision tower) leaves before FLUX arrives."""
     from tqdm.auto import tqdm
 
     timings, started = Timings(), time.perf_counter()
     size = params["size"] or SIZE[params["variant"]]
     conditionings = {}  # seed -> (aligned tokens, answer text or None)
+    seeds = drawn_seeds(params["seeds"], params["variations"])
     if params["variant"] == "lvlm":
         items = load_items(params["items"])
         with timings("load_aligner_s"):
             aligner = load_aligner(params["aligner"])
         with timings("load_vlm_s"):
+            batches = [seeds[i:i + MAX_BATCH] for i in range(0, len(seeds), MAX_BATCH)]
             # One reasoning run would be over before a background compilation of the decode step is.
-            compile = None if len(params["seeds"]) > 1 else False
+            compile = None if len(batches) > 1 else False
             reasoner = Reasoner.from_pretrained(params["vlm"], device=params["device"], quantization=params["quantize"],
                                                 compile=compile)
         aligner.to(reasoner.device)
-        for seed in params["seeds"]:
-            with tqdm(total=params["max_new_tokens"], desc=f"reasoning (seed {seed})", disable=not progress) as bar, \
-                    timings("reason_s"):
-                result = reasoner.reason(items, instruction=params["instruction"], seed=seed,
-                                         temperature=params["temperature"], top_p=params["top_p"],
-                                         max_new_tokens=params["max_new_tokens"],
-                                         on_token=lambda done, total: bar.update(done - bar.n))
-            with timings("align_s"), torch.inference_mode():
-                conditionings[seed] = (aligner(result.hidden_states).float(), result.text)
-            log(f"seed {seed}: {printable(result.text)}")  # the files keep the answer as the model gave it
-        timings["reason_tokens_per_s"] = round(len(params["seeds"]) * params["max_new_tokens"] / timings["reason_s"], 2)
+        for batch in batches:
+            with tqdm(total=params["max_new_tokens"], desc=f"reasoning ({seed_list(batch)})",
+                      disable=not progress) as bar, timings("reason_s"):
+                def advance(done, total):  # steps: a token of every seed each on the fast path
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                results = reasoner.reason_variations(items, instruction=params["instruction"], seeds=batch,
+                                                     temperature=params["temperature"], top_p=params["top_p"],
+                                                     max_new_tokens=params["max_new_tokens"], on_token=advance)
+            for result in results:
+                with timings("align_s"), torch.inference_mode():
+                    conditionings[result.seed] = (aligner(result.hidden_states).float(), result.text)
+                log(f"seed {result.seed}: {printable(result.text)}")  # the files keep the answer as the model gave it
+        timings["reason_tokens_per_s"] = round(len(seeds) * params["max_new_tokens"] / timings["reason_s"], 2)
         del reasoner, aligner
     else:
         with timings("load_aligner_s"):
@@ -229,7 +242,7 @@ def draw(params: dict, log=print, progress: bool = True, on_image=None) -> tuple
         aligner.to(vision.device)
         with timings("encode_s"):
             tokens = compose.image_tokens(vision, aligner, [open_image(path) for path in params["images"]]).float()
-        conditionings = {seed: (tokens, None) for seed in params["seeds"]}
+        conditionings = {seed: (tokens, None) for seed in seeds}
         del vision, aligner
     free_memory()
 
@@ -249,6 +262,18 @@ def draw(params: dict, log=print, progress: bool = True, on_image=None) -> tuple
     timings["total_s"] = round(time.perf_counter() - started, 3)
     return drawn, {"timings": timings, "conditioning_tokens": inputs[0].shape[1],
                    "device_used": str(pipe._execution_device)}
+
+
+def drawn_seeds(seeds, variations) -> list[int]:
+    """Every seed a run draws: each given seed s and, with variations, s + 1 ... s + variations - 1 (once each,
+    in order). Values that are no seeds (a damaged run.json) are left out."""
+    drawn = []
+    for seed in seeds:
+        try:
+            drawn += [s for s in variation_seeds(seed, variations) if s not in drawn]
+        except ValueError:
+            continue
+    return drawn
 
 
 def seed_list(seeds: list[int]) -> str:
@@ -278,7 +303,8 @@ def earlier_outputs(out: Path, record: dict) -> list[dict]:
         raise ValueError(f"--out {out} holds the images of another run (its run.json: {'; '.join(changed)}); "
                          f"choose another --out, or run that one again to continue it")
     if changed:
-        for seed in (s for s in stored.get("seeds", []) if isinstance(s, int)):
+        stored_seeds = stored.get("seeds", [])
+        for seed in drawn_seeds(stored_seeds if isinstance(stored_seeds, list) else [], stored.get("variations", 1)):
             for suffix in (".png", ".txt"):
                 (out / f"seed_{seed}{suffix}").unlink(missing_ok=True)
     return outputs
@@ -321,7 +347,8 @@ def generate(params: dict, out_dir: str | os.PathLike, log=print, progress: bool
     except OSError as e:
         raise ValueError(f"--out {out} is not writable ({e.strerror}); give a folder you may write to") from e
     done = [output["seed"] for output in record["outputs"]]
-    remaining = [seed for seed in params["seeds"] if seed not in done]
+    every_seed = drawn_seeds(params["seeds"], params["variations"])
+    remaining = [seed for seed in every_seed if seed not in done]
     if not remaining:
         log(f"{out} already holds every seed of this run ({seed_list(done)}): nothing to draw")
         where()
@@ -340,7 +367,7 @@ def generate(params: dict, out_dir: str | os.PathLike, log=print, progress: bool
         log(f"wrote {out / (name + '.png')}")
 
     try:
-        _, report = draw({**params, "seeds": remaining}, log, progress, on_image=save)
+        _, report = draw({**params, "seeds": remaining, "variations": 1}, log, progress, on_image=save)
     except BaseException as e:
         kept = [output["seed"] for output in record["outputs"]]
         if not kept:  # a run that drew nothing leaves nothing behind (no empty folder, no record of nothing)
@@ -348,7 +375,7 @@ def generate(params: dict, out_dir: str | os.PathLike, log=print, progress: bool
             if created and not any(out.iterdir()):
                 out.rmdir()
         if isinstance(e, KeyboardInterrupt):
-            missing = [seed for seed in params["seeds"] if seed not in kept]
+            missing = [seed for seed in every_seed if seed not in kept]
             what = f"{seed_list(kept)} kept in {out} (listed in its run.json)" if kept else "no image drawn yet"
             raise KeyboardInterrupt(f"interrupted; {what}; run the same command again to draw "
                                     f"{seed_list(missing)}") from None
@@ -384,6 +411,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--instruction", help="lvlm: replaces the paper's instruction")
     parser.add_argument("--seeds", nargs="+", type=int,
                         help=f"one image per seed (default: {' '.join(map(str, DEFAULTS['seeds']))})")
+    parser.add_argument("--variations", type=int,
+                        help="lvlm: for each seed s also s+1 ... s+N-1, an image each; all reasonings are decoded "
+                             f"together, {MAX_BATCH} at a time (default: {DEFAULTS['variations']})")
     parser.add_argument("--steps", type=int, help=f"FLUX steps (default: {DEFAULTS['steps']})")
     parser.add_argument("--guidance", type=float, help=f"FLUX guidance (default: {DEFAULTS['guidance']})")
     parser.add_argument("--size", type=int, help=f"image width and height (default: {SIZE['lvlm']} for lvlm, "
