@@ -6,7 +6,8 @@
 # note, what would not fit. A stage is skipped, with a note, when less than its minimum is left:
 #   stage           min  budget  what (Qwen2-VL-7B's architecture with random weights, bf16)
 #   bench            90    240   generate vs fast vs fast_compiled (2-shot 612-token prompt, 128 tokens), leak
-#                                check, step profiles, the float32 4-layer exactness check; fast_compiled
+#                                check, step profiles, 1/2/4/8 variations decoded together (fast path), the
+#                                float32 4-layer exactness check; fast_compiled
 #                                compiles from an empty cache (the first call a new user sees): its wait for
 #                                the compilation is most of the budget
 #   comfyui_memory   90    180   benchmarks/comfyui_memory.py against a real ComfyUI's memory manager: the

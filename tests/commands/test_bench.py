@@ -52,7 +52,18 @@ def test_bench_on_a_folder_compares_generate_and_the_fast_path(tiny_models, tmp_
     unmet = ", ".join(goal for goal, met in fast["goals"].items() if not met) or "none"
     assert lines[2].startswith("  fast: first_call_s=") and lines[2].endswith(f" | goals unmet: {unmet}")
     assert lines[3] == "  fast_compiled: skipped=compilation is used with CUDA graphs only"
-    assert lines[4].startswith("  exactness: {")
+    variations = printed["variations"]
+    warm = ", ".join(f"{n}: {variations[n]['warm_s']} s" for n in ("1", "2", "4", "8"))
+    unmet = "none" if variations["four_vs_one"] <= 1.3 else "four_variations_within_1.3x_one"
+    assert lines[4] == f"  variations: warm {warm}; four_vs_one={variations['four_vs_one']} | goals unmet: {unmet}"
+    assert lines[5].startswith("  exactness: {")
+    # Variations: 1, 2, 4 and 8 sequences decoded together in this process, per step and per sequence.
+    assert variations["path"] == "fast" and [key for key in variations if key.isdigit()] == ["1", "2", "4", "8"]
+    for count in (1, 2, 4, 8):
+        entry = variations[str(count)]
+        assert entry["warm_s"] > 0 and entry["cuda_graph"] is False
+        assert entry["decode_ms_per_token_per_sequence"] == pytest.approx(entry["decode_ms_per_step"] / count, abs=1e-3)
+    assert variations["four_vs_one"] == round(variations["4"]["warm_s"] / variations["1"]["warm_s"], 3)
 
 
 def test_bench_with_random_weights_saves_loads_and_measures_quantisation_drift(tiny_models, tmp_path, capsys):
@@ -60,8 +71,10 @@ def test_bench_with_random_weights_saves_loads_and_measures_quantisation_drift(t
     saved = tmp_path / "random"
     assert main(["bench", "--config", str(tiny_models["vlm"] / "config.json"), "--device", "cpu", "--tokens", "8",
                  "--repeats", "1", "--leak-runs", "0", "--image-size", "56", "--prompt-tokens", "40",
-                 "--paths", "generate", "fast", "--save-random", str(saved), "--quantize", "8bit", "4bit"]) == 0
+                 "--paths", "generate", "fast", "--save-random", str(saved), "--quantize", "8bit", "4bit",
+                 "--variations"]) == 0
     printed = json.loads(capsys.readouterr().out)
+    assert "variations" not in printed  # --variations without counts: left out
     assert printed["prompt_tokens"] == 40 and printed["model"].startswith("random weights")
     assert printed["fast"]["vs_generate"]["same_tokens"] and printed["exactness"]["same_tokens"]
     assert printed["load"]["on_device"] and printed["load"]["min_cosine_vs_before_saving"] > 0.99999
@@ -79,6 +92,7 @@ def test_bench_with_random_weights_saves_loads_and_measures_quantisation_drift(t
     (["--vlm", "{vlm}", "--device", "cpu", "--tokens", "0"], "--tokens and --repeats must be at least 1, got 0 and 3"),
     (["--vlm", "{vlm}", "--device", "cpu", "--quantize", "8bit"],
      "--quantize needs bitsandbytes, an optional dependency: pip install bitsandbytes"),
+    (["--vlm", "{vlm}", "--device", "cpu", "--variations", "1", "0"], "--variations takes counts of at least 1, got 1 0"),
 ])
 def test_bench_refuses_bad_arguments_before_building_anything(tiny_models, capsys, monkeypatch, arguments, message):
     import importlib.util

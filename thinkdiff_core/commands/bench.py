@@ -53,12 +53,13 @@ PROMPT_TOKENS = 612
 TEMPERATURE, TOP_P = 0.6, 0.9  # the paper's sampling, for every path
 IMAGE_SIZE = 448
 PATHS = ("generate", "fast", "fast_compiled")
+VARIATIONS = (1, 2, 4, 8)  # sequences decoded together (the Reason node's variations)
 COMPILE_TIMEOUT_S = 180  # a compilation still running then is reported as not done; the run goes on
 # The least time (s) each stage needs to be started under --deadline: estimates for Qwen2-VL-7B on one
 # H100/H200 (a path's first call, warm runs and comparisons; the 16.6 GB save and loads from /dev/shm; the
 # quantising loads). Elsewhere (CPU dry runs of tiny models) 1 s each.
-GPU_STAGE_S = {"generate": 25, "fast": 10, "fast_compiled": 20, "leak": 10, "step_profile": 5, "exactness": 15,
-               "save_random": 40, "load": 30, "8bit": 45, "4bit": 35}
+GPU_STAGE_S = {"generate": 25, "fast": 10, "fast_compiled": 20, "leak": 10, "step_profile": 5, "variations": 25,
+               "exactness": 15, "save_random": 40, "load": 30, "8bit": 45, "4bit": 35}
 
 
 def stage_needs(device: torch.device) -> dict[str, float]:
@@ -213,7 +214,7 @@ def compare(states, tokens, reference_states, reference_tokens) -> dict:
 # generate's; the same draws for a seed are checked in float32 (`exactness`), where rounding cannot
 # flip a nearly tied draw.
 GOALS = {"x_floor": 1.4, "speedup_vs_generate": 4.0, "first_call_s": 5.0, "peak_gib": 16.5, "leak_mib": 100,
-         "state_cosine": 0.99}
+         "state_cosine": 0.99, "four_variations_vs_one": 1.3}
 
 
 def goals(measured: dict) -> dict:
@@ -342,12 +343,13 @@ class Bench:
     """The measurements of one model on one device; `results` is the JSON printed at the end."""
 
     def __init__(self, reasoner: Reasoner, inputs: dict, tokens: int, repeats: int, seed: int, log=print,
-                 deadline: Deadline | None = None, later_stages=()):
+                 deadline: Deadline | None = None, later_stages=(), variation_counts=VARIATIONS):
         self.reasoner, self.inputs, self.tokens, self.repeats, self.seed, self.log = \
             reasoner, inputs, tokens, repeats, seed, log
         self.device = reasoner.device
         self.deadline = deadline or Deadline()
         self.later_stages = tuple(later_stages)  # what the run does after the paths: the compile wait leaves it time
+        self.variation_counts = tuple(variation_counts)
         self.results: dict = {}
 
     def sampler(self, path: str):
@@ -440,6 +442,7 @@ class Bench:
             decoder = None
             try:  # one failing path must not cost the others' numbers (GPU time is short)
                 later = ("leak",) * checks_leaks + ("step_profile", *paths[i + 1:], *self.later_stages)
+                later += ("variations",) * bool(self.variation_counts)
                 measured, run, decoder, tokens, states = self.measure(path, later)
                 results[path] = measured
                 if path == "generate":
@@ -464,6 +467,13 @@ class Bench:
                 on_result(results)
             if decoder is not None:
                 decoder.release()
+        if self.variation_counts:
+            try:
+                results["variations"] = self.variations(self.variation_counts)
+            except Exception as e:  # noqa: BLE001 - recorded in the JSON
+                results["variations"] = {"error": f"{type(e).__name__}: {e}"}
+            if on_result:
+                on_result(results)
         return results
 
     def against_generate(self, measured, run, tokens, states, reference) -> None:
@@ -478,6 +488,49 @@ class Bench:
         measured["speedup_vs_generate"] = round(self.results["generate"]["warm_s"] / measured["warm_s"], 2)
         if "floor_s" in self.results:
             measured["x_floor"] = round(measured["warm_s"] / self.results["floor_s"], 3)
+
+    def variations(self, counts) -> dict:
+        """Each count of sequences decoded together (seeds seed, seed + 1, ...) in this one process: warm latency,
+        decode time per step and per token of each sequence, peak memory. On the fast path without
+        compilation, so that no count waits for a compilation of its own; decoding is memory-bound, so a step
+        of several rows reads the weights once, as a step of one does (goal: 4 in <= 1.3x the time of 1)."""
+        r, measured = self.reasoner, {"path": "fast"}
+        decoder = FastDecoder(r.model)
+        try:
+            for count in counts:
+                late = self.deadline.too_late("variations")
+                if late:
+                    measured[str(count)] = late
+                    continue
+                seeds = [self.seed + i for i in range(count)]
+
+                def run(n, _seed, on_token=None, seeds=seeds):
+                    return decoder.run_variations(self.inputs, n, seeds, TEMPERATURE, TOP_P, r.eos_token_ids,
+                                                  on_token=on_token)
+
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                first, _ = timed(lambda: run(self.tokens, self.seed), self.device)  # new buffers and graphs
+                warm, decodes = [], []
+                for _ in range(self.repeats):
+                    seconds, _, decode = timed_run(run, self.tokens, self.seed, self.device)
+                    warm.append(seconds)
+                    decodes.append(decode)
+                entry = {"first_call_s": round(first, 4), "warm_s": round(statistics.median(warm), 4),
+                         "cuda_graph": bool(decoder._graphs), **memory(self.device)}
+                if self.tokens > 1:
+                    per_step = 1000 * statistics.median(decodes) / (self.tokens - 1)
+                    entry.update(decode_ms_per_step=round(per_step, 3),
+                                 decode_ms_per_token_per_sequence=round(per_step / count, 3))
+                measured[str(count)] = entry
+                self.log(f"variations {count}: {json.dumps(entry)}")
+        finally:
+            decoder.release()
+        one, four = measured.get("1", {}).get("warm_s"), measured.get("4", {}).get("warm_s")
+        if one and four:
+            measured["four_vs_one"] = round(four / one, 3)
+            measured["goals"] = {"four_variations_within_1.3x_one": four / one <= GOALS["four_variations_vs_one"]}
+        return measured
 
     def leak_check(self, run, decoder, runs: int) -> dict:
         return leak_over_runs(lambda i: run(self.tokens, self.seed + i), decoder, runs, self.device)
@@ -655,7 +708,7 @@ def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 1
               seed: int = 0, paths=PATHS, quantize=(), save_random: str | None = None, config: str | None = None,
               prompt_tokens: int = PROMPT_TOKENS, image_size: int = IMAGE_SIZE, leak_runs: int = 10,
               out: str | None = None, drop_cache: bool = False, log=print, deadline: float | None = None,
-              check_exactness: bool = True) -> dict:
+              check_exactness: bool = True, variations=VARIATIONS) -> dict:
     """Everything above; writes the JSON to `out` after each stage (a cut-off run keeps what it measured).
 
     `deadline` (a time.time()): stages that would not fit before it are skipped with a note, and the compile
@@ -670,6 +723,8 @@ def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 1
                          "Qwen2-VL-7B (about 33 GB in float32), which is meant for a GPU")
     if tokens < 1 or repeats < 1:
         raise ValueError(f"--tokens and --repeats must be at least 1, got {tokens} and {repeats}")
+    if any(count < 1 for count in variations):
+        raise ValueError(f"--variations takes counts of at least 1, got {' '.join(map(str, variations))}")
     for quantization in quantize:
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"--quantize takes {' or '.join(QUANTIZATIONS)}, got {quantization!r}")
@@ -699,7 +754,7 @@ def run_bench(vlm: str | None = None, device: str | None = None, tokens: int = 1
     saves = bool(save_random and not vlm)
     loads = bool(quantize or save_random)  # from --vlm, or from what was saved
     later_stages = ("exactness",) * check_exactness + ("save_random",) * saves + ("load", *quantize) * loads
-    bench = Bench(reasoner, inputs, tokens, repeats, seed, log, deadline, later_stages)
+    bench = Bench(reasoner, inputs, tokens, repeats, seed, log, deadline, later_stages, variations)
     bench.results.update(source)
     results = bench.run(paths, leak_runs, on_result=write)
     write(results)  # a path skipped last, too
@@ -755,6 +810,14 @@ def summary(results: dict) -> list[str]:
             unmet = [goal for goal, met in measured.get("goals", {}).items() if not met]
             verdict = f" | goals unmet: {', '.join(unmet) or 'none'}" if "goals" in measured else ""
             lines.append(f"  {path}: {numbers}{verdict}")
+    variations = results.get("variations", {})
+    if variations:
+        counts = [key for key in variations if key.isdigit()]
+        per_count = ", ".join(f"{count}: {variations[count].get('warm_s')} s" for count in counts)
+        goal = "" if "goals" not in variations else \
+            f" | goals unmet: {', '.join(g for g, met in variations['goals'].items() if not met) or 'none'}"
+        lines.append(f"  variations: warm {per_count}; four_vs_one={variations.get('four_vs_one')}"
+                     f"{variations.get('error', '')}{goal}")
     for stage in ("exactness", "load", "8bit", "4bit"):
         if stage in results:
             lines.append(f"  {stage}: {json.dumps(results[stage])}")
@@ -776,6 +839,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=612, help="random weights: prompt length")
     parser.add_argument("--image-size", type=int, default=448, help="random weights: side of the two images")
     parser.add_argument("--leak-runs", type=int, default=10, help="fast path runs of the leak check (0: none)")
+    parser.add_argument("--variations", nargs="*", type=int, default=list(VARIATIONS),
+                        help="counts of sequences decoded together to measure, on the fast path (none: leave out)")
     parser.add_argument("--quantize", nargs="+", default=[], choices=["8bit", "4bit"],
                         help="also load quantised (needs bitsandbytes) and measure the drift of its states")
     parser.add_argument("--save-random", help="save the random model here (safetensors) to measure loading "
@@ -794,7 +859,7 @@ def run(args: argparse.Namespace) -> None:
     results = run_bench(args.vlm, args.device, args.tokens, args.repeats, args.seed, args.paths, args.quantize,
                         args.save_random, args.config, args.prompt_tokens, args.image_size, args.leak_runs, args.out,
                         args.drop_page_cache, log=lambda line: print(line, file=sys.stderr), deadline=args.deadline,
-                        check_exactness=not args.no_exactness)
+                        check_exactness=not args.no_exactness, variations=args.variations)
     print(json.dumps(results, indent=2))
     if args.out:  # stdout stays the JSON alone; the last line says where it is kept
         print(f"results: {args.out}", file=sys.stderr)
