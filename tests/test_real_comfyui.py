@@ -8,14 +8,16 @@ ThinkDiff models (aligners widened to T5's 4096), a tiny FLUX.1-dev in diffusers
 them) and random full-size CLIP-L, T5-XXL (fp8) and FLUX VAE, which ComfyUI builds from fixed configs.
 The example images are not copied into ComfyUI's input folder: the pack puts them there itself. The test checks
 that ComfyUI lists the UI workflows (only those) as Templates with their thumbnails, queues each shipped API
-workflow unchanged over HTTP and, where playwright and Chromium are installed, loads the UI workflows into
-ComfyUI's own frontend and runs the reasoning one opened from the Templates menu. About 6 minutes and 6 GB of disk.
+workflow unchanged over HTTP, and the reasoning one with 2 variations (two pictures), and, where playwright and
+Chromium are installed, loads the UI workflows into ComfyUI's own frontend and runs the reasoning one opened from
+the Templates menu. About 6-10 minutes (2 cores) and 6 GB of disk.
 THINKDIFF_SCREENSHOTS=DIR saves the Templates dialog (templates_extensions.png) and the page after each run from
 it, to look at the Reason node's answer, and the frontend console's warnings (console_warnings.txt).
 """
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -45,8 +47,8 @@ ASSETS = REPO / "thinkdiff_core" / "assets"
 T5_WIDTH = 4096
 FLUX_WIDTH = 128
 # Reasoning runs that must execute need seeds new to the server (a repeat is served from its cache); the
-# shipped workflows use 0.
-PREVIEW_ONLY_SEED, FRONTEND_SEED = 2, 1
+# shipped workflows use 0. Variations use their seed and the next.
+PREVIEW_ONLY_SEED, FRONTEND_SEED, VARIATIONS_SEED = 2, 1, 3
 
 # Code run in a new process in the ComfyUI checkout, on the CPU, importing its `comfy` package.
 PROBE_PREAMBLE = """
@@ -278,6 +280,31 @@ def test_shipped_api_workflow_runs_unchanged(server, name):
         preview_id = next(i for i, node in prompt.items() if node["class_type"] == "PreviewAny")
         answer = entry["outputs"][reason_id]["text"]
         assert len(answer) == 1 and answer[0] and entry["outputs"][preview_id]["text"] == answer
+
+
+def test_reasoning_variations_draw_a_picture_each(server):
+    from PIL import Image
+
+    server.skip_without_tiny_flux()
+    prompt = json.loads((API_FOLDER / f"{REASONING} (API).json").read_text())
+    reason_id = next(i for i, node in prompt.items() if node["class_type"] == "ThinkDiffReason")
+    prompt[reason_id]["inputs"].update(seed=VARIATIONS_SEED, variations=2)
+    latent = next(node["inputs"] for node in prompt.values() if node["class_type"] == "EmptySD3LatentImage")
+    latent["batch_size"] = 2  # latent i is drawn from the conditioning's row i
+    entry = server.run(prompt)
+
+    saved = [image for output in entry["outputs"].values() for image in output.get("images", [])]
+    pictures = [np.asarray(Image.open(server.base / "output" / image["subfolder"] / image["filename"]))
+                for image in saved]
+    assert [p.shape for p in pictures] == [(latent["height"], latent["width"], 3)] * 2
+    assert all(p.std() > 0 for p in pictures)  # SaveImage writes NaN as 0
+    assert not np.array_equal(*pictures)  # also from each latent's own noise: the answers below show the rows differ
+    (answer,) = entry["outputs"][reason_id]["text"]
+    parts = re.fullmatch(rf"variation 1 \(seed {VARIATIONS_SEED}\):\n(.+)\n\nvariation 2 \(seed "
+                         rf"{VARIATIONS_SEED + 1}\):\n(.+)", answer, re.DOTALL)
+    assert parts, answer
+    # Different seeds sample different tokens, whose states are the two rows of conditioning.
+    assert parts[1] != parts[2]
 
 
 def test_comfyui_counts_a_quantised_vlm_as_loaded(server):
