@@ -1,7 +1,10 @@
 import csv
 import json
+import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -280,6 +283,93 @@ def test_missing_outputs_count_as_wrong(data, tmp_path, models):
     assert summary["rows"][0]["correct"] == 0 and summary["rows"][0]["judged"] == 0 and summary["average"] == 0
 
 
+ORDER = [(1, 0), (1, 1), (6, 0), (6, 1)]  # the prompts of tasks 1 and 6 with --limit 2, in the run's order
+
+
+def rendered(data, out, **share):
+    """A run of tasks 1 and 6 (or a process's share of it) whose prompts all have a stand-in image on disk."""
+    run = Run(data, out, shot=2, tasks="1,6", limit=2, log=lambda _: None, **share)
+    for prompt in run.prompts:
+        image = run.files(prompt)["image"]
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (10 * prompt.index, 20 * prompt.task, 0)).save(image)
+    return run
+
+
+def judge_share(run):
+    return run.judge(ScriptedJudge(planned_answers(run.data, [(p.task, p.index) for p in run.unjudged()])),
+                     log=lambda _: None)
+
+
+def test_processes_judge_their_shares_and_the_merge_gives_the_single_process_result(data, tmp_path):
+    single = rendered(data, tmp_path / "one")
+    judge_share(single)
+    # Three processes: an uneven split, and a process holding a later prompt of a task than the next one.
+    shares = [rendered(data, tmp_path / "three", process_index=i, num_processes=3) for i in range(3)]
+    assert [[(p.task, p.index) for p in run.mine] for run in shares] == [[(1, 0), (6, 1)], [(1, 1)], [(6, 0)]]
+    assert [p.name for p in shares[0].prompts] == [p.name for p in single.prompts]  # each knows the whole run
+    for run in reversed(shares):  # the order in which the processes finish changes nothing
+        judge_share(run)
+        assert run.unjudged() == []
+    one, three = tmp_path / "one" / "shot_2", tmp_path / "three" / "shot_2"
+    assert sorted(p.name for p in (three / "task_6").iterdir() if p.suffix == ".jsonl") == \
+        ["results.rank0.jsonl", "results.rank2.jsonl"]  # no file appended to by two processes
+    shares[0].merge()
+    for task in (1, 6):
+        assert sorted(p.name for p in (three / f"task_{task}").iterdir() if p.suffix == ".jsonl") == ["results.jsonl"]
+        assert (three / f"task_{task}" / "results.jsonl").read_bytes() == \
+            (one / f"task_{task}" / "results.jsonl").read_bytes()
+    assert shares[0].summarize() == single.summarize()
+    for name in ("accuracy.csv", "accuracy.md", "grid.png"):
+        assert (three / name).read_bytes() == (one / name).read_bytes()
+
+
+def test_runs_of_one_or_several_processes_resume_each_other(data, tmp_path):
+    clean = rendered(data, tmp_path / "clean")
+    judge_share(clean)
+    folder = tmp_path / "two" / "shot_2"
+    first, second = [rendered(data, tmp_path / "two", process_index=i, num_processes=2) for i in range(2)]
+    judge_share(first)
+    judge_share(second)
+    part = folder / "task_6" / "results.rank1.jsonl"
+    part.write_text(part.read_text()[:50])  # the second process killed while appending its last judgement
+    single, messages = rendered(data, tmp_path / "two"), []
+    single.log = messages.append
+    single.merge()
+    assert messages == [f"warning: {part}: dropped 1 incomplete line (50 bytes) left by an interrupted write; kept "
+                        f"the 0 complete ones"]
+    assert not part.exists() and [(p.task, p.index) for p in single.unjudged()] == [(6, 1)]
+    judge_share(single)
+    for task in (1, 6):
+        assert (folder / f"task_{task}" / "results.jsonl").read_bytes() == \
+            (clean.out / f"task_{task}" / "results.jsonl").read_bytes()
+
+    # Two processes resuming two: the second had judged its share, the first nothing. The records end in prompt
+    # order all the same.
+    again = [rendered(data, tmp_path / "again", process_index=i, num_processes=2) for i in range(2)]
+    judge_share(again[1])
+    again[0].merge()  # as the resumed run starts
+    judge_share(again[0])
+    again[0].merge()
+    for task in (1, 6):
+        assert (again[0].out / f"task_{task}" / "results.jsonl").read_bytes() == \
+            (clean.out / f"task_{task}" / "results.jsonl").read_bytes()
+
+    # A kill after results.jsonl took the records in, before their files were removed: taken once.
+    (folder / "task_1" / "results.rank0.jsonl").write_text((folder / "task_1" / "results.jsonl").read_text())
+    single.merge()
+    assert (folder / "task_1" / "results.jsonl").read_bytes() == (clean.out / "task_1" / "results.jsonl").read_bytes()
+    assert not (folder / "task_1" / "results.rank0.jsonl").exists()
+
+    # Two processes resuming one process's folder (stopped after its first judgement): each judges what is left
+    # of its share.
+    with pytest.raises(KeyboardInterrupt):
+        rendered(data, tmp_path / "one").judge(ScriptedJudge(planned_answers(data, ORDER), fail_after=2),
+                                               log=lambda _: None)
+    shares = [rendered(data, tmp_path / "one", process_index=i, num_processes=2) for i in range(2)]
+    assert [[(p.task, p.index) for p in run.unjudged()] for run in shares] == [[(6, 0)], [(1, 1), (6, 1)]]
+
+
 def test_judge_runs_a_local_vlm_folder(tiny_models):
     from thinkdiff_core.commands.cobsat_judge import VLMJudge
 
@@ -339,3 +429,51 @@ def test_cobsat_command_end_to_end(data, tmp_path, tiny_models):
         [sys.executable, "-m", "thinkdiff_core", "cobsat", "--data", str(data), "--tasks", "Colour-I",
          "--vlm", "x", "--aligner", "x", "--flux", "x"], cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr.startswith("error: unknown CoBSAT task 'Colour-I'")
+
+
+def quick_judge(vlm, folder):
+    """The tiny VLM as a judge whose every token ends its answer: one token a question where it would write
+    512 (most of an end-to-end run's time); what it answers is not what these runs check."""
+    shutil.copytree(vlm, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"] = list(range(json.loads((folder / "config.json").read_text())["vocab_size"]))
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch_give_the_single_process_result(data, tmp_path, tiny_models):
+    command = ["-m", "thinkdiff_core", "cobsat", "--data", str(data), "--tasks", "1,6", "--limit", "2", "--vlm",
+               str(tiny_models["vlm"]), "--aligner", str(tiny_models["aligner"]), "--flux", str(tiny_models["flux"]),
+               "--judge", str(quick_judge(tiny_models["vlm"], tmp_path / "judge")), "--steps", "1", "--size", "32"]
+    one = subprocess.run([sys.executable, *command, "--out", str(tmp_path / "one")], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    # --multi_gpu without GPUs: torchrun starts the processes (accelerate's --cpu would start one), on the CPU.
+    launcher = Path(sys.executable).parent / "accelerate"
+    two = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+                          *command, "--out", str(tmp_path / "two")], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # The run's k-th prompt is process k % 2's; its lines read "[process i] [reason n/2] task t <name>: ...".
+    for process, names in [(0, ["0_bag_purple_white_pink", "0_3d_chair_hat_car"]),
+                           (1, ["1_hat_blue_orange_yellow", "1_sketch_bag_box_leaf"])]:
+        for stage in ("reason", "judge"):
+            assert [line.split()[6].rstrip(":") for line in two.stdout.splitlines()
+                    if line.startswith(f"[process {process}] [{stage} ")] == names
+    assert two.stdout.count("CoBSAT 2-shot: 4 prompts over tasks Color-I, Style-II, shared by 2 processes\n") == 1
+    assert two.stdout.count("table: ") == 1 and two.stdout.splitlines()[-1] == \
+        one.stdout.splitlines()[-1].replace(str(tmp_path / "one"), str(tmp_path / "two"))
+    # The same tokens, answers, images, judgements, table and grid, byte for byte; no process's file left.
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert len(files) == 4 * 3 + 2 + 3  # per prompt tokens, answer, image; results.jsonl per task; the tables, grid
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

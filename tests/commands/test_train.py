@@ -373,9 +373,16 @@ def test_prepare_and_train_commands(images, tiny_models, tmp_path):
 def test_two_processes_with_accelerate_launch(prepared, tiny_models, tmp_path):
     from pathlib import Path
 
+    import socket
+
+    with socket.socket() as probe:  # a free port for the processes' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     launcher = Path(sys.executable).parent / "accelerate"
-    result = subprocess.run([str(launcher), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-                             "no", "--dynamo_backend", "no", "--cpu", "-m", "thinkdiff_core", "train", "--variant",
+    # --multi_gpu without GPUs: torchrun starts both processes, on the CPU (accelerate's --cpu would start one).
+    result = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "-m", "thinkdiff_core", "train", "--variant",
                              "lvlm", "--t5", str(tiny_models["flan_t5"]), "--data", str(prepared), "--out",
                              str(tmp_path), "--steps", "4", "--batch-size", "4", "--val-fraction", "0", "--save-every",
                              "4", "--log-every", "2", "--cpu"], cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -385,7 +392,11 @@ def test_two_processes_with_accelerate_launch(prepared, tiny_models, tmp_path):
     assert result.stdout.splitlines()[-1] == f"aligner: {tmp_path / 'aligner.safetensors'}"
     assert result.stdout.count("aligner: ") == 1
     assert load_aligner(tmp_path / "aligner.safetensors").in_features == 64
-    assert json.loads((tmp_path / "trainer.json").read_text())["step"] == 4
+    progress = json.loads((tmp_path / "trainer.json").read_text())
+    assert progress["step"] == 4
+    # Two processes: accelerate saved each one's random state.
+    assert sorted(p.name for p in (tmp_path / progress["state"]).glob("random_states_*.pkl")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
 
 
 def test_weight_decay_skips_the_aligners_biases_and_norm(prepared, tiny_models, tmp_path, monkeypatch):

@@ -14,6 +14,13 @@ Work happens in stages that each skip what is already on disk (reason -> tokens,
 judge -> results.jsonl), so an interrupted run resumes where it stopped. Every file is written aside and
 renamed into place, and results.jsonl, appended to, loses at most a last line cut off by a kill (dropped,
 with a warning, when the run resumes), so whatever a kill leaves is either whole or redone.
+
+Under `accelerate launch` the prompts are shared out (the run's k-th prompt, tasks in order, goes to process
+k % N), each process on its own device. Each writes its prompts' files and appends its judgements to a file
+of its own, task_<t>/results.rank<i>.jsonl (no two processes append to one file), and the main process
+folds those into results.jsonl, then writes the table and the grid. A prompt's seed is the same whoever
+draws it, so the result is a single process's, and the finished folder is too: either kind of run resumes
+the other's.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import json
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -62,6 +70,10 @@ PAPER_AVERAGE = {4: 0.463}
 STAGES = ("reason", "render", "judge")
 GRID_BACKGROUND = (200, 200, 200)  # grid.png's page: white and black images both stand out on it
 NOT_JUDGED = (80, 80, 80)  # the frame and verdict of an output not judged yet (darker than the page)
+# How long a process of an `accelerate launch` waits for the others: at the end, the main process waits for
+# the slowest (a resumed folder's work may be spread unevenly), where torch gives up after 10 (NCCL) or 30
+# minutes. A process that fails ends the launch, so no wait outlives it.
+PROCESS_WAIT = timedelta(days=7)
 
 
 def spaces(task: int) -> tuple[str, str]:
@@ -169,10 +181,11 @@ def parse_tasks(text: str) -> list[int]:
 
 
 class Run:
-    """One CoBSAT evaluation: shot count, tasks, the item limit, and where its files go."""
+    """One CoBSAT evaluation: shot count, tasks, the item limit, and where its files go; with `num_processes`
+    above 1, this process's share of the prompts (`mine`), run on `device` (None: the loaders' default)."""
 
     def __init__(self, data, out, shot: int = 2, tasks="all", limit: int | None = None, seed: int = 0,
-                 log=print):
+                 log=print, process_index: int = 0, num_processes: int = 1, device=None):
         if not 1 <= shot <= MAX_SHOTS:
             raise ValueError(f"--shots must be between 1 and {MAX_SHOTS} (CoBSAT's prompts draw the demonstrations, "
                              f"the query and the shared attribute from 10 items), got {shot}")
@@ -186,6 +199,8 @@ class Run:
         lists = prompt_lists(self.data)
         count = min(limit or PROMPTS, len(lists))
         self.prompts = [build_prompt(self.data, task, i, shot, lists) for task in self.tasks for i in range(count)]
+        self.process_index, self.num_processes, self.device = process_index, num_processes, device
+        self.mine = self.prompts[process_index::num_processes]
 
     def folder(self, prompt: Prompt) -> Path:
         return self.out / f"task_{prompt.task}"
@@ -195,20 +210,49 @@ class Run:
         return {"tokens": base.with_suffix(".safetensors"), "answer": base.with_suffix(".json"),
                 "image": base.with_suffix(".jpg")}
 
-    def judged(self) -> dict[str, dict]:
-        """The judgements in results.jsonl; a last line cut off by a kill is dropped with a warning (its prompt
+    def records_file(self, task: int) -> Path:
+        """Where this process appends its judgements: results.jsonl, or one of several processes' own file."""
+        name = "results.jsonl" if self.num_processes == 1 else f"results.rank{self.process_index}.jsonl"
+        return self.out / f"task_{task}" / name
+
+    def read_records(self, path: Path) -> list[dict]:
+        """The records of a judgements file; a last line cut off by a kill is dropped with a warning (its prompt
         is judged again), and the file left ending in a whole line for the next append."""
+        def valid(line):
+            record = parse_json(line, path.name)
+            return isinstance(record["name"], str) and isinstance(record["index"], int)
+
+        return [parse_json(line, path.name) for line in complete_lines(path, valid, self.log)]
+
+    def judged(self) -> dict[str, dict]:
+        """The judgements in results.jsonl and in this process's own file (no other process writes either)."""
         records = {}
         for task in self.tasks:
-            for line in complete_lines(self.out / f"task_{task}" / "results.jsonl",
-                                       lambda line: isinstance(parse_json(line, "results.jsonl")["name"], str), self.log):
-                record = parse_json(line, "results.jsonl")
-                records[f"{task}/{record['name']}"] = record
+            for path in {self.out / f"task_{task}" / "results.jsonl", self.records_file(task)}:
+                records.update({f"{task}/{record['name']}": record for record in self.read_records(path)})
         return records
 
+    def merge(self) -> None:
+        """Fold the processes' judgements files (results.rank<i>.jsonl) into results.jsonl, which then holds
+        every record in prompt order, as one process writes them, and remove them; only while no process
+        judges. results.jsonl is replaced whole before they go, so a kill in between leaves records twice, and
+        the next merge takes them once. A line of results.jsonl cut off by a kill is dropped here even when
+        there is nothing to fold in, so that no process rewrites the file later."""
+        for task in self.tasks:
+            folder = self.out / f"task_{task}"
+            kept = self.read_records(folder / "results.jsonl")
+            parts = sorted(folder.glob("results.rank*.jsonl"))
+            if not parts:
+                continue
+            records = {r["name"]: r for part in parts for r in self.read_records(part)} | {r["name"]: r for r in kept}
+            atomic_write_text(folder / "results.jsonl", "".join(
+                json.dumps(record) + "\n" for record in sorted(records.values(), key=lambda record: record["index"])))
+            for part in parts:
+                part.unlink()
+
     def unreasoned(self) -> list[Prompt]:
-        """The prompts without aligned tokens on disk."""
-        return [p for p in self.prompts if not self.files(p)["tokens"].is_file()]
+        """This process's prompts without aligned tokens on disk."""
+        return [p for p in self.mine if not self.files(p)["tokens"].is_file()]
 
     def reason(self, vlm, aligner, log=print) -> int:
         """Reason over every prompt without tokens on disk; `vlm`/`aligner` are paths or loaded models."""
@@ -225,7 +269,7 @@ class Run:
         loaded = load_aligner(aligner) if is_path(aligner) else aligner
         check_aligner_width(loaded.in_features, vlm_hidden_size(vlm) if is_path(vlm) else vlm.hidden_size,
                             aligner if is_path(aligner) else "(given)", vlm if is_path(vlm) else "(given)")
-        reasoner = Reasoner.from_pretrained(vlm) if is_path(vlm) else vlm
+        reasoner = Reasoner.from_pretrained(vlm, device=self.device) if is_path(vlm) else vlm
         aligner = loaded.to(reasoner.device)
         for n, prompt in enumerate(pending, start=1):
             result = reasoner.reason(prompt.items(), seed=self.seed + prompt.index)
@@ -246,10 +290,10 @@ class Run:
         from ..condition import flux_inputs
         from ..render import load_flux, render
 
-        pending = [p for p in self.prompts if self.files(p)["tokens"].is_file() and not self.files(p)["image"].is_file()]
+        pending = [p for p in self.mine if self.files(p)["tokens"].is_file() and not self.files(p)["image"].is_file()]
         if not pending:
             return 0
-        pipe = load_flux(flux) if is_path(flux) else flux
+        pipe = load_flux(flux, device=self.device) if is_path(flux) else flux
         for n, prompt in enumerate(pending, start=1):
             files = self.files(prompt)
             tokens = load_file(str(files["tokens"]))["tokens"]
@@ -262,7 +306,7 @@ class Run:
 
     def unjudged(self) -> list[Prompt]:
         done = self.judged()
-        return [p for p in self.prompts if self.files(p)["image"].is_file() and f"{p.task}/{p.name}" not in done]
+        return [p for p in self.mine if self.files(p)["image"].is_file() and f"{p.task}/{p.name}" not in done]
 
     def judge(self, judge, log=print) -> int:
         """Ask `judge` (anything with .ask(image, question) -> str) about every rendered, unjudged image."""
@@ -278,7 +322,7 @@ class Run:
                 record[key] = {"question": asked[key], "response": response, "answer": answer,
                                "correct": answer == ITEMS[space].index(prompt.truth[key]) + 1}
             record["correct"] = record["detail"]["correct"] and record["obj"]["correct"]
-            with open(self.folder(prompt) / "results.jsonl", "a") as f:
+            with open(self.records_file(prompt.task), "a") as f:
                 f.write(json.dumps(record) + "\n")
             log(f"[judge {n}/{len(pending)}] task {prompt.task} {prompt.name}: "
                 f"{'correct' if record['correct'] else 'wrong'}")
@@ -350,13 +394,31 @@ class Run:
 
 
 def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all", limit: int | None = None,
-               seed: int = 0, steps: int = 28, guidance: float = 3.5, size: int = 512, log=print) -> dict:
-    """All stages: models are loaded one at a time (paths) or used as given (loaded objects, e.g. in tests)."""
+               seed: int = 0, steps: int = 28, guidance: float = 3.5, size: int = 512, log=print) -> dict | None:
+    """All stages: models are loaded one at a time (paths) or used as given (loaded objects, e.g. in tests).
+    Under `accelerate launch` each process runs its share; once all are done, the main process merges the
+    judgements, writes the table and the grid and returns the summary (the others return None)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
     from ..aligner import aligner_state_dict
     from .cobsat_judge import VLMJudge, check_judge_folder
     from .generate import check_flux_width
 
-    run = Run(data, out, shot, tasks, limit, seed, log)
+    # Processes on the CPU for `accelerate launch --cpu` or a machine without CUDA (accelerate would leave
+    # each process alone there, and each would do the whole run).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available(),
+                         timeout=PROCESS_WAIT)
+    several = state.num_processes > 1
+    prefix = f"[process {state.process_index}] " if several else ""
+
+    def progress(message):  # says which process speaks, when several do
+        log(prefix + message)
+
+    # A GPU per process under accelerate launch, or the plain CPU (transformers reads the index of accelerate's
+    # "cpu:1" as a GPU's); a single process keeps the loaders' default (CUDA if any).
+    device = (state.device if state.device.type == "cuda" else torch.device("cpu")) if several else None
+    run = Run(data, out, shot, tasks, limit, seed, progress, state.process_index, state.num_processes, device)
     # Checked now rather than after hours of reasoning (the VLM and aligner are checked before reasoning).
     check_options(steps, size)
     if is_path(flux):
@@ -365,20 +427,32 @@ def run_cobsat(data, out, vlm, aligner, flux, judge, shot: int = 2, tasks="all",
             check_flux_width(aligner_state_dict(aligner)[0]["0.weight"].shape[0], aligner, flux)
     if is_path(judge):
         check_judge_folder(Path(judge))
-    log(f"CoBSAT {shot}-shot: {len(run.prompts)} prompts over tasks {', '.join(TASKS[t][0] for t in run.tasks)}")
+    if state.is_main_process:
+        # Judgements left by an interrupted run of several processes, folded in before any process reads them.
+        run.merge()
+        log(f"CoBSAT {shot}-shot: {len(run.prompts)} prompts over tasks {', '.join(TASKS[t][0] for t in run.tasks)}"
+            + (f", shared by {state.num_processes} processes" if several else ""))
+    state.wait_for_everyone()
     try:
-        run.reason(vlm, aligner, log)
+        run.reason(vlm, aligner, progress)
         free_memory()
-        run.render(flux, steps, guidance, size, log)
+        run.render(flux, steps, guidance, size, progress)
         free_memory()
         if run.unjudged():
-            run.judge(VLMJudge.from_pretrained(judge) if is_path(judge) else judge, log)
+            run.judge(VLMJudge.from_pretrained(judge, device=run.device) if is_path(judge) else judge, progress)
     except KeyboardInterrupt:
-        reasoned = len(run.prompts) - len(run.unreasoned())
-        rendered = sum(run.files(p)["image"].is_file() for p in run.prompts)
-        judged = rendered - len(run.unjudged())  # of this run's prompts (judging needs the image)
-        raise KeyboardInterrupt(f"interrupted; kept in {run.out}: {reasoned} of {len(run.prompts)} prompts reasoned, "
-                                f"{rendered} rendered, {judged} judged; run the same command again to resume") from None
+        reasoned = len(run.mine) - len(run.unreasoned())
+        rendered = sum(run.files(p)["image"].is_file() for p in run.mine)
+        judged = rendered - len(run.unjudged())  # of this process's prompts (judging needs the image)
+        raise KeyboardInterrupt(f"{prefix}interrupted; kept in {run.out}: {reasoned} of {len(run.mine)} prompts "
+                                f"reasoned, {rendered} rendered, {judged} judged; run the same command again to "
+                                f"resume") from None
+    state.wait_for_everyone()  # every image and judgement is on disk; no process waits again
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if not state.is_main_process:
+        return None
+    run.merge()
     summary = run.summarize()
     log((run.out / "accuracy.md").read_text())
     grid = run.out / "grid.png"  # not drawn while no prompt has an image
