@@ -456,6 +456,31 @@ def test_a_new_decoder_for_layers_compiled_before_uses_the_compiled_step_from_it
     assert fresh.wait_for_compilation(timeout=600)
 
 
+def test_compiled_code_is_per_number_of_rows_and_a_new_number_compiles_in_the_background(
+        reasoner, car_images, emulated_graphs):
+    """Variations decoded together (decoder.run_variations): compiled code is checked and used per number of rows."""
+    inputs = two_shot_inputs(reasoner, car_images)
+    decoder = FastDecoder(reasoner.model, compile=True)
+    emulated_graphs(decoder)
+    eos = reasoner.eos_token_ids
+    two = [1, 2]
+    reference = FastDecoder(reasoner.model).run_variations(inputs, N, two, 0.6, 0.9, eos)
+    decoder.run_variations(inputs, N, two, 0.6, 0.9, eos)  # eager, while two rows compile
+    assert not decoder.compiled and decoder._compilation is not None
+    assert decoder.wait_for_compilation(timeout=600)
+    tokens, states = decoder.run_variations(inputs, N, two, 0.6, 0.9, eos)
+    assert decoder._pieces is decoder._compiled_pieces  # checked and in use for two rows
+    assert torch.equal(tokens, reference[0])
+    torch.testing.assert_close(states, reference[1], atol=1e-5, rtol=1e-5)
+    rows = {signature[0] for signature in decode._compiled_signatures}
+    assert rows == {2}
+    # One row has no compiled code yet: decoded eagerly (unchecked code never serves it), compiled meanwhile.
+    tokens, _ = decoder.run_variations(inputs, N, [1], 0.6, 0.9, eos)
+    assert torch.equal(tokens, reference[0][:1]) and decoder._compilation is not None
+    assert decoder.wait_for_compilation(timeout=600)
+    assert {signature[0] for signature in decode._compiled_signatures} == {1, 2}
+
+
 def test_the_compiled_signature_tells_other_layers_apart(reasoner):
     layer = reasoner.model.get_decoder().layers[0]
     signature = decode.layer_signature(layer, 4, 2)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from thinkdiff_core import decode
 from thinkdiff_core.decode import FastDecoder, sample_paper
 from thinkdiff_core.reason import variation_seeds
 
@@ -87,29 +86,6 @@ def test_graphs_of_a_batch_register_every_rows_generator_and_replay_its_tokens(r
     # Another number of rows: new buffers, new graphs.
     tokens, _ = decoder.run_variations(inputs, N, [5], 0.6, 0.9, reasoner.eos_token_ids)
     assert torch.equal(tokens, expected[0][:1]) and decoder._buffers.rows == 1
-
-
-def test_compiled_code_is_per_number_of_rows_and_a_new_number_compiles_in_the_background(
-        reasoner, inputs, emulated_graphs):
-    decoder = FastDecoder(reasoner.model, compile=True)
-    emulated_graphs(decoder)
-    eos = reasoner.eos_token_ids
-    two = [1, 2]
-    reference = FastDecoder(reasoner.model).run_variations(inputs, N, two, 0.6, 0.9, eos)
-    decoder.run_variations(inputs, N, two, 0.6, 0.9, eos)  # eager, while two rows compile
-    assert not decoder.compiled and decoder._compilation is not None
-    assert decoder.wait_for_compilation(timeout=600)
-    tokens, states = decoder.run_variations(inputs, N, two, 0.6, 0.9, eos)
-    assert decoder._pieces is decoder._compiled_pieces  # checked and in use for two rows
-    assert torch.equal(tokens, reference[0])
-    torch.testing.assert_close(states, reference[1], atol=1e-5, rtol=1e-5)
-    rows = {signature[0] for signature in decode._compiled_signatures}
-    assert rows == {2}
-    # One row has no compiled code yet: decoded eagerly (unchecked code never serves it), compiled meanwhile.
-    tokens, _ = decoder.run_variations(inputs, N, [1], 0.6, 0.9, eos)
-    assert torch.equal(tokens, reference[0][:1]) and decoder._compilation is not None
-    assert decoder.wait_for_compilation(timeout=600)
-    assert {signature[0] for signature in decode._compiled_signatures} == {1, 2}
 
 
 def test_reasoner_variations_are_their_seeds_single_reasonings(reasoner, car_images):
