@@ -38,6 +38,16 @@ def nothing_compiled_before(monkeypatch):
     monkeypatch.setattr(decode, "_compiled_signatures", set())
 
 
+@pytest.fixture
+def dynamo_only(monkeypatch):
+    """The decode step's layer pieces compiled by Dynamo without Inductor: the same tracing, guards and graphs,
+    in a moment instead of a C++ build, for tests of the compilation protocol rather than of Inductor's code."""
+    from thinkdiff_core import decode
+
+    monkeypatch.setattr(decode, "compile_layer_pieces", lambda: tuple(
+        torch.compile(piece, fullgraph=True, dynamic=False, backend="eager") for piece in decode.EAGER_PIECES))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """The tiny models in their released on-disk formats, built once per test session."""

