@@ -28,6 +28,10 @@ compiled (one layer's code, reused by all); by default in a background thread, s
 decodes with the eager graphs instead of waiting. A decoder for layers like ones compiled before in
 the process (a reloaded VLM) uses that code at once.
 
+Several seeds of one prompt (variations) decode together as rows of one batch: the prompt runs once and its
+cache is copied into every row, each step computes a token of every row (reading the weights once), and each
+row draws from its own generator what a single run of its seed draws.
+
 Text generated after the prompt has the same M-RoPE position on all three axes, so its rotary
 embedding is ordinary 1-D RoPE at that position (`next_position` continues from the prompt's).
 """
@@ -306,9 +310,9 @@ def decoder_layer_step(layer, x, key_cache, value_cache, cos, sin, slot, bias, h
     cache.
 
     x: [rows, 1, hidden]; key_cache, value_cache: [rows, kv_heads, window, head_dim], the cache's first
-    `window` slots (slot < window); slot: [1] int64; bias: [1, 1, 1, window] from attention_bias. `inputs` and `output` may be
-    compiled versions of layer_inputs and layer_output: the cache write and attention stay outside compiled code, so
-    nothing compiled mutates its inputs.
+    `window` slots (slot < window); slot: [1] int64; bias: [1, 1, 1, window] from attention_bias. `inputs` and
+    `output` may be compiled versions of layer_inputs and layer_output: the cache write and attention stay outside
+    compiled code, so nothing compiled mutates its inputs.
     """
     head_dim = key_cache.shape[-1]
     q, k, v = inputs(layer, x, cos, sin, heads, kv_heads, head_dim)

@@ -92,7 +92,8 @@ def test_bench_with_random_weights_saves_loads_and_measures_quantisation_drift(t
     (["--vlm", "{vlm}", "--device", "cpu", "--tokens", "0"], "--tokens and --repeats must be at least 1, got 0 and 3"),
     (["--vlm", "{vlm}", "--device", "cpu", "--quantize", "8bit"],
      "--quantize needs bitsandbytes, an optional dependency: pip install bitsandbytes"),
-    (["--vlm", "{vlm}", "--device", "cpu", "--variations", "1", "0"], "--variations takes counts of at least 1, got 1 0"),
+    (["--vlm", "{vlm}", "--device", "cpu", "--variations", "1", "0"],
+     "--variations takes counts of at least 1, got 1 0"),
 ])
 def test_bench_refuses_bad_arguments_before_building_anything(tiny_models, capsys, monkeypatch, arguments, message):
     import importlib.util
