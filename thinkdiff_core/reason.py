@@ -479,8 +479,8 @@ class Reasoner:
             check_sampling(seed, temperature, top_p, max_new_tokens)
         prompt, images = self.render_prompt(items, instruction)
         # The paper's min_tokens = max_tokens with ignore_eos: EOS can never be sampled.
-        return self.generate_variations(prompt, images, seeds, temperature, top_p, max_new_tokens, max_new_tokens,
-                                        on_token)
+        return self.decode_variations(prompt, self.prepare_inputs(prompt, images), seeds, temperature, top_p,
+                                      max_new_tokens, max_new_tokens, on_token)
 
     def generate(
         self,
@@ -494,23 +494,8 @@ class Reasoner:
         on_token: Callable[[int, int], None] | None = None,
     ) -> Reasoning:
         """Sample from a rendered chat and keep the final-norm state that produced each generated token."""
-        return self.generate_variations(prompt, images, [seed], temperature, top_p, max_new_tokens, min_new_tokens,
-                                        on_token)[0]
-
-    def generate_variations(
-        self,
-        prompt: str,
-        images: list,
-        seeds: Sequence[int] = (0,),
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_new_tokens: int = 128,
-        min_new_tokens: int = 1,
-        on_token: Callable[[int, int], None] | None = None,
-    ) -> list[Reasoning]:
-        """generate() for each seed: see reason_variations."""
-        return self.decode_variations(prompt, self.prepare_inputs(prompt, images), seeds, temperature, top_p,
-                                      max_new_tokens, min_new_tokens, on_token)
+        return self.decode_variations(prompt, self.prepare_inputs(prompt, images), [seed], temperature, top_p,
+                                      max_new_tokens, min_new_tokens, on_token)[0]
 
     def decode_variations(
         self,
@@ -523,8 +508,8 @@ class Reasoner:
         min_new_tokens: int = 1,
         on_token: Callable[[int, int], None] | None = None,
     ) -> list[Reasoning]:
-        """generate_variations() for the processor's `inputs` of `prompt` (prepare_inputs; made before the model
-        moved to its device, e.g. to size the memory it needs first with decode_memory, they follow it)."""
+        """generate() for each seed, from the processor's `inputs` of `prompt` (prepare_inputs; made before the
+        model moved to its device, e.g. to size the memory it needs first with decode_memory, they follow it)."""
         seeds = list(seeds)
         samples = self.sample_variations(inputs, seeds, temperature, top_p, max_new_tokens, min_new_tokens, on_token)
         return [Reasoning(hidden_states=states, token_ids=tokens, prompt=prompt, seed=seed,
