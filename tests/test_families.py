@@ -13,10 +13,10 @@ from test_compose_node import cars, compose, parts  # noqa: F401  fixtures
 from test_nodes import loaded, reason  # noqa: F401  fixtures
 
 FAMILY_NAMES = {"flux": "FLUX.1", "sd3": "SD3 / SD3.5", "chroma": "Chroma / PixArt", "ltxv": "LTX-Video",
-                "mochi": "Mochi"}
+                "mochi": "Mochi", "cogvideox": "CogVideoX"}
 SUPPORTED = ("FLUX.1 (DualCLIPLoader, type flux), SD3 / SD3.5 (TripleCLIPLoader, or the SD3.5 checkpoint's CLIP), "
              "Chroma / PixArt (CLIPLoader, type chroma or pixart), LTX-Video (CLIPLoader, type ltxv), "
-             "Mochi (CLIPLoader, type mochi)")
+             "Mochi (CLIPLoader, type mochi), CogVideoX (CLIPLoader, type cogvideox, ComfyUI from May 2026)")
 TOKENS = 8  # the reason helper's max_new_tokens
 
 
