@@ -97,8 +97,8 @@ class ThinkDiffCompose:
                 "aligner": ("THINKDIFF_ALIGNER", {"tooltip": "The thinkdiff_clip aligner (Load ThinkDiff Aligner): "
                                                  "maps the image tokens into T5-XXL's space"}),
                 "clip": ("CLIP", {"tooltip": "The image or video model's text encoders, T5-XXL among them (FLUX.1, "
-                                  "SD3/3.5, Chroma, LTX-Video, Mochi, CogVideoX): encodes the text as for a prompt; unused when "
-                                  "a conditioning is connected"}),
+                                  "SD3/3.5, Chroma, LTX-Video, Mochi, CogVideoX): encodes the text as for a prompt; "
+                                  "unused when a conditioning is connected"}),
                 "text": ("STRING", {"multiline": True, "default": "", "tooltip":
                          "What to do with the images, e.g. 'wearing the sunglasses on a beach'; may be empty"}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
