@@ -100,8 +100,9 @@ class ThinkDiffReason:
                 "aligner": ("THINKDIFF_ALIGNER", {"tooltip": "The thinkdiff_lvlm aligner (Load ThinkDiff Aligner): "
                                                  "maps the VLM's states into T5-XXL's space"}),
                 "clip": ("CLIP", {"tooltip": "The image or video model's text encoders, T5-XXL among them (FLUX.1, "
-                                  "SD3/3.5, Chroma, LTX-Video, Mochi, CogVideoX): only its encoding of the empty prompt "
-                                  "is used (FLUX: CLIP-L's pooled vector, as in the paper), T5's tokens are replaced"}),
+                                  "SD3/3.5, Chroma, LTX-Video, Mochi, CogVideoX): only its encoding of the empty "
+                                  "prompt is used (FLUX: CLIP-L's pooled vector, as in the paper), T5's tokens are "
+                                  "replaced"}),
                 "words": ("STRING", {"multiline": True, "default": "white\nblue\nred", "tooltip":
                           "One word per line: one per image, in order, then the query word"}),
                 "instruction": ("STRING", {"multiline": True, "default": PAPER_INSTRUCTION, "tooltip":
