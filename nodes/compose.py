@@ -106,7 +106,7 @@ class ThinkDiffCompose:
                              "1.0 = the paper"}),
                 "t5_length": (T5_LENGTHS, {"default": PAPER_T5, "tooltip":
                               f"paper: the text's T5 tokens cut and padded to {PAPER_T5_LENGTH} as the authors did; "
-                              "comfyui: padded to 256 tokens as ComfyUI's own prompts"}),
+                              "comfyui: padded as ComfyUI pads the family's prompts (FLUX 256, SD3 77, LTX-Video 128)"}),
             },
             "optional": {**images, "conditioning": ("CONDITIONING", {"tooltip":
                          "Append the image tokens to this conditioning instead of encoding the text"})},
