@@ -27,6 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,12 @@ pytestmark = pytest.mark.skipif(not COMFYUI, reason="set THINKDIFF_COMFYUI to a 
 
 WORKFLOWS = REPO / "workflows"
 API_FOLDER = REPO / "api_workflows"
-API_WORKFLOWS = ["ThinkDiff-LVLM reasoning", "ThinkDiff-CLIP two images", "ThinkDiff-CLIP image and text"]
 REASONING = "ThinkDiff-LVLM reasoning"
+SD35, LTXV = "ThinkDiff-LVLM reasoning SD3.5", "ThinkDiff-LVLM reasoning LTX-Video"
+SIDE_BY_SIDE = "ThinkDiff-LVLM aligned tokens vs answer text"
+FLUX_API_WORKFLOWS = [REASONING, "ThinkDiff-CLIP two images", "ThinkDiff-CLIP image and text"]  # one FLUX image each
+API_WORKFLOWS = [*FLUX_API_WORKFLOWS, SD35, LTXV, SIDE_BY_SIDE]  # every UI workflow, each with its API twin
+SD35_CHECKPOINT, LTXV_CHECKPOINT = "sd3.5_large_fp8_scaled.safetensors", "ltx-video-2b-v0.9.safetensors"
 ASSETS = REPO / "thinkdiff_core" / "assets"
 T5_WIDTH = 4096
 FLUX_WIDTH = 128
@@ -75,13 +80,157 @@ mm.unload_all_models()
 needed.append(mm.LoadedModel(patcher).model_memory_required(patcher.load_device))
 print(patcher.model_size(), *needed)
 """
+# The model class and parameter counts of the diffusion model and the VAE that ComfyUI builds from a checkpoint
+# (its diffusion model on the meta device; the VAE for real, from the checkpoint's metadata as the loader does).
+CHECKPOINT_SIZE_PROBE = PROBE_PREAMBLE + """
+import torch
+from safetensors import safe_open
+import comfy.model_detection as detection, comfy.sd
+prefix = "model.diffusion_model."
+with safe_open(sys.argv[1], "pt") as checkpoint:
+    metadata, keys = checkpoint.metadata(), list(checkpoint.keys())
+    unet = {key: checkpoint.get_tensor(key) for key in keys if key.startswith(prefix)}
+    config = detection.model_config_from_unet(unet, prefix, metadata=metadata)
+    vae_prefix = config.vae_key_prefix[0]
+    vae = {key[len(vae_prefix):]: checkpoint.get_tensor(key) for key in keys if key.startswith(vae_prefix)}
+model = config.get_model(unet, prefix, device=torch.device("meta"))
+print(type(config).__name__, sum(p.numel() for p in model.diffusion_model.parameters()),
+      sum(p.numel() for p in comfy.sd.VAE(sd=vae, metadata=metadata).first_stage_model.parameters()))
+"""
+# A tiny LTX-Video checkpoint built from this ComfyUI's own classes, configured (partly) by the checkpoint's
+# metadata, which CheckpointLoaderSimple passes on: a 2-layer transformer 128 wide (ComfyUI reads the layers
+# and widths from its keys) in one head (from the metadata; from the keys alone it would be 32 heads of 4,
+# whose attention over the 4992 tokens of 97 frames of 768x512 takes 20 s a step on 2 cores), and a VAE of 3
+# compress_all blocks after a 4x4 patch (32x spatial, 8x temporal, as the real one). 0.33 takes the VAE's
+# base channels (16) from the metadata too; 0.3.64 builds it at 128.
+LTXV_CHECKPOINT_WRITER = PROBE_PREAMBLE + """
+import json, torch
+from safetensors.torch import save_file
+import comfy.ops
+from comfy.ldm.lightricks.model import LTXVModel
+from comfy.ldm.lightricks.vae.causal_video_autoencoder import VideoVAE
+torch.manual_seed(0)
+vae_config = {"dims": 3, "in_channels": 3, "out_channels": 3, "latent_channels": 128, "patch_size": 4,
+              "blocks": [["compress_all", 1], ["compress_all", 1], ["compress_all", 1], ["res_x", 1]],
+              "norm_layer": "pixel_norm", "latent_log_var": "uniform", "causal_decoder": False,
+              "encoder_base_channels": 16, "decoder_base_channels": 16}
+heads = {"num_attention_heads": 1, "attention_head_dim": 128}
+transformer = LTXVModel(in_channels=128, cross_attention_dim=128, caption_channels=4096, num_layers=2, **heads,
+                        dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+vae = VideoVAE(config=vae_config)
+with torch.no_grad():
+    for module in (transformer, vae):
+        for name, parameter in module.named_parameters():
+            parameter.copy_(torch.ones_like(parameter) if "norm" in name else torch.randn_like(parameter) * 0.02)
+    # Otherwise torch.empty: the latent's per-channel mean and std.
+    for name, buffer in vae.per_channel_statistics.named_buffers():
+        buffer.fill_(1.0 if "std" in name else 0.0)
+state = {"model.diffusion_model." + k: v.contiguous() for k, v in transformer.state_dict().items()}
+state.update({"vae." + k: v.contiguous() for k, v in vae.state_dict().items()})
+save_file(state, sys.argv[1], metadata={"config": json.dumps({"vae": vae_config, "transformer": heads})})
+"""
+# The pack's family layouts (nodes/families.py) against ComfyUI's own encoders and CLIPTextEncode, for the CLIPs
+# each family loads, from the random encoder files; prints one JSON object.
+FAMILIES_PROBE = PROBE_PREAMBLE + """
+import gc, importlib, json, os, time, torch
+import comfy.model_management as mm
+import comfy.sd
+import nodes
+sys.path.insert(0, sys.argv[1])
+families = importlib.import_module("ComfyUI-ThinkDiff.nodes.families")
+encoders, text = sys.argv[2], sys.argv[3]
+
+def load(names, kind):
+    clip = comfy.sd.load_clip([os.path.join(encoders, name) for name in names],
+                              clip_type=getattr(comfy.sd.CLIPType, kind))
+    # A T5-XXL pass costs ~30 s on a CPU: the same tokens are encoded once (CLIPTextEncode and ours ask alike).
+    encode, memo = clip.encode_from_tokens, {}
+    def memoized(tokens, **options):
+        key = repr((tokens, sorted(options.items())))
+        if key not in memo:
+            memo[key] = encode(tokens, **options)
+        return dict(memo[key]) if isinstance(memo[key], dict) else memo[key]  # the caller may pop from it
+    clip.encode_from_tokens = memoized
+    return clip
+
+def free():
+    mm.unload_all_models()
+    gc.collect()
+    mm.soft_empty_cache()
+
+def same(a, b):
+    return a is None and b is None or a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
+
+def compare(clip):
+    ((reference, reference_extras),) = nodes.CLIPTextEncode().encode(clip, text)[0]
+    ours = families.encode(clip, clip.tokenize(text))
+    ((cond, extras),) = ours.conditioning(ours.t5, ours.t5_mask)
+    before = ours.before_t5.shape[1]
+    slot = torch.randn((2, 8, reference.shape[-1]), generator=torch.Generator().manual_seed(0)).to(reference.dtype)
+    ((slot_cond, slot_extras),) = ours.conditioning(slot)
+    pooled, mask = reference_extras.get("pooled_output"), reference_extras.get("attention_mask")
+    slot_pooled, slot_mask = slot_extras.get("pooled_output"), slot_extras.get("attention_mask")
+    return ours, {
+        "family": ours.family.name, "before_t5": before, "t5": ours.t5.shape[1],
+        "reference_extras": sorted(reference_extras), "extras": sorted(extras),
+        "rebuilt": torch.equal(cond, reference) and same(extras.get("pooled_output"), pooled)
+                   and same(extras.get("attention_mask"), mask),
+        "pooled": None if pooled is None else list(pooled.shape),
+        "mask": None if mask is None else list(mask.shape),
+        "slot_shape": list(slot_cond.shape), "slot_extras": sorted(slot_extras),
+        "slot_kept": torch.equal(slot_cond[:, before:], slot)
+                     and torch.equal(slot_cond[:, :before], reference[:, :before].expand(2, -1, -1)),
+        "slot_pooled": None if slot_pooled is None else bool(slot_pooled.shape == (2, pooled.shape[-1])
+                                                              and torch.equal(slot_pooled, pooled.expand(2, -1))),
+        "slot_mask": None if slot_mask is None else bool(slot_mask.dtype == mask.dtype
+                                                          and torch.equal(slot_mask, torch.ones((2, 8), dtype=mask.dtype))),
+    }
+
+CLIP_L, CLIP_G, T5 = "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"
+cases = [("SD3 CLIP-L/G", [CLIP_L, CLIP_G], "SD3"), ("SD3 T5", [T5], "SD3"), ("SD3", [CLIP_L, CLIP_G, T5], "SD3"),
+         ("FLUX", [CLIP_L, T5], "FLUX"), ("Chroma", [T5], "CHROMA"), ("LTXV", [T5], "LTXV"), ("Mochi", [T5], "MOCHI")]
+if hasattr(comfy.sd.CLIPType, "COGVIDEOX"):  # ComfyUI from May 2026
+    cases.append(("CogVideoX", [T5], "COGVIDEOX"))
+results, parts = {}, {}
+for label, names, kind in cases:
+    start = time.time()
+    clip = load(names, kind)
+    ours, results[label] = compare(clip)
+    results[label]["seconds"] = round(time.time() - start, 1)
+    parts[label] = ours
+    del clip, ours
+    free()
+# SD3's split: CLIP-L/G's part (as SD3's CLIP without T5 encodes the text), then T5's (as with T5 alone).
+results["SD3"]["before_t5_is_clip_lg"] = torch.equal(parts["SD3"].before_t5, parts["SD3 CLIP-L/G"].before_t5)
+results["SD3"]["t5_is_t5_alone"] = torch.equal(parts["SD3"].t5, parts["SD3 T5"].t5)
+# CLIPs the pack must refuse: HiDream's (T5-XXL beside other encoders, its own layout) and SD1's (no T5).
+for label, names, kind in [("HiDream", [T5], "HIDREAM"), ("SD1", [CLIP_L], "STABLE_DIFFUSION")]:
+    try:
+        clip = load(names, kind)
+    except FileNotFoundError as error:  # a checkout without its tokenizer files (HiDream's Llama 3 tokenizer.json)
+        results[label] = {"missing": str(error)}
+        continue
+    try:
+        families.detect(clip)
+        results[label] = {"refusal": None}
+    except ValueError as error:
+        results[label] = {"refusal": str(error)}
+    del clip
+    free()
+print(json.dumps(results))
+"""
 
 
 def comfy_probe(code: str, *args: str) -> list[str]:
+    """The words the probe printed."""
+    return comfy_probe_output(code, *args).split()
+
+
+def comfy_probe_output(code: str, *args: str) -> str:
     probe = subprocess.run([sys.executable, "-c", code, *args], cwd=COMFYUI, capture_output=True, text=True)
     if probe.returncode:
         pytest.fail(f"probe in {COMFYUI} failed:\n{probe.stderr[-3000:]}")
-    return probe.stdout.split()
+    return probe.stdout
 
 
 def write_models(models: Path, tiny_models: dict) -> None:
@@ -114,16 +263,73 @@ def write_models(models: Path, tiny_models: dict) -> None:
     vae = AutoencoderKL(latent_channels=16, down_block_types=["DownEncoderBlock2D"] * 4,
                         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
                         layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False)
+    vae = {k: v.contiguous() for k, v in vae.state_dict().items()}
     (models / "vae").mkdir()
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(models / "vae" / "ae.safetensors"))
+    save_file(vae, str(models / "vae" / "ae.safetensors"))
 
     encoders = models / "text_encoders"
     encoders.mkdir()
     clip_l = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                                                         projection_dim=768, hidden_act="quick_gelu"))
-    save_file({k: v.to(torch.float16).contiguous() for k, v in clip_l.state_dict().items()},
-              str(encoders / "clip_l.safetensors"))
-    save_file(t5_xxl_encoder(), str(encoders / "t5xxl_fp16.safetensors"))
+    clip_l = {k: v.to(torch.float16).contiguous() for k, v in clip_l.state_dict().items()}
+    save_file(clip_l, str(encoders / "clip_l.safetensors"))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                                                        num_hidden_layers=32, projection_dim=1280, hidden_act="gelu"))
+    clip_g = {k: v.to(torch.float16).contiguous() for k, v in clip_g.state_dict().items()}
+    save_file(clip_g, str(encoders / "clip_g.safetensors"))
+    t5 = t5_xxl_encoder()
+    save_file(t5, str(encoders / "t5xxl_fp16.safetensors"))
+
+    # SD3.5 as its checkpoint holds it, under the prefixes ComfyUI's SD3 support reads (supported_models.SD3:
+    # text_encoders.{clip_l,clip_g,t5xxl}.transformer., the VAE under first_stage_model.): a tiny MMDiT and the
+    # same random encoders and 16-channel VAE (ComfyUI converts its diffusers keys) as the files above.
+    checkpoints = models / "checkpoints"
+    checkpoints.mkdir()
+    sd35 = {"model.diffusion_model." + k: v for k, v in tiny_sd3_mmdit().items()}
+    sd35.update({"first_stage_model." + k: v for k, v in vae.items()})
+    for name, encoder in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5)):
+        sd35.update({f"text_encoders.{name}.transformer.{k}": v for k, v in encoder.items()})
+    save_file(sd35, str(checkpoints / SD35_CHECKPOINT))
+    del sd35, t5, clip_g
+    comfy_probe(LTXV_CHECKPOINT_WRITER, str(checkpoints / LTXV_CHECKPOINT))
+
+
+def tiny_sd3_mmdit() -> dict[str, torch.Tensor]:
+    """ComfyUI's SD3 MMDiT at depth 2 (model_detection reads the depth, channels and widths from these shapes;
+    hidden = 64 x depth = 128, 2 heads of 64; the last block's context part is pre_only). pos_embed holds
+    64x64 patches, the real one's 192x192 cut to what a 1024x1024 image (128x128 latent) needs: ComfyUI crops
+    it around the centre to the latent's size."""
+    generator = torch.Generator().manual_seed(0)
+    hidden, depth, patch, channels = 128, 2, 2, 16
+
+    def weight(*shape):
+        return torch.randn(*shape, generator=generator) * 0.02
+
+    state = {"pos_embed": weight(1, 64 * 64, hidden), "x_embedder.proj.weight": weight(hidden, channels, patch, patch),
+             "x_embedder.proj.bias": weight(hidden)}
+
+    def linear(name, out_features, in_features):
+        state[name + ".weight"], state[name + ".bias"] = weight(out_features, in_features), weight(out_features)
+
+    linear("t_embedder.mlp.0", hidden, 256)
+    linear("t_embedder.mlp.2", hidden, hidden)
+    linear("y_embedder.mlp.0", hidden, 2048)  # the pooled CLIP-L + CLIP-G vector
+    linear("y_embedder.mlp.2", hidden, hidden)
+    linear("context_embedder", hidden, T5_WIDTH)
+    linear("final_layer.linear", patch * patch * channels, hidden)
+    linear("final_layer.adaLN_modulation.1", 2 * hidden, hidden)
+    for block in range(depth):
+        for part in ("x_block", "context_block"):
+            prefix = f"joint_blocks.{block}.{part}."
+            pre_only = part == "context_block" and block == depth - 1
+            linear(prefix + "attn.qkv", 3 * hidden, hidden)
+            state[prefix + "attn.ln_q.weight"], state[prefix + "attn.ln_k.weight"] = torch.ones(64), torch.ones(64)
+            linear(prefix + "adaLN_modulation.1", (2 if pre_only else 6) * hidden, hidden)
+            if not pre_only:
+                linear(prefix + "attn.proj", hidden, hidden)
+                linear(prefix + "mlp.fc1", 4 * hidden, hidden)
+                linear(prefix + "mlp.fc2", hidden, 4 * hidden)
+    return state
 
 
 def t5_xxl_encoder() -> dict[str, torch.Tensor]:
@@ -149,12 +355,17 @@ def t5_xxl_encoder() -> dict[str, torch.Tensor]:
 
 
 class Server:
-    def __init__(self, url: str, base: Path, log: Path, builds_tiny_flux: bool, pack: Path):
+    def __init__(self, url: str, base: Path, log: Path, builds_tiny_flux: bool, pack: Path, too_big: dict):
         self.url, self.base, self.log, self.builds_tiny_flux, self.pack = url, base, log, builds_tiny_flux, pack
+        self.too_big = too_big  # checkpoint name: why this ComfyUI builds its models too big for a CPU, or None
 
     def skip_without_tiny_flux(self):
         if not self.builds_tiny_flux:  # e.g. 0.3.64 (October 2025); 0.3.75 reads the widths
             pytest.skip("this ComfyUI builds FLUX.1 at fixed widths (hidden 3072), too slow to sample on a CPU")
+
+    def skip_unless_tiny(self, checkpoint: str):
+        if self.too_big[checkpoint]:
+            pytest.skip(self.too_big[checkpoint])
 
     def get(self, path: str):
         return json.load(urllib.request.urlopen(self.url + path))
@@ -184,6 +395,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def checkpoint_too_big(path: Path) -> str | None:
+    """Why the models this ComfyUI builds from a tiny checkpoint are too slow for a CPU, or None."""
+    kind, model, vae = comfy_probe(CHECKPOINT_SIZE_PROBE, str(path))[-3:]
+    if int(model) > 10_000_000:  # both have 1.3-1.9 M (SD3 reads its depth from the keys, LTXV its widths)
+        return f"this ComfyUI builds {kind} from {path.name} with {int(model):,} parameters, too slow on a CPU"
+    if kind == "LTXV" and int(vae) > 1_000_000:  # 0.33: 0.37 M; 0.3.64 fixes the base channels at 128 (15 M)
+        return (f"this ComfyUI builds LTX-Video's VAE at {int(vae):,} parameters (its base channels fixed at 128), "
+                "too slow to decode 97 frames of 768x512 on a CPU")
+    return None
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_models):
     base = tmp_path_factory.mktemp("comfyui-base")
@@ -196,13 +418,15 @@ def server(tmp_path_factory, tiny_models):
 
     flux_file = base / "models" / "diffusion_models" / "flux1-dev.safetensors"
     builds_tiny_flux = int(comfy_probe(FLUX_WIDTH_PROBE, str(flux_file))[-1]) == FLUX_WIDTH
+    too_big = {name: checkpoint_too_big(base / "models" / "checkpoints" / name)
+               for name in (SD35_CHECKPOINT, LTXV_CHECKPOINT)}
 
     port, log = free_port(), base / "comfyui.log"
     with open(log, "w") as log_file:
         process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--base-directory", str(base), "--listen",
                                     "127.0.0.1", "--port", str(port)], cwd=COMFYUI, stdout=log_file,
                                    stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", base, log, builds_tiny_flux, pack)
+    server = Server(f"http://127.0.0.1:{port}", base, log, builds_tiny_flux, pack, too_big)
     try:
         deadline = time.time() + 300
         while True:
@@ -262,7 +486,53 @@ def test_comfyui_lists_the_ui_workflows_as_templates_with_their_thumbnails(serve
     assert set(examples) <= set(server.get("/object_info/LoadImage")["LoadImage"]["input"]["required"]["image"][0])
 
 
-@pytest.mark.parametrize("name", API_WORKFLOWS)
+def test_family_layouts_match_comfyuis_own_encoders(server):
+    """The pack splits ComfyUI's encoding of a text where T5's tokens begin and rebuilds it with other tokens in
+    T5's place (nodes/families.py): checked against ComfyUI's own encoders and CLIPTextEncode for each family's
+    CLIP, from the random encoder files (one after another; each T5-XXL pass takes ~30 s on a CPU)."""
+    output = comfy_probe_output(FAMILIES_PROBE, str(server.pack.parent), str(server.base / "models" / "text_encoders"),
+                                "a white car painted blue, on a beach")
+    results = json.loads(output.strip().splitlines()[-1])
+    names = {"SD3 CLIP-L/G": "SD3 / SD3.5", "SD3 T5": "SD3 / SD3.5", "SD3": "SD3 / SD3.5", "FLUX": "FLUX.1",
+             "Chroma": "Chroma / PixArt", "LTXV": "LTX-Video", "Mochi": "Mochi"}
+    for label, family in names.items():
+        result = results[label]
+        assert result["family"] == family, label
+        # ComfyUI's conditioning, rebuilt from the split with T5's own tokens (and T5's mask) in T5's place.
+        assert result["rebuilt"] and result["extras"] == result["reference_extras"], (label, result)
+        # Other tokens in T5's place: 2 rows of 8, the part before T5 and the pooled vector repeated per row,
+        # and a T5 mask of ones for them exactly where ComfyUI's encoder gives one.
+        assert result["slot_shape"] == [2, result["before_t5"] + 8, T5_WIDTH] and result["slot_kept"], (label, result)
+        assert result["slot_extras"] == result["reference_extras"], (label, result)
+        assert (result["slot_pooled"] is None) == (result["pooled"] is None) and result["slot_pooled"] in (None, True)
+        assert (result["slot_mask"] is None) == (result["mask"] is None) and result["slot_mask"] in (None, True)
+    # SD3: CLIP-L/G's 77 tokens before T5's, exactly as its CLIP without T5 and T5 alone encode the text.
+    assert (results["SD3"]["before_t5"], results["SD3 CLIP-L/G"]["before_t5"], results["SD3 CLIP-L/G"]["t5"]) == (
+        77, 77, 0)
+    assert results["SD3"]["before_t5_is_clip_lg"] and results["SD3"]["t5_is_t5_alone"]
+    assert results["SD3"]["t5"] == results["SD3 T5"]["t5"] == 77  # SD3's T5 tokenizer pads to 77
+    assert results["SD3"]["pooled"] == results["SD3 T5"]["pooled"] == [1, 2048]  # L + G (zeros without them)
+    for label in ("SD3 T5", "FLUX", "Chroma", "LTXV", "Mochi"):
+        assert results[label]["before_t5"] == 0, label
+    assert results["FLUX"]["pooled"] == [1, 768] and results["Chroma"]["pooled"] is None
+    assert results["FLUX"]["t5"] == 256 and results["LTXV"]["t5"] == 128 and results["Mochi"]["t5"] == 256
+    assert results["LTXV"]["mask"] == [1, 128] and results["Mochi"]["mask"] == [1, 256]
+    assert results["FLUX"]["mask"] is None and results["Chroma"]["mask"] is None and results["SD3"]["mask"] is None
+    if "CogVideoX" in results:
+        assert results["CogVideoX"]["before_t5"] == 0 and results["CogVideoX"]["t5"] == 226
+        assert results["CogVideoX"]["pooled"] is None and results["CogVideoX"]["mask"] is None
+    # A CLIP of a layout the pack does not know is refused, naming the ones it supports: HiDream's, whose T5-XXL
+    # sits beside other encoders, and SD1's, without T5.
+    for label, tokenizer in (("HiDream", "HiDreamTokenizer"), ("SD1", "SD1Tokenizer")):
+        if "missing" in results[label]:
+            warnings.warn(f"{COMFYUI} cannot build {label}'s CLIP, refusal unchecked: {results[label]['missing']}")
+            continue
+        refusal = results[label]["refusal"]
+        assert refusal and f"({tokenizer})" in refusal, (label, refusal)
+        assert all(family in refusal for family in ("FLUX.1", "SD3 / SD3.5", "Chroma / PixArt", "LTX-Video", "Mochi"))
+
+
+@pytest.mark.parametrize("name", FLUX_API_WORKFLOWS)
 def test_shipped_api_workflow_runs_unchanged(server, name):
     from PIL import Image
 
@@ -305,6 +575,68 @@ def test_reasoning_variations_draw_a_picture_each(server):
     assert parts, answer
     # Different seeds sample different tokens, whose states are the two rows of conditioning.
     assert parts[1] != parts[2]
+
+
+def saved_files(server, entry: dict, node_id: str) -> list[Path]:
+    return [server.base / "output" / image["subfolder"] / image["filename"]
+            for image in entry["outputs"].get(node_id, {}).get("images", [])]
+
+
+def node_ids(prompt: dict, class_type: str) -> list[str]:
+    return [i for i, node in prompt.items() if node["class_type"] == class_type]
+
+
+def test_sd35_workflow_runs_unchanged(server):
+    """SD3.5's checkpoint (tiny MMDiT; random CLIP-L, CLIP-G, T5-XXL and VAE at full size) at 1024x1024."""
+    from PIL import Image
+
+    server.skip_unless_tiny(SD35_CHECKPOINT)
+    prompt = json.loads((API_FOLDER / f"{SD35} (API).json").read_text())
+    entry = server.run(prompt, timeout=900)
+    latent = next(prompt[i]["inputs"] for i in node_ids(prompt, "EmptySD3LatentImage"))
+    (saved,) = [path for i in node_ids(prompt, "SaveImage") for path in saved_files(server, entry, i)]
+    pixels = np.asarray(Image.open(saved))
+    assert pixels.shape == (latent["height"], latent["width"], 3) == (1024, 1024, 3)
+    assert pixels.std() > 0  # SaveImage writes NaN as 0
+    (reason_id,), (preview_id,) = node_ids(prompt, "ThinkDiffReason"), node_ids(prompt, "PreviewAny")
+    answer = entry["outputs"][reason_id]["text"]
+    assert len(answer) == 1 and answer[0] and entry["outputs"][preview_id]["text"] == answer
+
+
+def test_ltxv_workflow_runs_unchanged(server):
+    """LTX-Video's checkpoint (tiny transformer and VAE) with T5-XXL from CLIPLoader: 97 frames of 768x512."""
+    from PIL import Image
+
+    server.skip_unless_tiny(LTXV_CHECKPOINT)
+    prompt = json.loads((API_FOLDER / f"{LTXV} (API).json").read_text())
+    entry = server.run(prompt, timeout=900)
+    latent = next(prompt[i]["inputs"] for i in node_ids(prompt, "EmptyLTXVLatentVideo"))
+    assert (latent["width"], latent["height"], latent["length"]) == (768, 512, 97)
+    (saved,) = [path for i in node_ids(prompt, "SaveAnimatedWEBP") for path in saved_files(server, entry, i)]
+    with Image.open(saved) as video:
+        assert (video.format, video.n_frames, video.size) == ("WEBP", latent["length"], (latent["width"],
+                                                                                          latent["height"]))
+    (reason_id,), (preview_id,) = node_ids(prompt, "ThinkDiffReason"), node_ids(prompt, "PreviewAny")
+    answer = entry["outputs"][reason_id]["text"]
+    assert len(answer) == 1 and answer[0] and entry["outputs"][preview_id]["text"] == answer
+
+
+def test_aligned_tokens_vs_answer_text_workflow_runs_unchanged(server):
+    """FLUX drawn from the aligned tokens and from the Reason node's answer encoded as a prompt, side by side."""
+    from PIL import Image
+
+    server.skip_without_tiny_flux()
+    prompt = json.loads((API_FOLDER / f"{SIDE_BY_SIDE} (API).json").read_text())
+    entry = server.run(prompt)
+    saves = {prompt[i]["inputs"]["filename_prefix"]: saved_files(server, entry, i)
+             for i in node_ids(prompt, "SaveImage")}
+    assert sorted(saves) == ["ThinkDiff aligned tokens", "ThinkDiff answer text"] and all(
+        len(paths) == 1 for paths in saves.values()), saves
+    aligned, answer = (np.asarray(Image.open(saves[prefix][0]))
+                       for prefix in ("ThinkDiff aligned tokens", "ThinkDiff answer text"))
+    assert aligned.shape == answer.shape == (512, 512, 3)
+    assert aligned.std() > 0 and answer.std() > 0  # SaveImage writes NaN as 0
+    assert not np.array_equal(aligned, answer)
 
 
 def test_comfyui_counts_a_quantised_vlm_as_loaded(server):
