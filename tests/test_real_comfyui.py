@@ -5,12 +5,17 @@
 This Python must have ComfyUI's requirements, this pack's and pytest. The test starts that ComfyUI on
 the CPU with this pack in custom_nodes and model files under the shipped workflows' exact names: the tiny
 ThinkDiff models (aligners widened to T5's 4096), a tiny FLUX.1-dev in diffusers keys (ComfyUI converts
-them) and random full-size CLIP-L, T5-XXL (fp8) and FLUX VAE, which ComfyUI builds from fixed configs.
+them), random full-size CLIP-L, CLIP-G, T5-XXL (fp8) and FLUX VAE, which ComfyUI builds from fixed configs, an
+SD3.5 checkpoint (a depth-2 MMDiT with those encoders and a random SD3 VAE) and an LTX-Video checkpoint (a 2-layer
+transformer and a tiny VAE given in its metadata). A probe compares the pack's conditioning layout for each T5-XXL
+family (FLUX, SD3 with and without T5, Chroma, LTX-Video, Mochi, CogVideoX where ComfyUI has it) with ComfyUI's
+own encoders and CLIPTextEncode, and checks that HiDream's and SD1's CLIPs are refused.
 The example images are not copied into ComfyUI's input folder: the pack puts them there itself. The test checks
 that ComfyUI lists the UI workflows (only those) as Templates with their thumbnails, queues each shipped API
 workflow unchanged over HTTP, and the reasoning one with 2 variations (two pictures), and, where playwright and
 Chromium are installed, loads the UI workflows into ComfyUI's own frontend and runs the reasoning one opened from
-the Templates menu. About 6-10 minutes (2 cores) and 6 GB of disk.
+the Templates menu. About 30 minutes on 2 cores (LTX-Video's 30 steps over 97 frames take 10 of them) and
+13 GB of disk.
 THINKDIFF_SCREENSHOTS=DIR saves the Templates dialog (templates_extensions.png) and the page after each run from
 it, to look at the Reason node's answer, and the frontend console's warnings (console_warnings.txt).
 """
