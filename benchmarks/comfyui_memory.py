@@ -36,6 +36,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -116,14 +117,22 @@ def write_aligner(models: Path, vlm_config: dict) -> None:
     make_tiny_aligner(models / "thinkdiff" / "thinkdiff_lvlm.pth", hidden, T5_WIDTH, torch.ones(T5_WIDTH))
 
 
+class FluxTokenizer:
+    """Named as ComfyUI's: the pack tells a CLIP's family by its tokenizer class."""
+
+
 class EmptyPromptClip:
-    """FLUX's text encoders as the Reason node uses them (T5 width, pooled CLIP-L of ""); zeros."""
+    """FLUX's text encoders as the Reason node uses them (one T5 token of T5's width, pooled CLIP-L of ""); zeros."""
+
+    tokenizer = FluxTokenizer()
+    cond_stage_model = SimpleNamespace(t5xxl="T5-XXL")
 
     def tokenize(self, text):
-        return {"text": text}
+        return {"l": [], "t5xxl": [[(1, 1.0)]]}
 
-    def encode_from_tokens(self, tokens, return_pooled=False):
-        return torch.zeros(1, 1, T5_WIDTH), torch.zeros(1, CLIP_L_WIDTH)
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        cond, pooled = torch.zeros(1, 1, T5_WIDTH), torch.zeros(1, CLIP_L_WIDTH)
+        return {"cond": cond, "pooled_output": pooled} if return_dict else (cond, pooled)
 
 
 def flux_stand_in(model_patcher, mm, gib: float):
