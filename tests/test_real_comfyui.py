@@ -14,8 +14,8 @@ The example images are not copied into ComfyUI's input folder: the pack puts the
 that ComfyUI lists the UI workflows (only those) as Templates with their thumbnails, queues each shipped API
 workflow unchanged over HTTP, and the reasoning one with 2 variations (two pictures), and, where playwright and
 Chromium are installed, loads the UI workflows into ComfyUI's own frontend and runs the reasoning one opened from
-the Templates menu. About 30 minutes on 2 cores (LTX-Video's 30 steps over 97 frames take 10 of them) and
-13 GB of disk.
+the Templates menu. About 25 minutes on 2 cores and 13 GB of disk; the time goes mostly to T5-XXL passes (~30 s
+each, whatever the text's length: the probe makes 7) and to writing the random encoders (~3 min).
 THINKDIFF_SCREENSHOTS=DIR saves the Templates dialog (templates_extensions.png) and the page after each run from
 it, to look at the Reason node's answer, and the frontend console's warnings (console_warnings.txt).
 """
